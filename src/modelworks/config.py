@@ -1,0 +1,281 @@
+"""Typed, validated run configuration: a dataclass tree, strict YAML recipes and `--set a.b=c` overrides.
+
+A recipe is YAML whose keys mirror the dataclasses below; the `model:` and `data:` sections are typed by the
+task's own `ModelConfig` and `DataConfig`. Every problem (unknown key, wrong type, value outside its choices)
+is collected and reported together, each with its dotted path and the fix, before anything is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from .errors import ConfigError
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = 1e-3  # peak learning rate (OneCycle's max_lr)
+    weight_decay: float = 5e-4  # decoupled for AdamW; L2 for SGD
+    momentum: float = 0.9  # SGD momentum, or AdamW's beta1
+    nesterov: bool = True  # SGD only
+    schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
+    warmup_fraction: float = 0.3  # fraction of all optimizer steps spent warming up
+    max_grad_norm: float = 0.0  # clip the global gradient norm to this; 0 disables clipping
+    accumulate_steps: int = 1  # micro-batches per optimizer step (global batch stays train.batch_size)
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = False
+    decay: float = 0.999  # per optimizer step
+    warmup_steps: int = 100  # decay ramps up from 0 so early weights do not dominate
+
+
+@dataclass
+class EarlyStopConfig:
+    patience: int = 0  # evaluations without improvement before stopping; 0 disables
+    min_delta: float = 0.0  # an improvement smaller than this does not count
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 10.0  # may be fractional; total steps = ceil(epochs * steps_per_epoch)
+    batch_size: int = 128  # global batch across all ranks and accumulation micro-batches
+    eval_batch_size: int = 512
+    seed: int = 0
+    deterministic: bool = False  # deterministic kernels: a resumed CPU run then matches bit for bit
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 where supported, else fp16+scaler
+    channels_last: bool = True  # memory format for conv nets (ignored for others by the task)
+    compile: bool = False  # torch.compile the model
+    num_workers: int = 0  # DataLoader workers for data sets that are not held in memory
+    eval_every_steps: int = 0  # 0: once per epoch
+    checkpoint_every_steps: int = 0  # extra `last` saves between evaluations; 0: only at evaluations
+    log_every_steps: int = 50
+    test_at_end: bool = True  # run `evaluate` (test split, report and plots) when training finishes
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+
+
+@dataclass
+class RunConfig:
+    task: str
+    name: str = ""  # run directory name; empty: <recipe>-<timestamp>
+    output_dir: str = "runs"  # runs land in <output_dir>/<task>/<name>
+    recipe: str = ""  # filled in by the loader, for the record
+    model: Any = None  # typed by the task's ModelConfig
+    data: Any = None  # typed by the task's DataConfig
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------- building
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
+    """Return `value` as type `tp`, or append an error. Only lossless conversions are made."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value in choices:
+            return value
+        near = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f"; did you mean {near[0]!r}?" if near else ""
+        errors.append(f"{path}: {value!r} is not allowed; choose one of {', '.join(map(repr, choices))}{hint}")
+        return None
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path, errors)
+    if origin in (list, tuple):
+        (item_type, *_) = typing.get_args(tp) or (Any,)
+        if not isinstance(value, (list, tuple)):
+            errors.append(f"{path}: expected a list (got {value!r})")
+            return None
+        items = [_coerce(v, item_type, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value, path, errors)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(value, tp):
+        return value
+    errors.append(f"{path}: expected {_type_name(tp)} (got {value!r})")
+    return None
+
+
+def build(cls: type, raw: Any, path: str, errors: list[str], section_types: dict | None = None) -> Any:
+    """Build dataclass `cls` from a mapping, strictly. `section_types` types the `Any` sections (model, data)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{path or 'config'}: expected a mapping of keys (got {raw!r})")
+        return None
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in fields:
+            near = difflib.get_close_matches(str(key), list(fields), n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            where = f"{path}.{key}" if path else str(key)
+            errors.append(f"{where}: unknown key{hint} Valid keys: {', '.join(fields)}")
+    kwargs = {}
+    for name, f in fields.items():
+        where = f"{path}.{name}" if path else name
+        tp = (section_types or {}).get(name, hints[name])
+        if name in raw:
+            kwargs[name] = _coerce(raw[name], tp, where, errors)
+        elif dataclasses.is_dataclass(tp):
+            kwargs[name] = build(tp, {}, where, errors)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(f"{where}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # __post_init__ checks of a section
+        message = str(exc)
+        errors.append(message if path and message.startswith(path) else f"{path or 'config'}: {message}")
+        return None
+
+
+def to_dict(cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+
+def recipe_dir(task: str) -> Path:
+    return Path(str(resources.files("modelworks") / "configs" / task))
+
+
+def list_recipes(task: str) -> list[str]:
+    folder = recipe_dir(task)
+    return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
+
+
+def read_recipe(task: str, recipe: str) -> dict:
+    """A shipped recipe by name, or a YAML file by path."""
+    path = Path(recipe)
+    if not path.suffix:
+        path = recipe_dir(task) / f"{recipe}.yaml"
+        if not path.is_file():
+            choices = list_recipes(task)
+            near = difflib.get_close_matches(recipe, choices, n=1)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise ConfigError(f"--recipe: no recipe {recipe!r} for task {task!r}.{hint} Recipes: {', '.join(choices)}")
+    elif not path.is_file():
+        raise ConfigError(f"--recipe: file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of sections (got {type(data).__name__})")
+    return data
+
+
+def apply_override(raw: dict, assignment: str) -> None:
+    """Apply one `a.b=c` override in place; the value is parsed as YAML (so 3, 1e-3, true, [1,2] work)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment}: expected KEY=VALUE, e.g. --set optim.lr=0.002")
+    key, text = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment}: {part!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_config(task_cls: type, raw: dict) -> RunConfig:
+    """Validate a raw mapping against RunConfig with the task's model/data sections; all errors at once."""
+    errors: list[str] = []
+    cfg = build(
+        RunConfig,
+        raw,
+        "",
+        errors,
+        section_types={"model": task_cls.ModelConfig, "data": task_cls.DataConfig},
+    )
+    if cfg is not None and not errors:
+        errors += validate(cfg)
+    if errors:
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Checks across fields that a type cannot express."""
+    errors = []
+    t, o = cfg.train, cfg.optim
+    if t.batch_size < 1:
+        errors.append(f"train.batch_size: must be >= 1 (got {t.batch_size})")
+    if t.epochs <= 0:
+        errors.append(f"train.epochs: must be > 0 (got {t.epochs})")
+    if o.lr <= 0:
+        errors.append(f"optim.lr: must be > 0 (got {o.lr})")
+    if not 0 <= o.warmup_fraction < 1:
+        errors.append(f"optim.warmup_fraction: must be in [0, 1) (got {o.warmup_fraction})")
+    if o.accumulate_steps < 1 or t.batch_size % o.accumulate_steps:
+        errors.append(
+            f"optim.accumulate_steps: must divide train.batch_size={t.batch_size} (got {o.accumulate_steps})"
+        )
+    if not 0 <= t.ema.decay < 1:
+        errors.append(f"train.ema.decay: must be in [0, 1) (got {t.ema.decay})")
+    return errors
+
+
+def resolve(task_cls: type, recipe: str | None, overrides: list[str], data: str | None = None) -> RunConfig:
+    raw = read_recipe(task_cls.name, recipe) if recipe else {}
+    raw.setdefault("task", task_cls.name)
+    if raw["task"] != task_cls.name:
+        raise ConfigError(f"--recipe {recipe}: it is a {raw['task']!r} recipe, not {task_cls.name!r}")
+    if recipe:
+        raw["recipe"] = recipe
+    if data:
+        raw.setdefault("data", {})["source"] = data
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    return load_config(task_cls, raw)

@@ -1,0 +1,1 @@
+"""Task-agnostic training machinery. Nothing in here imports a task (a test enforces it)."""

@@ -1,0 +1,36 @@
+"""Exponential moving average of weights (Polyak averaging), evaluated in place of the raw weights."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """Keeps a shadow copy of the model; buffers (BN statistics) are copied, parameters averaged."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup_steps: int):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.warmup_steps = warmup_steps
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        # Ramp the decay so the average is not dominated by the random initial weights.
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup_steps else self.decay
+        ema_params = [p for p in self.module.parameters()]
+        params = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_params, params, 1.0 - d)
+        for b_ema, b in zip(self.module.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["module"])
+        self.updates = int(state["updates"])

@@ -1,0 +1,72 @@
+"""One logger, three outputs: the terminal (progress bar on a TTY, plain lines otherwise), metrics.jsonl and
+TensorBoard. Only rank 0 writes; other ranks get a logger that does nothing."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def format_values(values: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.4g}" for k, v in values.items())
+
+
+class Logger:
+    def __init__(self, run_dir: Path | None, total_steps: int, start_step: int, enabled: bool = True):
+        self.enabled = enabled
+        self.total_steps = total_steps
+        self.bar = None
+        self.jsonl = None
+        self.tb = None
+        if not enabled:
+            return
+        if run_dir is not None:
+            self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
+            except ImportError:  # tensorboard is a dependency, but a stripped install should still train
+                self.tb = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=True)
+
+    def info(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.write(message)
+        else:
+            print(message, flush=True)
+
+    def progress(self, step: int, values: dict[str, float]) -> None:
+        """Live training values: the bar's postfix on a TTY, a plain line otherwise."""
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.n = step
+            self.bar.set_postfix_str(format_values(values), refresh=True)
+        else:
+            print(f"step {step}/{self.total_steps} {format_values(values)}", flush=True)
+
+    def scalars(self, step: int, values: dict[str, float], **extra) -> None:
+        """Persist values under `split/name` keys to JSONL and TensorBoard."""
+        if not self.enabled:
+            return
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, "time": round(time.time(), 3), **extra, **values}) + "\n")
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()

@@ -1,0 +1,290 @@
+"""fit() and evaluate_run(): the whole training loop, readable top to bottom.
+
+Step-based: the run is `total_steps` optimizer steps; epochs, the data position and the learning rate all
+derive from the step, so a checkpoint holding the step (plus model, optimizer, scheduler, scaler, EMA, early
+stopping and RNG state) resumes the uninterrupted run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..config import RunConfig
+from ..errors import CheckpointError, ConfigError, TrainingDiverged
+from . import checkpoint, distributed, rundir
+from .batches import augment_generator, eval_indices, fetch, split_batch, train_indices
+from .early_stop import EarlyStopper
+from .ema import EMA
+from .log import Logger, format_values
+from .optim import build_optimizer, build_schedule
+from .precision import Precision, choose_precision, resolve_device
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    step: int
+    status: str  # "finished" | "early_stopped" | "interrupted"
+    best: dict[str, float]
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks between steps, so `last` is saved before leaving."""
+
+    def __init__(self):
+        self.signal_name: str | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a test runner thread): leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal_name is not None:  # a second Ctrl-C: the user means it
+            raise KeyboardInterrupt
+        self.signal_name = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def configure_determinism(cfg: RunConfig) -> None:
+    torch.manual_seed(cfg.train.seed)
+    if cfg.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def prepare_model(task, device: torch.device, cfg: RunConfig) -> nn.Module:
+    model = task.build_model().to(device)
+    if cfg.train.channels_last and task.uses_channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def evaluate_split(task, model: nn.Module, dataset, collate_fn, cfg: RunConfig, device: torch.device,
+                   precision: Precision, prefix: str, report_dir: Path | None = None) -> dict[str, float]:
+    """Run the task's metrics over this rank's shard of a split; the task reduces across ranks."""
+    indices = eval_indices(len(dataset), cfg.train.eval_batch_size, distributed.rank(), distributed.world_size())
+    batches = (task.prepare_batch(b, None)
+               for b in fetch(dataset, indices, device, cfg.train.num_workers, collate_fn))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), precision.autocast():
+        metrics = task.evaluate(model, batches, report_dir)
+    model.train(was_training)
+    return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+
+
+def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
+    """Train `task` as `cfg` says, writing into `run_dir` (rank 0 only). Resumes from checkpoints/last.pt."""
+    t = cfg.train
+    device = resolve_device(t.device, distributed.local_device_index())
+    distributed.init(device.type)
+    rank, world = distributed.rank(), distributed.world_size()
+    micro_batches = cfg.optim.accumulate_steps
+    if t.batch_size % (world * micro_batches):
+        raise ConfigError(f"train.batch_size: {t.batch_size} must be divisible by world size ({world}) x "
+                          f"optim.accumulate_steps ({micro_batches})")
+    configure_determinism(cfg)
+    precision = choose_precision(t.precision, device)
+
+    splits = task.datasets(device)
+    steps_per_epoch = len(splits.train) // t.batch_size
+    if steps_per_epoch == 0:
+        raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the training split "
+                          f"({len(splits.train)} samples); lower it")
+    total_steps = math.ceil(t.epochs * steps_per_epoch)
+    eval_every = t.eval_every_steps or steps_per_epoch
+
+    model = prepare_model(task, device, cfg)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_schedule(optimizer, cfg.optim, total_steps)
+    scaler = precision.scaler()
+    ema = EMA(model, t.ema.decay, t.ema.warmup_steps) if t.ema.enabled else None
+    monitor_key, monitor_mode = task.monitor
+    stopper = EarlyStopper(monitor_mode, t.early_stop.patience, t.early_stop.min_delta)
+    step, best_metrics = 0, {}
+
+    ckpt_dir = run_dir / "checkpoints"
+    if resume:
+        state = checkpoint.load(ckpt_dir / "last.pt", device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        stopper.load_state_dict(state["early_stop"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        checkpoint.restore_rng_state(state["rng"])
+        step, best_metrics = int(state["step"]), dict(state["best_metrics"])
+        if state["total_steps"] != total_steps:
+            raise CheckpointError(f"{ckpt_dir / 'last.pt'}: saved for {state['total_steps']} total steps but the "
+                                  f"configuration now gives {total_steps}; resume with the run's own config")
+
+    train_model = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        train_model = torch.compile(train_model)
+
+    log = Logger(run_dir, total_steps, step, enabled=distributed.is_main())
+    log.info(f"{task.describe(model)} | device {device} x{world} | {precision.name} | "
+             f"{steps_per_epoch} steps/epoch, {total_steps} steps | train {len(splits.train)} val {len(splits.val)}")
+    if resume:
+        log.info(f"resumed at step {step} (epoch {step / steps_per_epoch:.2f})")
+
+    def save(name: str) -> None:
+        if not distributed.is_main():
+            return
+        state = {
+            "step": step, "total_steps": total_steps, "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "early_stop": stopper.state_dict(), "rng": checkpoint.rng_state(),
+            "best_metrics": best_metrics, "ema": ema.state_dict() if ema is not None else None,
+        }
+        checkpoint.save_atomic(state, ckpt_dir / f"{name}.pt")
+
+    # Running sums stay on the device between log points: no host sync per step.
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    log_sums: dict[str, torch.Tensor] = {}
+    samples_since_log, last_checked_step, tic = 0, step, time.perf_counter()
+
+    def check_finite() -> None:
+        """The NaN guard: called before anything is logged or saved, so no checkpoint holds diverged weights."""
+        nonlocal last_checked_step
+        if not torch.isfinite(loss_sum).item():
+            raise TrainingDiverged(
+                f"training loss became {loss_sum.item()} between steps {last_checked_step} and {step}; stopped. "
+                f"The last good checkpoint is kept in {ckpt_dir}. Lower optim.lr, set optim.max_grad_norm, "
+                "or use train.precision=fp32")
+        last_checked_step = step
+
+    status = "finished"
+    train_model.train()
+    with StopRequest() as stop:
+        while step < total_steps and status == "finished":
+            epoch, offset = divmod(step, steps_per_epoch)
+            indices = train_indices(len(splits.train), t.batch_size, t.seed, epoch, offset, rank, world)
+            for raw_batch in fetch(splits.train, indices, device, t.num_workers, splits.collate_fn):
+                batch = task.prepare_batch(raw_batch, augment_generator(device, t.seed, step, rank))
+                parts = split_batch(batch, micro_batches)
+                grad_norm = None
+                for i, part in enumerate(parts):
+                    # DDP all-reduces gradients only on the last micro-batch.
+                    sync = contextlib.nullcontext() if (world == 1 or i == len(parts) - 1) else train_model.no_sync()
+                    with sync:
+                        with precision.autocast():
+                            out = task.step(train_model, part)
+                        scaler.scale(out.loss / micro_batches).backward()
+                    loss_sum += out.loss.detach().double() * out.n
+                    for key, value in out.logs.items():
+                        log_sums[key] = log_sums.get(key, 0.0) + value.detach().double() * out.n
+                    samples_since_log += out.n
+                if cfg.optim.max_grad_norm > 0:
+                    scaler.unscale_(optimizer)
+                    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                if ema is not None:
+                    ema.update(model)
+                step += 1
+
+                if step % t.log_every_steps == 0 or step == total_steps:
+                    check_finite()
+                    elapsed = time.perf_counter() - tic
+                    values = {"train/loss": loss_sum.item() / samples_since_log,
+                              **{f"train/{k}": v.item() / samples_since_log for k, v in log_sums.items()},
+                              "train/lr": optimizer.param_groups[0]["lr"],
+                              "train/samples_per_s": samples_since_log * world / elapsed}
+                    if grad_norm is not None:
+                        values["train/grad_norm"] = float(grad_norm)
+                    values = distributed.mean_across_ranks(values, device)
+                    log.progress(step, values)
+                    log.scalars(step, values, epoch=round(step / steps_per_epoch, 4))
+                    loss_sum.zero_()
+                    log_sums.clear()
+                    samples_since_log, tic = 0, time.perf_counter()
+
+                if step % eval_every == 0 or step == total_steps:
+                    check_finite()
+                    eval_model = ema.module if ema is not None else model
+                    metrics = evaluate_split(task, eval_model, splits.val, splits.collate_fn, cfg, device, precision,
+                                             "val")
+                    improved = stopper.improved(metrics[monitor_key])
+                    if improved:
+                        best_metrics = {**metrics, "step": step}
+                    log.info(f"step {step} epoch {step / steps_per_epoch:.2f}: {format_values(metrics)}"
+                             + (" (best)" if improved else ""))
+                    log.scalars(step, metrics, epoch=round(step / steps_per_epoch, 4))
+                    save("last")
+                    if improved:
+                        save("best")
+                    if stopper.should_stop:
+                        log.info(f"early stop: {monitor_key} has not improved by more than "
+                                 f"{t.early_stop.min_delta} for {t.early_stop.patience} evaluations")
+                        status = "early_stopped"
+                elif t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
+                    check_finite()
+                    save("last")
+
+                if distributed.broadcast_flag(stop.signal_name is not None, device):
+                    check_finite()
+                    save("last")
+                    log.info(f"{stop.signal_name or 'stop request'}: saved checkpoints/last.pt at step {step}; "
+                             f"continue with: modelworks train --resume {run_dir}")
+                    status = "interrupted"
+                if status != "finished" or step >= total_steps:
+                    break
+            distributed.barrier()
+    log.close()
+    rundir.write_summary(run_dir, {"status": status, "step": step, "total_steps": total_steps, "best": best_metrics})
+    return FitResult(run_dir, step, status, best_metrics)
+
+
+def load_for_evaluation(task, run_dir: Path, device: torch.device, cfg: RunConfig, which: str = "best") -> nn.Module:
+    """The run's model with its best (or last) weights, the EMA weights when the run kept an average."""
+    path = run_dir / "checkpoints" / f"{which}.pt"
+    if which == "best" and not path.is_file():
+        path = run_dir / "checkpoints" / "last.pt"
+    state = checkpoint.load(path, device)
+    model = prepare_model(task, device, cfg)
+    weights = state["ema"]["module"] if state.get("ema") else state["model"]
+    model.load_state_dict(weights)
+    return model.eval()
+
+
+def evaluate_run(task, cfg: RunConfig, run_dir: Path, split: str = "test", which: str = "best") -> dict[str, float]:
+    """The final report of a run on one split: metrics JSON, the task's plots, and a printed table."""
+    device = resolve_device(cfg.train.device)
+    precision = choose_precision(cfg.train.precision, device)
+    splits = task.datasets(device)
+    dataset = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
+    if dataset is None:
+        raise ConfigError(f"--split {split}: this data source has no {split} split")
+    model = load_for_evaluation(task, run_dir, device, cfg, which)
+    report_dir = run_dir / "evaluation"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    metrics = evaluate_split(task, model, dataset, splits.collate_fn, cfg, device, precision, split, report_dir)
+    metrics[f"{split}/seconds"] = time.perf_counter() - tic
+    rundir.write_json(report_dir / f"{split}.json", metrics)
+    return metrics

@@ -1,0 +1,21 @@
+"""The few exception types a user sees. Messages follow `<where>: <what> (got <value>); <fix>`."""
+
+
+class ModelworksError(Exception):
+    """Base of the errors meant for the user: the CLI prints them without a traceback."""
+
+
+class ConfigError(ModelworksError):
+    """A recipe, an override or a command-line argument is wrong."""
+
+
+class DataError(ModelworksError):
+    """A data set is missing, incomplete or malformed."""
+
+
+class CheckpointError(ModelworksError):
+    """A checkpoint or run directory cannot be used."""
+
+
+class TrainingDiverged(ModelworksError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""

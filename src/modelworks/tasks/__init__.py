@@ -1,0 +1,1 @@
+"""The projects. Each is one Task subclass in tasks/<name>/task.py, registered in modelworks.registry."""

@@ -1,0 +1,1 @@
+"""Project 1: image classification."""

@@ -1,0 +1,108 @@
+"""Classification networks.
+
+- `resnet18` / `resnet34`: He et al., "Deep Residual Learning for Image Recognition" (2015), basic blocks,
+  with the CIFAR stem the seed uses (one 3x3 conv, stride 1, no max-pool) and He (fan-out) initialisation.
+  ResNet-18 for 10 classes: 11.17M parameters.
+- `fastnet`: a small VGG-style net in the spirit of Keller Jordan's airbench (CIFAR-10 94% in seconds on a
+  GPU): conv-pool-BN-GELU blocks, no residuals, a frozen-free patch "whitening" stem replaced by a plain conv,
+  and a scaled linear head. Built for a CPU-second budget on small images.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+import torch
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN, plus the identity (or a 1x1 projection when the shape changes), then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, stride, bias=False),
+                                          nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    def __init__(self, blocks_per_stage: list[int], num_classes: int, in_channels: int = 3):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64),
+                                  nn.ReLU(inplace=True))
+        stages, channels = [], 64
+        for i, (width, blocks) in enumerate(zip([64, 128, 256, 512], blocks_per_stage)):
+            stride = 1 if i == 0 else 2
+            stage = [BasicBlock(channels, width, stride)] + [BasicBlock(width, width) for _ in range(blocks - 1)]
+            stages.append(nn.Sequential(*stage))
+            channels = width
+        self.stages = nn.Sequential(*stages)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(512, num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, 0, 0.01)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stages(self.stem(x))  # B, 512, H/8, W/8
+        return self.fc(torch.flatten(self.pool(x), 1))  # B, num_classes
+
+
+def conv_bn(in_channels: int, out_channels: int) -> list[nn.Module]:
+    return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.GELU()]
+
+
+class FastNet(nn.Module):
+    """Stem conv, then three stages of [conv, max-pool 2x2, BN, GELU, conv-BN-GELU]; global max-pool; linear.
+
+    Max-pooling right after the first conv of a stage (airbench's order) does the expensive second conv at a
+    quarter of the resolution. The logits are scaled down (airbench uses 1/9) which acts like a temperature and
+    lets the network train at a high learning rate without label smoothing fighting the scale.
+    """
+
+    def __init__(self, num_classes: int, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128, 256),
+                 logit_scale: float = 1 / 9):
+        super().__init__()
+        stem, *stage_widths = widths
+        layers: list[nn.Module] = conv_bn(in_channels, stem)
+        channels = stem
+        for width in stage_widths:
+            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.MaxPool2d(2),
+                       nn.BatchNorm2d(width), nn.GELU(), *conv_bn(width, width)]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveMaxPool2d(1)
+        self.fc = nn.Linear(channels, num_classes, bias=False)
+        self.logit_scale = logit_scale
+        for m in self.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.4  # short runs: BN statistics must keep up with fast-moving weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(self.features(x)).flatten(1)  # B, C
+        return self.fc(x) * self.logit_scale
+
+
+def build_classifier(name: str, num_classes: int, in_channels: int, widths: tuple[int, ...]) -> nn.Module:
+    if name == "resnet18":
+        return ResNet([2, 2, 2, 2], num_classes, in_channels)
+    if name == "resnet34":
+        return ResNet([3, 4, 6, 3], num_classes, in_channels)
+    return FastNet(num_classes, in_channels, widths)

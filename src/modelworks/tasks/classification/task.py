@@ -1,0 +1,189 @@
+"""Project 1: image classification (Fashion-MNIST, CIFAR-10, any ImageFolder tree)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...data import images as image_data
+from ...data.augment import AugmentConfig, augment_batch
+from ..base import Splits, StepOutput, Task
+from .models import build_classifier
+from . import report
+
+# Per-channel statistics of each training set (the seed's CIFAR-10 values; Fashion-MNIST's computed on its
+# 60,000 training images). ImageFolder trees use 0.5, the midpoint, as they are unknown in advance.
+NORMALISATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "fashion-mnist": ((0.2860,), (0.3530,)),
+}
+
+
+@dataclass
+class ClassificationModelConfig:
+    name: Literal["fastnet", "resnet18", "resnet34"] = "fastnet"
+    widths: tuple[int, ...] = (16, 32, 64, 128)  # fastnet: stem width, then one width per stage
+    label_smoothing: float = 0.0  # cross-entropy target smoothing (the seed uses 0.1)
+    tta_flip: bool = False  # evaluation averages the logits of each image and its mirror image
+
+
+@dataclass
+class ClassificationDataConfig:
+    source: str = "fashion-mnist"  # fashion-mnist | cifar10 | imagefolder:PATH
+    root: str = "data"  # where downloads go and data sets are looked for
+    download: bool = False  # fetch missing files (checksummed) instead of failing
+    val_fraction: float = 0.1  # held out of the training set for model selection
+    split_seed: int = 0  # the validation split's own seed: fixed across training seeds
+    image_size: int = 32  # ImageFolder only: images are resized to this square size
+    channels: int = 3  # ImageFolder only: 3 (RGB) or 1 (grayscale)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self):
+        kind = self.source.split(":", 1)[0]
+        if kind not in ("fashion-mnist", "cifar10", "imagefolder") or (kind == "imagefolder") != (":" in self.source):
+            raise ValueError(f"data.source: {self.source!r} is not a data source; use fashion-mnist, cifar10 or "
+                             "imagefolder:PATH")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction: must be in (0, 1) (got {self.val_fraction})")
+        if self.channels not in (1, 3):
+            raise ValueError(f"data.channels: must be 1 or 3 (got {self.channels})")
+
+
+class ClassificationTask(Task):
+    name = "classification"
+    monitor = ("val/acc1", "max")
+    ModelConfig = ClassificationModelConfig
+    DataConfig = ClassificationDataConfig
+    uses_channels_last = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        data = cfg.data
+        self.kind = data.source.split(":", 1)[0]
+        self.channels = {"fashion-mnist": 1, "cifar10": 3}.get(self.kind, data.channels)
+        self.image_size = {"fashion-mnist": 28, "cifar10": 32}.get(self.kind, data.image_size)
+        mean, std = NORMALISATION.get(self.kind, ((0.5,) * self.channels, (0.5,) * self.channels))
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.classes: list[str] = []
+        self._stats_device = None
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def datasets(self, device: torch.device) -> Splits:
+        data = self.cfg.data
+        root = Path(data.root)
+        if self.kind == "imagefolder":
+            return self._image_folder_splits(Path(data.source.split(":", 1)[1]))
+        loader = image_data.load_fashion_mnist if self.kind == "fashion-mnist" else image_data.load_cifar10
+        train_all = loader(root, "train", data.download)
+        test = loader(root, "test", data.download)
+        self.classes = train_all.classes
+        train_idx, val_idx = image_data.split_indices(len(train_all.labels), data.val_fraction, data.split_seed)
+        return Splits(
+            train=image_data.InMemoryImages(train_all.images[train_idx], train_all.labels[train_idx], device),
+            val=image_data.InMemoryImages(train_all.images[val_idx], train_all.labels[val_idx], device),
+            test=image_data.InMemoryImages(test.images, test.labels, device),
+        )
+
+    def _image_folder_splits(self, folder: Path) -> Splits:
+        """ROOT/train + ROOT/val|test when the tree has them; otherwise ROOT itself, split train/val."""
+        data = self.cfg.data
+        make = lambda samples: image_data.ImageFolderFiles(samples, self.image_size, self.channels)  # noqa: E731
+        if (folder / "train").is_dir():
+            train, self.classes = image_data.scan_image_folder(folder / "train")
+            held_out = {name: image_data.scan_image_folder(folder / name, self.classes)[0]
+                        for name in ("val", "test") if (folder / name).is_dir()}
+            if "val" not in held_out:
+                train_idx, val_idx = image_data.split_indices(len(train), data.val_fraction, data.split_seed)
+                held_out["val"] = [train[i] for i in val_idx]
+                train = [train[i] for i in train_idx]
+            return Splits(make(train), make(held_out["val"]), make(held_out["test"]) if "test" in held_out else None)
+        samples, self.classes = image_data.scan_image_folder(folder)
+        train_idx, val_idx = image_data.split_indices(len(samples), data.val_fraction, data.split_seed)
+        return Splits(make([samples[i] for i in train_idx]), make([samples[i] for i in val_idx]))
+
+    def prepare_batch(self, batch, augment: torch.Generator | None):
+        images, labels = batch
+        if self._stats_device != images.device:
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
+            self._stats_device = images.device
+        x = augment_batch(images, self.cfg.data.augment, self.mean, self.std, augment)
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, labels
+
+    # ------------------------------------------------------------------------------------------ model
+
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+        return build_classifier(m.name, self.num_classes, self.channels, m.widths)
+
+    @property
+    def num_classes(self) -> int:
+        if self.classes:
+            return len(self.classes)
+        if self.kind in ("fashion-mnist", "cifar10"):
+            return 10
+        return len(image_data.scan_image_folder(self._train_folder())[1])
+
+    def _train_folder(self) -> Path:
+        folder = Path(self.cfg.data.source.split(":", 1)[1])
+        return folder / "train" if (folder / "train").is_dir() else folder
+
+    def step(self, model: nn.Module, batch) -> StepOutput:
+        x, y = batch
+        logits = model(x).float()
+        loss = F.cross_entropy(logits, y, label_smoothing=self.cfg.model.label_smoothing)
+        acc = (logits.argmax(1) == y).float().mean()
+        return StepOutput(loss, {"acc1": acc.detach()}, len(y))
+
+    def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        logits = model(x).float()
+        if self.cfg.model.tta_flip:
+            logits = (logits + model(x.flip(-1)).float()) / 2
+        return logits
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def evaluate(self, model: nn.Module, batches: Iterable, report_dir: Path | None = None) -> dict[str, float]:
+        metrics = report.ClassificationMetrics(self.num_classes, device=self.mean.device)
+        worst = report.WorstErrors(keep=32) if report_dir is not None else None
+        for x, y in batches:
+            logits = self.logits(model, x)
+            metrics.update(logits, y)
+            if worst is not None:
+                worst.update(x, logits, y)
+        results = metrics.compute()
+        summary = {k: v for k, v in results.items() if not isinstance(v, torch.Tensor)}
+        if report_dir is None:
+            return summary
+        classes = self.classes or [str(i) for i in range(self.num_classes)]
+        per_class = results["per_class_acc"].tolist()
+        summary.update({f"acc1/{name}": acc for name, acc in zip(classes, per_class)})
+        report.plot_confusion_matrix(results["confusion"], classes, report_dir / "confusion_matrix.png")
+        mean, std = self.mean.cpu(), self.std.cpu()
+        report.plot_worst_errors(worst, classes, mean, std, report_dir / "worst_errors.png")
+        (report_dir / "confusion_matrix.json").write_text(json.dumps(results["confusion"].tolist()))
+        return summary
+
+    # ------------------------------------------------------------------------------------------ export
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(1, self.channels, self.image_size, self.image_size),)
+
+    @classmethod
+    def tiny(cls, folder: Path) -> dict:
+        """Seconds-scale training on a small Fashion-MNIST-format set written into `folder`."""
+        from ...data.synthetic import write_fashion_mnist
+
+        write_fashion_mnist(folder, n_train=512, n_test=256)
+        return {"data": {"source": "fashion-mnist", "root": str(folder)},
+                "model": {"name": "fastnet", "widths": [8, 16, 16, 32]},
+                "train": {"epochs": 2, "batch_size": 64, "eval_batch_size": 128, "log_every_steps": 5}}
