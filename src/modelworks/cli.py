@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("run_dir")
     evaluate.add_argument("--split", default="test", choices=["test", "val", "train"])
     evaluate.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="change an evaluation setting, e.g. --set model.tta=flip or train.device=cpu")
 
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.add_argument("task", nargs="?")
@@ -102,6 +104,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     raw = rundir.read_config_dict(run_dir)
+    for assignment in args.overrides:
+        config_mod.apply_override(raw, assignment)
     task_cls = get_task(raw.get("task", ""))
     cfg = config_mod.load_config(task_cls, raw)
     metrics = evaluate_run(task_cls(cfg), cfg, run_dir, args.split, args.checkpoint)

@@ -4,8 +4,9 @@
   with the CIFAR stem the seed uses (one 3x3 conv, stride 1, no max-pool) and He (fan-out) initialisation.
   ResNet-18 for 10 classes: 11.17M parameters.
 - `fastnet`: a small VGG-style net in the spirit of Keller Jordan's airbench (CIFAR-10 94% in seconds on a
-  GPU): conv-pool-BN-GELU blocks, no residuals, a frozen-free patch "whitening" stem replaced by a plain conv,
-  and a scaled linear head. Built for a CPU-second budget on small images.
+  GPU): conv-pool-BN-activation blocks, no residuals, a plain conv stem (no frozen whitening layer),
+  and a scaled linear head. Built for a CPU-second budget on small images: ReLU rather than airbench's GELU,
+  as it trains ~30% faster on this CPU (bench/classification.py) for the same accuracy at this size.
 """
 
 from __future__ import annotations
@@ -64,45 +65,46 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))  # B, num_classes
 
 
-def conv_bn(in_channels: int, out_channels: int) -> list[nn.Module]:
+ACTIVATIONS = {"relu": lambda: nn.ReLU(inplace=True), "gelu": nn.GELU}
+
+
+def conv_bn(in_channels: int, out_channels: int, activation: str) -> list[nn.Module]:
     return [nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
-            nn.GELU()]
+            ACTIVATIONS[activation]()]
 
 
 class FastNet(nn.Module):
-    """Stem conv, then three stages of [conv, max-pool 2x2, BN, GELU, conv-BN-GELU]; global max-pool; linear.
+    """Stem conv, then one stage per width: [conv, max-pool 2x2, BN, act, conv-BN-act]; global max-pool; linear.
 
     Max-pooling right after the first conv of a stage (airbench's order) does the expensive second conv at a
     quarter of the resolution. The logits are scaled down (airbench uses 1/9) which acts like a temperature and
     lets the network train at a high learning rate without label smoothing fighting the scale.
     """
 
-    def __init__(self, num_classes: int, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128, 256),
-                 logit_scale: float = 1 / 9):
+    def __init__(self, num_classes: int, in_channels: int = 1, widths: tuple[int, ...] = (16, 32, 64, 128),
+                 activation: str = "relu", logit_scale: float = 1 / 9):
         super().__init__()
         stem, *stage_widths = widths
-        layers: list[nn.Module] = conv_bn(in_channels, stem)
+        layers: list[nn.Module] = conv_bn(in_channels, stem, activation)
         channels = stem
         for width in stage_widths:
             layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.MaxPool2d(2),
-                       nn.BatchNorm2d(width), nn.GELU(), *conv_bn(width, width)]
+                       nn.BatchNorm2d(width), ACTIVATIONS[activation](), *conv_bn(width, width, activation)]
             channels = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveMaxPool2d(1)
         self.fc = nn.Linear(channels, num_classes, bias=False)
         self.logit_scale = logit_scale
-        for m in self.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = 0.4  # short runs: BN statistics must keep up with fast-moving weights
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.pool(self.features(x)).flatten(1)  # B, C
         return self.fc(x) * self.logit_scale
 
 
-def build_classifier(name: str, num_classes: int, in_channels: int, widths: tuple[int, ...]) -> nn.Module:
+def build_classifier(name: str, num_classes: int, in_channels: int, widths: tuple[int, ...] = (16, 32, 64, 128),
+                     activation: str = "relu") -> nn.Module:
     if name == "resnet18":
         return ResNet([2, 2, 2, 2], num_classes, in_channels)
     if name == "resnet34":
         return ResNet([3, 4, 6, 3], num_classes, in_channels)
-    return FastNet(num_classes, in_channels, widths)
+    return FastNet(num_classes, in_channels, widths, activation)

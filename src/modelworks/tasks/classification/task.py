@@ -29,8 +29,10 @@ NORMALISATION = {
 class ClassificationModelConfig:
     name: Literal["fastnet", "resnet18", "resnet34"] = "fastnet"
     widths: tuple[int, ...] = (16, 32, 64, 128)  # fastnet: stem width, then one width per stage
+    activation: Literal["relu", "gelu"] = "relu"  # fastnet only
     label_smoothing: float = 0.0  # cross-entropy target smoothing (the seed uses 0.1)
-    tta_flip: bool = False  # evaluation averages the logits of each image and its mirror image
+    tta: Literal["none", "flip", "flip_shift"] = "none"  # test-time augmentation: average the logits of the
+    # image and its mirror (flip), plus both shifted by one pixel diagonally (flip_shift: 4 views)
 
 
 @dataclass
@@ -53,6 +55,15 @@ class ClassificationDataConfig:
             raise ValueError(f"data.val_fraction: must be in (0, 1) (got {self.val_fraction})")
         if self.channels not in (1, 3):
             raise ValueError(f"data.channels: must be 1 or 3 (got {self.channels})")
+
+
+def shift_image(x: torch.Tensor, pixels: int) -> torch.Tensor:
+    """Translate by `pixels` down and right (negative: up and left), filling with zeros (the data-set mean)."""
+    p = abs(pixels)
+    padded = F.pad(x, (p, p, p, p))
+    H, W = x.shape[-2:]
+    start = 0 if pixels > 0 else 2 * p
+    return padded[..., start:start + H, start:start + W]
 
 
 class ClassificationTask(Task):
@@ -123,7 +134,7 @@ class ClassificationTask(Task):
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
-        return build_classifier(m.name, self.num_classes, self.channels, m.widths)
+        return build_classifier(m.name, self.num_classes, self.channels, m.widths, m.activation)
 
     @property
     def num_classes(self) -> int:
@@ -145,10 +156,13 @@ class ClassificationTask(Task):
         return StepOutput(loss, {"acc1": acc.detach()}, len(y))
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        logits = model(x).float()
-        if self.cfg.model.tta_flip:
-            logits = (logits + model(x.flip(-1)).float()) / 2
-        return logits
+        tta = self.cfg.model.tta
+        views = [x]
+        if tta in ("flip", "flip_shift"):
+            views.append(x.flip(-1))
+        if tta == "flip_shift":
+            views += [shift_image(views[0], 1), shift_image(views[1], -1)]
+        return torch.stack([model(v).float() for v in views]).mean(0)
 
     # ------------------------------------------------------------------------------------------ evaluation
 
