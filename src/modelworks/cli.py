@@ -93,8 +93,8 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     if result.status == "interrupted":
         return 130
     if cfg.train.test_at_end:
-        metrics = evaluate_run(task, cfg, run_dir)
-        print_table(f"test ({run_dir / 'evaluation'})", metrics)
+        metrics = evaluate_run(task, cfg, run_dir, "test", fallback_to_val=True)
+        print_table(f"report ({run_dir / 'evaluation'})", metrics)
     return 0
 
 

@@ -30,6 +30,8 @@ class OptimConfig:
     nesterov: bool = True  # SGD only
     schedule: Literal["onecycle", "cosine", "constant"] = "onecycle"
     warmup_fraction: float = 0.3  # fraction of all optimizer steps spent warming up
+    cycle_momentum: bool = True  # onecycle only: momentum (or beta1) cycles 0.95 -> 0.85 -> 0.95 as in torch's
+    # OneCycleLR, which the seed uses; `momentum` then has no effect. false keeps `momentum` fixed
     max_grad_norm: float = 0.0  # clip the global gradient norm to this; 0 disables clipping
     accumulate_steps: int = 1  # micro-batches per optimizer step (global batch stays train.batch_size)
 
@@ -38,7 +40,7 @@ class OptimConfig:
 class EMAConfig:
     enabled: bool = False
     decay: float = 0.999  # per optimizer step
-    warmup_steps: int = 100  # decay ramps up from 0 so early weights do not dominate
+    warmup_steps: int = 100  # the decay ramps linearly from 0 over these steps; 0: constant decay
 
 
 @dataclass
@@ -106,11 +108,16 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], path, errors)
     if origin in (list, tuple):
-        (item_type, *_) = typing.get_args(tp) or (Any,)
+        args = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
             errors.append(f"{path}: expected a list (got {value!r})")
             return None
-        items = [_coerce(v, item_type, f"{path}[{i}]", errors) for i, v in enumerate(value)]
+        fixed_length = origin is tuple and Ellipsis not in args
+        if fixed_length and len(value) != len(args):
+            errors.append(f"{path}: expected a list of {len(args)} values (got {value!r})")
+            return None
+        item_types = args if fixed_length else [args[0]] * len(value)
+        items = [_coerce(v, t, f"{path}[{i}]", errors) for i, (v, t) in enumerate(zip(value, item_types))]
         return tuple(items) if origin is tuple else items
     if dataclasses.is_dataclass(tp):
         return build(tp, value, path, errors)
@@ -122,6 +129,11 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -143,6 +155,7 @@ def build(cls: type, raw: Any, path: str, errors: list[str], section_types: dict
     if not isinstance(raw, dict):
         errors.append(f"{path or 'config'}: expected a mapping of keys (got {raw!r})")
         return None
+    errors_before = len(errors)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in raw:
@@ -150,7 +163,7 @@ def build(cls: type, raw: Any, path: str, errors: list[str], section_types: dict
             near = difflib.get_close_matches(str(key), list(fields), n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             where = f"{path}.{key}" if path else str(key)
-            errors.append(f"{where}: unknown key{hint} Valid keys: {', '.join(fields)}")
+            errors.append(f"{where}: unknown key{hint or '.'} Valid keys: {', '.join(fields)}")
     kwargs = {}
     for name, f in fields.items():
         where = f"{path}.{name}" if path else name
@@ -161,6 +174,8 @@ def build(cls: type, raw: Any, path: str, errors: list[str], section_types: dict
             kwargs[name] = build(tp, {}, where, errors)
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             errors.append(f"{where}: required key is missing")
+    if len(errors) > errors_before:  # a section's own checks would only trip over the bad values
+        return None
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:  # __post_init__ checks of a section
@@ -262,6 +277,9 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append(
             f"optim.accumulate_steps: must divide train.batch_size={t.batch_size} (got {o.accumulate_steps})"
         )
+    if o.name == "sgd" and o.nesterov and o.momentum <= 0:
+        errors.append(f"optim.nesterov: Nesterov SGD needs optim.momentum > 0 (got {o.momentum}); "
+                      "set optim.nesterov=false or a momentum such as 0.9")
     if not 0 <= t.ema.decay < 1:
         errors.append(f"train.ema.decay: must be in [0, 1) (got {t.ema.decay})")
     return errors
@@ -278,4 +296,7 @@ def resolve(task_cls: type, recipe: str | None, overrides: list[str], data: str 
         raw.setdefault("data", {})["source"] = data
     for assignment in overrides:
         apply_override(raw, assignment)
+    if raw["task"] != task_cls.name:
+        raise ConfigError(f"--set task={raw['task']}: the task is chosen on the command line ({task_cls.name!r}), "
+                          "not by an override")
     return load_config(task_cls, raw)

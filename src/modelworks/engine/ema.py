@@ -20,8 +20,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
-        # Ramp the decay so the average is not dominated by the random initial weights.
-        d = min(self.decay, (1 + self.updates) / (10 + self.updates)) if self.warmup_steps else self.decay
+        # Ramp the decay up over the warm-up so the average is not dominated by the random initial weights.
+        d = self.decay * min(1.0, self.updates / self.warmup_steps) if self.warmup_steps else self.decay
         ema_params = [p for p in self.module.parameters()]
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - d)

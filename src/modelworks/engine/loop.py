@@ -122,6 +122,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     step, best_metrics = 0, {}
 
     ckpt_dir = run_dir / "checkpoints"
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         state = checkpoint.load(ckpt_dir / "last.pt", device)
         model.load_state_dict(state["model"])
@@ -133,6 +135,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
             ema.load_state_dict(state["ema"])
         checkpoint.restore_rng_state(state["rng"])
         step, best_metrics = int(state["step"]), dict(state["best_metrics"])
+        if distributed.is_main():
+            rundir.truncate_metrics(run_dir, step)  # lines logged after the checkpoint will be logged again
         if state["total_steps"] != total_steps:
             raise CheckpointError(f"{ckpt_dir / 'last.pt'}: saved for {state['total_steps']} total steps but the "
                                   f"configuration now gives {total_steps}; resume with the run's own config")
@@ -167,11 +171,15 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     samples_since_log, last_checked_step, tic = 0, step, time.perf_counter()
 
     def check_finite() -> None:
-        """The NaN guard: called before anything is logged or saved, so no checkpoint holds diverged weights."""
+        """The NaN guard: called before anything is logged or saved, so no checkpoint holds diverged weights.
+        Weights are checked too: a finite loss can still produce NaN gradients (e.g. an overflowing backward)."""
         nonlocal last_checked_step
-        if not torch.isfinite(loss_sum).item():
+        weight_norms = torch.stack(torch._foreach_norm([p.detach() for p in model.parameters()]))
+        if not (torch.isfinite(loss_sum) & torch.isfinite(weight_norms).all()).item():
+            what = (f"loss became {loss_sum.item()}" if not torch.isfinite(loss_sum).item()
+                    else "weights became non-finite (NaN/inf gradients)")
             raise TrainingDiverged(
-                f"training loss became {loss_sum.item()} between steps {last_checked_step} and {step}; stopped. "
+                f"training {what} between steps {last_checked_step} and {step}; stopped. "
                 f"The last good checkpoint is kept in {ckpt_dir}. Lower optim.lr, set optim.max_grad_norm, "
                 "or use train.precision=fp32")
         last_checked_step = step
@@ -272,12 +280,17 @@ def load_for_evaluation(task, run_dir: Path, device: torch.device, cfg: RunConfi
     return model.eval()
 
 
-def evaluate_run(task, cfg: RunConfig, run_dir: Path, split: str = "test", which: str = "best") -> dict[str, float]:
-    """The final report of a run on one split: metrics JSON, the task's plots, and a printed table."""
+def evaluate_run(task, cfg: RunConfig, run_dir: Path, split: str = "test", which: str = "best",
+                 fallback_to_val: bool = False) -> dict[str, float]:
+    """The final report of a run on one split: metrics JSON and the task's plots. With `fallback_to_val`, a data
+    source without a test split (an ImageFolder tree without test/) is reported on its validation split."""
     device = resolve_device(cfg.train.device)
     precision = choose_precision(cfg.train.precision, device)
     splits = task.datasets(device)
     dataset = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
+    if dataset is None and fallback_to_val:
+        print(f"the data source has no {split} split: reporting on the validation split instead")
+        split, dataset = "val", splits.val
     if dataset is None:
         raise ConfigError(f"--split {split}: this data source has no {split} split")
     model = load_for_evaluation(task, run_dir, device, cfg, which)

@@ -32,8 +32,8 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_ste
     total_steps = max(total_steps, 1)
     if cfg.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=max(cfg.warmup_fraction, 1e-6)
-        )
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=max(cfg.warmup_fraction, 1e-6),
+            cycle_momentum=cfg.cycle_momentum)
     warmup = int(cfg.warmup_fraction * total_steps)
 
     def factor(step: int) -> float:

@@ -66,3 +66,13 @@ def read_config_dict(run_dir: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml); pass runs/<task>/<name>")
     return yaml.safe_load(path.read_text())
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl lines past `step` (written after the checkpoint a run resumes from)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(kept))

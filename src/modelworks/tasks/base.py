@@ -74,6 +74,6 @@ class Task:
         raise NotImplementedError
 
     @classmethod
-    def tiny(cls) -> dict:
-        """Overrides for a seconds-scale run on generated data in the real format (contract tests)."""
+    def tiny(cls, folder: Path) -> dict:
+        """Overrides for a seconds-scale run on data generated into `folder` in the real format (contract tests)."""
         raise NotImplementedError

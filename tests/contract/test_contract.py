@@ -1,0 +1,169 @@
+"""Every registered task through the same checks, on its own `tiny()` configuration and generated data.
+
+A new task that passes these trains, evaluates, checkpoints and exports through the shared engine.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import SRC
+from modelworks.config import load_config
+from modelworks.engine import checkpoint
+from modelworks.engine.batches import eval_indices, fetch
+from modelworks.engine.optim import build_optimizer
+from modelworks.registry import TASKS
+
+CPU = torch.device("cpu")
+TASK_NAMES = list(TASKS)
+
+
+def tiny_task(name: str, folder: Path):
+    task_cls = TASKS[name]
+    raw = task_cls.tiny(folder / "data")
+    raw["task"] = name
+    raw.setdefault("train", {})["device"] = "cpu"
+    raw["train"]["precision"] = "fp32"
+    return task_cls(load_config(task_cls, raw))
+
+
+def fixed_batch(task, size: int = 32):
+    """The first `size` training samples, prepared without augmentation: the same batch every call."""
+    splits = task.datasets(CPU)
+    (raw,) = fetch(splits.train, iter([torch.arange(size)]), CPU, 0, splits.collate_fn)
+    return task.prepare_batch(raw, None)
+
+
+def loss_on(task, model, batch) -> float:
+    with torch.no_grad():
+        return task.step(model, batch).loss.item()
+
+
+@pytest.fixture(params=TASK_NAMES)
+def task(request, tmp_path):
+    torch.manual_seed(0)
+    return tiny_task(request.param, tmp_path)
+
+
+def test_step_returns_a_scalar_loss_logs_and_count(task):
+    model = task.build_model()
+    out = task.step(model, fixed_batch(task))
+    assert out.loss.ndim == 0 and out.loss.requires_grad and math.isfinite(out.loss.item())
+    assert out.n == 32
+    assert all(v.ndim == 0 and not v.requires_grad for v in out.logs.values())
+
+
+def test_a_few_steps_on_a_fixed_batch_lower_the_loss(task):
+    model = task.build_model().train()
+    batch = fixed_batch(task)
+    optimizer = build_optimizer(model, task.cfg.optim)
+    before = loss_on(task, model, batch)
+    for _ in range(5):
+        task.step(model, batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss_on(task, model, batch) < before
+
+
+def test_one_batch_can_be_overfit(task):
+    model = task.build_model().train()
+    batch = fixed_batch(task, size=16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    before = loss_on(task, model, batch)
+    for _ in range(40):
+        task.step(model, batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss_on(task, model, batch) < 0.3 * before
+
+
+def test_state_round_trips_through_a_checkpoint(task, tmp_path):
+    model = task.build_model()
+    task.step(model.train(), fixed_batch(task))  # moves BatchNorm statistics off their initial values
+    checkpoint.save_atomic({"model": model.state_dict()}, tmp_path / "m.pt")
+    torch.manual_seed(1)
+    other = task.build_model()
+    other.load_state_dict(checkpoint.load(tmp_path / "m.pt")["model"])
+    x = task.example_inputs()
+    with torch.no_grad():
+        assert torch.equal(model.eval()(*x), other.eval()(*x))
+
+
+def test_evaluate_returns_the_monitor_key(task):
+    monitor_key, mode = task.monitor
+    split, metric = monitor_key.split("/", 1)
+    assert split == "val" and mode in ("min", "max")
+    splits = task.datasets(CPU)
+    model = task.build_model().eval()
+    batches = (task.prepare_batch(b, None)
+               for b in fetch(splits.val, eval_indices(len(splits.val), 64, 0, 1), CPU, 0, splits.collate_fn))
+    with torch.no_grad():
+        metrics = task.evaluate(model, batches)
+    assert metric in metrics
+    assert all("/" not in key for key in metrics)  # the engine adds the split prefix
+    assert all(isinstance(v, float) and math.isfinite(v) for v in metrics.values())
+
+
+def test_exported_graph_matches_eager(task):
+    model = task.build_model().eval()
+    exported = task.export_module(model).eval()
+    example = task.example_inputs()
+    with torch.no_grad():
+        traced = torch.jit.trace(exported, example)
+        probe = tuple(torch.randn_like(t) if t.is_floating_point() else t for t in example)
+        for inputs in (example, probe):
+            torch.testing.assert_close(traced(*inputs), exported(*inputs), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(exported(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
+
+
+def test_registry_names_match_task_names():
+    assert all(task_cls.name == name for name, task_cls in TASKS.items())
+
+
+# ---------------------------------------------------------------------------------------------- boundaries
+
+
+def imported_modules(path: Path, root: Path = SRC) -> set[str]:
+    """Absolute names of the modules a source file imports; relative imports are resolved against its package
+    (`root` is the folder of the top-level package `modelworks`)."""
+    package = ["modelworks", *path.relative_to(root).parent.parts]
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            module = ".".join([*base, *(node.module.split(".") if node.module else [])])
+            names.add(module)
+            names.update(f"{module}.{alias.name}" for alias in node.names)
+    return names
+
+
+@pytest.mark.parametrize("layer", ["engine", "export", "serve"])
+def test_generic_layers_import_no_task(layer):
+    folder = SRC / layer
+    if not folder.is_dir():
+        pytest.skip(f"src/modelworks/{layer} does not exist yet")
+    files = sorted(folder.rglob("*.py"))
+    assert files
+    for path in files:
+        for name in imported_modules(path):
+            assert not name.startswith(("modelworks.tasks", "modelworks.registry")), \
+                f"{path.relative_to(SRC)} imports {name}: the {layer} must not know any task"
+
+
+def test_import_scan_resolves_every_spelling(tmp_path):
+    """The boundary check above must see relative, absolute and from-package imports, or it could never fail."""
+    root = tmp_path / "modelworks"
+    source = root / "engine" / "loop.py"
+    source.parent.mkdir(parents=True)
+    source.write_text("from ..tasks.classification import task\nimport modelworks.registry\n"
+                      "from .. import tasks\nfrom . import checkpoint\n")
+    names = imported_modules(source, root)
+    assert {"modelworks.tasks.classification", "modelworks.registry", "modelworks.tasks",
+            "modelworks.engine.checkpoint"} <= names

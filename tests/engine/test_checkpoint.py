@@ -1,0 +1,80 @@
+"""Checkpoints: atomic replacement, clear errors for unusable files, and no code execution on load."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from modelworks.engine import checkpoint
+from modelworks.errors import CheckpointError
+
+
+def test_save_and_load_round_trip(tmp_path):
+    state = {"step": 7, "model": {"w": torch.arange(6.0).view(2, 3)}, "best": {"val/acc1": 0.5}, "ema": None}
+    checkpoint.save_atomic(state, tmp_path / "sub" / "last.pt")  # creates the folder
+    loaded = checkpoint.load(tmp_path / "sub" / "last.pt")
+    assert loaded["step"] == 7 and loaded["best"] == {"val/acc1": 0.5} and loaded["ema"] is None
+    assert torch.equal(loaded["model"]["w"], state["model"]["w"])
+
+
+def test_failed_write_leaves_the_old_file_intact_and_no_temporary_files(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"step": 1, "w": torch.ones(3)}, path)
+    before = path.read_bytes()
+    with pytest.raises((pickle.PicklingError, AttributeError, TypeError)):
+        checkpoint.save_atomic({"step": 2, "w": torch.zeros(3), "bad": lambda: None}, path)  # unpicklable
+    assert path.read_bytes() == before
+    assert checkpoint.load(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_successful_write_replaces_the_file(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"step": 1}, path)
+    checkpoint.save_atomic({"step": 2}, path)
+    assert checkpoint.load(path)["step"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_truncated_checkpoint_is_a_checkpoint_error(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoint.save_atomic({"step": 1, "w": torch.randn(1000)}, path)
+    path.write_bytes(path.read_bytes()[:1500])
+    with pytest.raises(CheckpointError, match=rf"{path}: cannot be loaded as a modelworks checkpoint \(.*\); it is "
+                                              r"corrupt or not ours"):
+        checkpoint.load(path)
+
+
+def test_missing_checkpoint_says_when_one_is_written(tmp_path):
+    with pytest.raises(CheckpointError, match=rf"{tmp_path / 'last.pt'}: checkpoint not found; a run saves "
+                                              r"checkpoints/last.pt after its first evaluation"):
+        checkpoint.load(tmp_path / "last.pt")
+
+
+class RunsACommand:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return os.system, (self.command,)
+
+
+def test_load_refuses_a_pickle_that_would_run_code(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "last.pt"
+    torch.save({"step": 1, "payload": RunsACommand(f"touch {marker}")}, path)
+    with pytest.raises(CheckpointError, match=rf"{path}: cannot be loaded as a modelworks checkpoint"):
+        checkpoint.load(path)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # the payload is live: an unrestricted load runs it
+    assert marker.exists()
+
+
+def test_rng_state_round_trip():
+    state = checkpoint.rng_state()
+    expected = torch.rand(5)
+    checkpoint.restore_rng_state(state)
+    assert torch.equal(torch.rand(5), expected)

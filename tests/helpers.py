@@ -1,0 +1,89 @@
+"""Helpers shared by the tests: tiny run configurations and real `modelworks` processes.
+
+Importable from any test module because pytest puts tests/ on sys.path (it holds the root conftest.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from modelworks import config as config_mod
+from modelworks.tasks.classification.task import ClassificationTask
+
+PYTHON = sys.executable
+TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
+REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+SRC = Path(__file__).resolve().parents[1] / "src" / "modelworks"
+
+
+def set_dotted(raw: dict, dotted: str, value) -> None:
+    node = raw
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value
+
+
+def tiny_raw(tmp_path: Path, **overrides) -> dict:
+    """ClassificationTask.tiny() as a raw config mapping, with the run written under `tmp_path`.
+
+    Override keys are dotted paths; `__` may stand for `.` so plain keyword names work too
+    (`train__epochs=3` is `train.epochs=3`)."""
+    raw = ClassificationTask.tiny(tmp_path / "data")
+    raw["task"] = ClassificationTask.name
+    raw["output_dir"] = str(tmp_path / "runs")
+    raw["name"] = "tiny"
+    set_dotted(raw, "train.device", "cpu")
+    for key, value in overrides.items():
+        set_dotted(raw, key.replace("__", "."), value)
+    return raw
+
+
+def build_tiny_cfg(tmp_path: Path, **overrides) -> config_mod.RunConfig:
+    """A validated RunConfig for a seconds-scale classification run on generated Fashion-MNIST files."""
+    return config_mod.load_config(ClassificationTask, tiny_raw(tmp_path, **overrides))
+
+
+def tiny_cli_args(tmp_path: Path, name: str, **overrides) -> list[str]:
+    """`train classification ...` arguments equivalent to tiny_raw(tmp_path, **overrides), as --set flags."""
+    raw = tiny_raw(tmp_path, **overrides)
+    raw.pop("task")
+    raw["name"] = name
+    args = ["train", ClassificationTask.name]
+    for key, value in flatten(raw):
+        # JSON is valid YAML, so every value (lists, bools, paths) round-trips through --set's YAML parsing.
+        args += ["--set", f"{key}={json.dumps(value)}"]
+    return args
+
+
+def flatten(raw: dict, prefix: str = ""):
+    for key, value in raw.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    env["MPLBACKEND"] = "Agg"
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    env.pop("LOCAL_RANK", None)
+    return env
+
+
+def run_cli(args: list[str], timeout_s: float = 180, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """`python -m modelworks ARGS` as a real process."""
+    return subprocess.run([PYTHON, "-m", "modelworks", *args], capture_output=True, text=True, timeout=timeout_s,
+                          env=cli_env(), cwd=cwd)
+
+
+def start_cli(args: list[str], cwd: Path | None = None) -> subprocess.Popen:
+    return subprocess.Popen([PYTHON, "-m", "modelworks", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=cli_env(), cwd=cwd)
