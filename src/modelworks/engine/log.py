@@ -14,7 +14,8 @@ def format_values(values: dict[str, float]) -> str:
 
 
 class Logger:
-    def __init__(self, run_dir: Path | None, total_steps: int, start_step: int, enabled: bool = True):
+    def __init__(self, run_dir: Path | None, total_steps: int, start_step: int, enabled: bool = True,
+                 config_text: str = ""):
         self.enabled = enabled
         self.total_steps = total_steps
         self.bar = None
@@ -28,6 +29,8 @@ class Logger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step or None)
+                if config_text and not start_step:  # hyper-parameters beside the curves, in the TEXT tab
+                    self.tb.add_text("config", "```\n" + config_text + "\n```", 0)
             except ImportError:  # tensorboard is a dependency, but a stripped install should still train
                 self.tb = None
         if sys.stderr.isatty():

@@ -15,9 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 
-from ..config import RunConfig
+from ..config import RunConfig, to_dict
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from . import checkpoint, distributed, rundir
 from .batches import augment_generator, eval_indices, fetch, split_batch, train_indices
@@ -135,11 +136,11 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
             ema.load_state_dict(state["ema"])
         checkpoint.restore_rng_state(state["rng"])
         step, best_metrics = int(state["step"]), dict(state["best_metrics"])
-        if distributed.is_main():
-            rundir.truncate_metrics(run_dir, step)  # lines logged after the checkpoint will be logged again
         if state["total_steps"] != total_steps:
             raise CheckpointError(f"{ckpt_dir / 'last.pt'}: saved for {state['total_steps']} total steps but the "
                                   f"configuration now gives {total_steps}; resume with the run's own config")
+        if distributed.is_main():
+            rundir.truncate_metrics(run_dir, step)  # lines logged after the checkpoint will be logged again
 
     train_model = model
     if world > 1:
@@ -148,7 +149,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     if t.compile:
         train_model = torch.compile(train_model)
 
-    log = Logger(run_dir, total_steps, step, enabled=distributed.is_main())
+    log = Logger(run_dir, total_steps, step, enabled=distributed.is_main(),
+                 config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log.info(f"{task.describe(model)} | device {device} x{world} | {precision.name} | "
              f"{steps_per_epoch} steps/epoch, {total_steps} steps | train {len(splits.train)} val {len(splits.val)}")
     if resume:

@@ -82,14 +82,17 @@ class FastNet(nn.Module):
     """
 
     def __init__(self, num_classes: int, in_channels: int = 1, widths: tuple[int, ...] = (16, 32, 64, 128),
-                 activation: str = "relu", logit_scale: float = 1 / 9):
+                 activation: str = "relu", downsample: str = "maxpool", logit_scale: float = 1 / 9):
         super().__init__()
         stem, *stage_widths = widths
         layers: list[nn.Module] = conv_bn(in_channels, stem, activation)
         channels = stem
         for width in stage_widths:
-            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.MaxPool2d(2),
-                       nn.BatchNorm2d(width), ACTIVATIONS[activation](), *conv_bn(width, width, activation)]
+            if downsample == "maxpool":
+                reduce = [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.MaxPool2d(2)]
+            else:  # a stride-2 conv computes only the kept outputs: 4x fewer FLOPs and no pooling backward
+                reduce = [nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False)]
+            layers += [*reduce, nn.BatchNorm2d(width), ACTIVATIONS[activation](), *conv_bn(width, width, activation)]
             channels = width
         self.features = nn.Sequential(*layers)
         self.pool = nn.AdaptiveMaxPool2d(1)
@@ -102,9 +105,9 @@ class FastNet(nn.Module):
 
 
 def build_classifier(name: str, num_classes: int, in_channels: int, widths: tuple[int, ...] = (16, 32, 64, 128),
-                     activation: str = "relu") -> nn.Module:
+                     activation: str = "relu", downsample: str = "maxpool") -> nn.Module:
     if name == "resnet18":
         return ResNet([2, 2, 2, 2], num_classes, in_channels)
     if name == "resnet34":
         return ResNet([3, 4, 6, 3], num_classes, in_channels)
-    return FastNet(num_classes, in_channels, widths, activation)
+    return FastNet(num_classes, in_channels, widths, activation, downsample)

@@ -30,6 +30,7 @@ class ClassificationModelConfig:
     name: Literal["fastnet", "resnet18", "resnet34"] = "fastnet"
     widths: tuple[int, ...] = (16, 32, 64, 128)  # fastnet: stem width, then one width per stage
     activation: Literal["relu", "gelu"] = "relu"  # fastnet only
+    downsample: Literal["maxpool", "stride"] = "maxpool"  # fastnet only: conv + 2x2 max-pool, or a stride-2 conv
     label_smoothing: float = 0.0  # cross-entropy target smoothing (the seed uses 0.1)
     tta: Literal["none", "flip", "flip_shift"] = "none"  # test-time augmentation: average the logits of the
     # image and its mirror (flip), plus both shifted by one pixel diagonally (flip_shift: 4 views)
@@ -134,7 +135,7 @@ class ClassificationTask(Task):
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
-        return build_classifier(m.name, self.num_classes, self.channels, m.widths, m.activation)
+        return build_classifier(m.name, self.num_classes, self.channels, m.widths, m.activation, m.downsample)
 
     @property
     def num_classes(self) -> int:
