@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from . import config as config_mod
-from .errors import ModelworksError
+from .errors import ConfigError, ModelworksError
 from .registry import TASKS, get_task
 
 
@@ -49,6 +49,17 @@ def print_table(title: str, metrics: dict[str, float]) -> None:
         print(f"  {key:<{width}}  {value:.4f}" if isinstance(value, float) else f"  {key:<{width}}  {value}")
 
 
+def load_run_config(run_dir: Path, overrides: list[str]):
+    """A run's saved config (with any overrides) and its task class."""
+    from .engine import rundir
+
+    raw = rundir.read_config_dict(run_dir)
+    for assignment in overrides:
+        config_mod.apply_override(raw, assignment)
+    task_cls = get_task(raw.get("task", ""))
+    return task_cls, config_mod.load_config(task_cls, raw)
+
+
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .engine import distributed, rundir
     from .engine.loop import evaluate_run, fit
@@ -56,14 +67,10 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
-        raw = rundir.read_config_dict(run_dir)
-        for assignment in args.overrides:
-            config_mod.apply_override(raw, assignment)
-        task_cls = get_task(raw.get("task", ""))
-        cfg = config_mod.load_config(task_cls, raw)
+        task_cls, cfg = load_run_config(run_dir, args.overrides)
     else:
         if not args.task:
-            raise config_mod.ConfigError("train: name a task (e.g. `modelworks train classification`) or --resume RUN_DIR")
+            raise ConfigError("train: name a task (e.g. `modelworks train classification`) or --resume RUN_DIR")
         task_cls = get_task(args.task)
         cfg = config_mod.resolve(task_cls, args.recipe, args.overrides, args.data)
         if args.name:
@@ -75,7 +82,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
         run_dir = Path(distributed.broadcast_object(str(rundir.new_run_dir(cfg))))
         cfg.name = run_dir.name
         if run_dir.exists() and (run_dir / "checkpoints").exists():
-            raise config_mod.ConfigError(f"--name: run directory {run_dir} already holds a run; choose another "
+            raise ConfigError(f"--name: run directory {run_dir} already holds a run; choose another "
                                          f"name or continue it with --resume {run_dir}")
         if distributed.is_main():
             rundir.write_run_files(run_dir, cfg, ["modelworks", *argv])
@@ -89,7 +96,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
         return 0
     print(f"\nrun {result.status} at step {result.step}: {run_dir}")
     if result.best:
-        print_table("best validation", {k: v for k, v in result.best.items()})
+        print_table("best validation", result.best)
     if result.status == "interrupted":
         return 130
     if cfg.train.test_at_end:
@@ -99,15 +106,10 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .engine import rundir
     from .engine.loop import evaluate_run
 
     run_dir = Path(args.run_dir)
-    raw = rundir.read_config_dict(run_dir)
-    for assignment in args.overrides:
-        config_mod.apply_override(raw, assignment)
-    task_cls = get_task(raw.get("task", ""))
-    cfg = config_mod.load_config(task_cls, raw)
+    task_cls, cfg = load_run_config(run_dir, args.overrides)
     metrics = evaluate_run(task_cls(cfg), cfg, run_dir, args.split, args.checkpoint)
     print_table(f"{args.split} ({run_dir / 'evaluation'})", metrics)
     return 0

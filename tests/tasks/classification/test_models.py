@@ -68,3 +68,14 @@ def test_fastnet_activation_is_configurable(activation, kind):
     model = build_classifier("fastnet", 10, 1, (8, 16, 16, 32), activation)
     acts = [m for m in model.modules() if isinstance(m, (torch.nn.ReLU, torch.nn.GELU))]
     assert len(acts) == 7 and all(isinstance(m, kind) for m in acts)
+
+
+def test_fastnet_strided_stages_replace_the_first_pools_and_keep_the_output():
+    pooled = build_classifier("fastnet", 10, 1, (8, 16, 16, 32), "relu", strided_stages=0)
+    strided = build_classifier("fastnet", 10, 1, (8, 16, 16, 32), "relu", strided_stages=2)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in pooled.modules()) == 3
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in strided.modules()) == 1
+    strides = [m.stride for m in strided.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert strides == [(1, 1), (2, 2), (1, 1), (2, 2), (1, 1), (1, 1), (1, 1)]  # stem, then 2 conv per stage
+    x = torch.randn(2, 1, 28, 28)
+    assert strided(x).shape == pooled(x).shape == (2, 10)

@@ -82,16 +82,18 @@ class FastNet(nn.Module):
     """
 
     def __init__(self, num_classes: int, in_channels: int = 1, widths: tuple[int, ...] = (16, 32, 64, 128),
-                 activation: str = "relu", downsample: str = "maxpool", logit_scale: float = 1 / 9):
+                 activation: str = "relu", strided_stages: int = 0, logit_scale: float = 1 / 9):
         super().__init__()
         stem, *stage_widths = widths
         layers: list[nn.Module] = conv_bn(in_channels, stem, activation)
         channels = stem
-        for width in stage_widths:
-            if downsample == "maxpool":
-                reduce = [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.MaxPool2d(2)]
-            else:  # a stride-2 conv computes only the kept outputs: 4x fewer FLOPs and no pooling backward
+        for i, width in enumerate(stage_widths):
+            if i < strided_stages:
+                # A stride-2 conv computes only the outputs that pooling would keep: 4x fewer FLOPs and no
+                # max-pool backward, which on a CPU costs more than the conv itself at full resolution.
                 reduce = [nn.Conv2d(channels, width, 3, stride=2, padding=1, bias=False)]
+            else:
+                reduce = [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.MaxPool2d(2)]
             layers += [*reduce, nn.BatchNorm2d(width), ACTIVATIONS[activation](), *conv_bn(width, width, activation)]
             channels = width
         self.features = nn.Sequential(*layers)
@@ -105,9 +107,9 @@ class FastNet(nn.Module):
 
 
 def build_classifier(name: str, num_classes: int, in_channels: int, widths: tuple[int, ...] = (16, 32, 64, 128),
-                     activation: str = "relu", downsample: str = "maxpool") -> nn.Module:
+                     activation: str = "relu", strided_stages: int = 0) -> nn.Module:
     if name == "resnet18":
         return ResNet([2, 2, 2, 2], num_classes, in_channels)
     if name == "resnet34":
         return ResNet([3, 4, 6, 3], num_classes, in_channels)
-    return FastNet(num_classes, in_channels, widths, activation, downsample)
+    return FastNet(num_classes, in_channels, widths, activation, strided_stages)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...data import images as image_data
+from ...errors import DataError
 from ...data.augment import AugmentConfig, augment_batch
 from ..base import Splits, StepOutput, Task
 from .models import build_classifier
@@ -30,7 +31,7 @@ class ClassificationModelConfig:
     name: Literal["fastnet", "resnet18", "resnet34"] = "fastnet"
     widths: tuple[int, ...] = (16, 32, 64, 128)  # fastnet: stem width, then one width per stage
     activation: Literal["relu", "gelu"] = "relu"  # fastnet only
-    downsample: Literal["maxpool", "stride"] = "maxpool"  # fastnet only: conv + 2x2 max-pool, or a stride-2 conv
+    strided_stages: int = 0  # fastnet only: the first N stages downsample by a stride-2 conv, not conv + max-pool
     label_smoothing: float = 0.0  # cross-entropy target smoothing (the seed uses 0.1)
     tta: Literal["none", "flip", "flip_shift"] = "none"  # test-time augmentation: average the logits of the
     # image and its mirror (flip), plus both shifted by one pixel diagonally (flip_shift: 4 views)
@@ -135,7 +136,7 @@ class ClassificationTask(Task):
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
-        return build_classifier(m.name, self.num_classes, self.channels, m.widths, m.activation, m.downsample)
+        return build_classifier(m.name, self.num_classes, self.channels, m.widths, m.activation, m.strided_stages)
 
     @property
     def num_classes(self) -> int:
@@ -168,13 +169,17 @@ class ClassificationTask(Task):
     # ------------------------------------------------------------------------------------------ evaluation
 
     def evaluate(self, model: nn.Module, batches: Iterable, report_dir: Path | None = None) -> dict[str, float]:
-        metrics = report.ClassificationMetrics(self.num_classes, device=self.mean.device)
+        metrics = None
         worst = report.WorstErrors(keep=32) if report_dir is not None else None
         for x, y in batches:
             logits = self.logits(model, x)
+            if metrics is None:  # on the batches' device, known only once the first one arrives
+                metrics = report.ClassificationMetrics(self.num_classes, device=logits.device)
             metrics.update(logits, y)
             if worst is not None:
                 worst.update(x, logits, y)
+        if metrics is None:
+            raise DataError("evaluate: the split has no samples on this rank; use a smaller world size")
         results = metrics.compute()
         summary = {k: v for k, v in results.items() if not isinstance(v, torch.Tensor)}
         if report_dir is None:
