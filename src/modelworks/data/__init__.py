@@ -1,0 +1,1 @@
+"""Data sets, downloads and formats, and on-device batch augmentation."""
