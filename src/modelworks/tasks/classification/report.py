@@ -70,7 +70,7 @@ def plot_confusion_matrix(confusion: torch.Tensor, classes: list[str], path: Pat
     rates = counts / counts.sum(1, keepdim=True).clamp(min=1)
     n = len(classes)
     fig, ax = plt.subplots(figsize=(1.0 + 0.6 * n, 0.8 + 0.6 * n))
-    ax.imshow(rates, cmap="Blues", vmin=0, vmax=1)
+    ax.imshow(rates.numpy(), cmap="Blues", vmin=0, vmax=1)
     for i in range(n):
         for j in range(n):
             if counts[i, j] > 0:
@@ -104,9 +104,9 @@ def plot_worst_errors(worst: WorstErrors, classes: list[str], mean: torch.Tensor
         ax.axis("off")
     for ax, image, label, pred, loss in zip(axes.flat, images, worst.labels, worst.predictions, worst.losses):
         if image.shape[0] == 1:
-            ax.imshow(image[0], cmap="gray", vmin=0, vmax=1)
+            ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
         else:
-            ax.imshow(image.permute(1, 2, 0))
+            ax.imshow(image.permute(1, 2, 0).numpy())
         ax.set_title(f"true {classes[label]}\npred {classes[pred]}\nloss {loss:.1f}", fontsize=7)
     fig.suptitle("most confident errors")
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.5 / (rows * 2.2 + 0.4), hspace=0.75,
