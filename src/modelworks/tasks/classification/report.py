@@ -99,7 +99,8 @@ def plot_worst_errors(worst: WorstErrors, classes: list[str], mean: torch.Tensor
     images = (worst.images * std + mean).clamp(0, 1)  # back from normalised to [0, 1]
     cols = 8
     rows = (len(images) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, rows * 2.2 + 0.4), squeeze=False)
+    height = rows * 2.0 + 0.9  # inches: each row's three-line titles, plus the figure title
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, height), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, image, label, pred, loss in zip(axes.flat, images, worst.labels, worst.predictions, worst.losses):
@@ -109,7 +110,6 @@ def plot_worst_errors(worst: WorstErrors, classes: list[str], mean: torch.Tensor
             ax.imshow(image.permute(1, 2, 0).numpy())
         ax.set_title(f"true {classes[label]}\npred {classes[pred]}\nloss {loss:.1f}", fontsize=7)
     fig.suptitle("most confident errors")
-    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.5 / (rows * 2.2 + 0.4), hspace=0.75,
-                        wspace=0.15)
+    fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.95 / height, hspace=0.6, wspace=0.15)
     fig.savefig(path, dpi=110)
     plt.close(fig)
