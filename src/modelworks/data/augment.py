@@ -26,11 +26,6 @@ class AugmentConfig:
     erasing_p: float = 0.0  # random erasing (cutout) probability per image
     erasing_scale: tuple[float, float] = (0.02, 0.33)  # erased area as a fraction of the image
 
-    @property
-    def enabled(self) -> bool:
-        return bool(self.crop_padding or self.hflip or self.brightness or self.contrast or self.saturation
-                    or self.rotation_deg or self.erasing_p)
-
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, generator=g, device=device) * (high - low) + low
@@ -106,19 +101,19 @@ def random_erasing(x: torch.Tensor, p: float, scale: tuple[float, float], g: tor
 
 
 def augment_batch(images: torch.Tensor, cfg: AugmentConfig, mean: torch.Tensor, std: torch.Tensor,
-                  g: torch.Generator | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                  g: torch.Generator | None) -> torch.Tensor:
     """uint8 [B, C, H, W] -> normalised float; augmented per `cfg` when a generator is given."""
     x = images
     if g is not None and cfg.crop_padding:
         x = random_crop(x, cfg.crop_padding, g)
     if g is not None and cfg.hflip:
         x = random_hflip(x, g)
-    x = x.to(dtype).div_(255)
+    x = x.float().div_(255)
     if g is not None and (cfg.brightness or cfg.contrast or cfg.saturation):
         x = color_jitter(x, cfg.brightness, cfg.contrast, cfg.saturation, g)
     if g is not None and cfg.rotation_deg:
         x = random_rotation(x, cfg.rotation_deg, g)
-    x = (x - mean.to(x.dtype)) / std.to(x.dtype)
+    x = (x - mean) / std
     if g is not None and cfg.erasing_p:
         x = random_erasing(x, cfg.erasing_p, cfg.erasing_scale, g)
     return x

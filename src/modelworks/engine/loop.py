@@ -176,6 +176,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
         """The NaN guard: called before anything is logged or saved, so no checkpoint holds diverged weights.
         Weights are checked too: a finite loss can still produce NaN gradients (e.g. an overflowing backward)."""
         nonlocal last_checked_step
+        if step == last_checked_step:  # already checked at this step (a log point that is also an evaluation)
+            return
         weight_norms = torch.stack(torch._foreach_norm([p.detach() for p in model.parameters()]))
         if not (torch.isfinite(loss_sum) & torch.isfinite(weight_norms).all()).item():
             what = (f"loss became {loss_sum.item()}" if not torch.isfinite(loss_sum).item()

@@ -6,7 +6,7 @@
 - `fastnet`: a small VGG-style net in the spirit of Keller Jordan's airbench (CIFAR-10 94% in seconds on a
   GPU): conv-pool-BN-activation blocks, no residuals, a plain conv stem (no frozen whitening layer),
   and a scaled linear head. Built for a CPU-second budget on small images: ReLU rather than airbench's GELU,
-  as it trains ~30% faster on this CPU (bench/classification.py) for the same accuracy at this size.
+  which in our tuning runs was slower per step on a CPU for no accuracy gain (`--set model.activation=gelu`).
 """
 
 from __future__ import annotations

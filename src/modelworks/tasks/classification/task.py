@@ -85,7 +85,6 @@ class ClassificationTask(Task):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.classes: list[str] = []
-        self._stats_device = None
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -124,9 +123,8 @@ class ClassificationTask(Task):
 
     def prepare_batch(self, batch, augment: torch.Generator | None):
         images, labels = batch
-        if self._stats_device != images.device:
+        if self.mean.device != images.device:
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
-            self._stats_device = images.device
         x = augment_batch(images, self.cfg.data.augment, self.mean, self.std, augment)
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
