@@ -65,13 +65,16 @@ def measure_throughput(model_name: str, shape: tuple[int, int, int], widths, dev
     return batch * steps / (time.perf_counter() - tic)
 
 
-def throughput_table(device: torch.device, skip_compile: bool, batch: int) -> list[dict]:
+def throughput_table(device: torch.device, skip_compile: bool, batch: int, compile_bf16_only: bool = False
+                     ) -> list[dict]:
     rows = []
     models = [("resnet18", (3, 32, 32), (), 4 if device.type == "cpu" else 50),
               ("fastnet", (1, 28, 28), (16, 32, 64, 128), 20 if device.type == "cpu" else 200)]
     compiles = [False] if skip_compile else [False, True]
     for (name, shape, widths, steps), compiled, bf16, channels_last in itertools.product(
             models, compiles, [False, True], [False, True]):
+        if compiled and compile_bf16_only and not bf16:
+            continue
         ips = measure_throughput(name, shape, widths, device, bf16, channels_last, compiled, batch, steps)
         row = {"model": name, "precision": "bf16" if bf16 else "fp32",
                "memory_format": "channels_last" if channels_last else "NCHW",
@@ -113,6 +116,8 @@ def main() -> None:
     parser.add_argument("--skip-recipes", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
+    parser.add_argument("--compile-bf16-only", action="store_true",
+                        help="compile only the bf16 rows (compilation dominates a short GPU lease)")
     parser.add_argument("--recipe-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra --set for the recipe runs (e.g. train.device=cuda)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "classification.json"))
@@ -123,7 +128,7 @@ def main() -> None:
 
     if not args.skip_throughput:
         print(f"training throughput, batch {args.batch}, {device}:", flush=True)
-        result["throughput"] = throughput_table(device, args.skip_compile, args.batch)
+        result["throughput"] = throughput_table(device, args.skip_compile, args.batch, args.compile_bf16_only)
         r18 = {(r["precision"], r["memory_format"], r["mode"]): r["images_per_s"]
                for r in result["throughput"] if r["model"] == "resnet18"}
         ratio = r18[("bf16", "channels_last", "eager")] / r18[("fp32", "NCHW", "eager")]

@@ -126,6 +126,23 @@ def test_schedules_peak_at_lr_and_survive_every_step(schedule):
         assert lrs[-1] < 0.01  # annealed
 
 
+@pytest.mark.parametrize("total_steps", [1, 2, 3, 4, 5, 10])
+@pytest.mark.parametrize("warmup_fraction", [0.0, 0.2, 0.3])
+def test_onecycle_survives_runs_of_a_few_steps(total_steps, warmup_fraction):
+    # torch's OneCycleLR divides by each phase's length: 5 steps with 20% warm-up used to raise ZeroDivisionError
+    cfg = OptimConfig(lr=0.1, schedule="onecycle", warmup_fraction=warmup_fraction)
+    optimizer = build_optimizer(nn.Linear(2, 2), cfg)
+    scheduler = build_schedule(optimizer, cfg, total_steps=total_steps)
+    lrs = []
+    for _ in range(total_steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert all(0 < lr <= 0.1 + 1e-9 for lr in lrs)
+    if total_steps >= 3:
+        assert max(lrs) == pytest.approx(0.1, rel=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------- batches
 
 

@@ -30,10 +30,15 @@ def build_schedule(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_ste
     """OneCycle follows torch's OneCycleLR exactly (the seed's choice, momentum cycling included);
     cosine is linear warm-up then cosine decay to zero; constant keeps `lr` after warm-up."""
     total_steps = max(total_steps, 1)
-    if cfg.schedule == "onecycle":
+    if cfg.schedule == "onecycle" and total_steps >= 3:
+        # OneCycleLR divides by the length of each phase, so each needs at least one step: a tiny run (a smoke
+        # test, a small data set with a big batch) would otherwise die with ZeroDivisionError.
+        pct_start = min(max(cfg.warmup_fraction, 2 / total_steps), 1 - 1 / total_steps)
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=max(cfg.warmup_fraction, 1e-6),
+            optimizer, max_lr=cfg.lr, total_steps=total_steps, pct_start=pct_start,
             cycle_momentum=cfg.cycle_momentum)
+    if cfg.schedule == "onecycle":  # 1-2 steps in all: no room for a cycle, keep the peak rate
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     warmup = int(cfg.warmup_fraction * total_steps)
 
     def factor(step: int) -> float:
