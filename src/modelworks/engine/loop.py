@@ -25,6 +25,7 @@ from .batches import augment_generator, eval_indices, fetch, split_batch, train_
 from .early_stop import EarlyStopper
 from .ema import EMA
 from .log import Logger, format_values
+from .memory import keep_freed_memory
 from .optim import build_optimizer, build_schedule
 from .precision import Precision, choose_precision, resolve_device
 
@@ -96,6 +97,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     """Train `task` as `cfg` says, writing into `run_dir` (rank 0 only). Resumes from checkpoints/last.pt."""
     t = cfg.train
     device = resolve_device(t.device, distributed.local_device_index())
+    if device.type == "cpu":
+        keep_freed_memory()
     distributed.init(device.type)
     rank, world = distributed.rank(), distributed.world_size()
     micro_batches = cfg.optim.accumulate_steps

@@ -1,0 +1,42 @@
+"""Keep freed memory in the process on Linux/glibc, so that training steps stop paying for page faults.
+
+glibc returns large freed blocks to the kernel (blocks over the mmap threshold are unmapped at once; the top of
+the heap is trimmed). A CPU training step frees and re-allocates the same activation-sized buffers (tens of MB)
+every iteration, so each step faults every page of them back in: on a 2-core Xeon that made max-pool's
+backward (which zero-fills a fresh gradient buffer) cost more than the convolutions. Raising the thresholds keeps
+those pages mapped and reused; measured on FastNet at batch 512 (bf16, channels_last): 160 -> 124 ms per step,
+the same gain as LD_PRELOADing tcmalloc, without a dependency. The cost is a larger resident set, which
+plateaus at the step's peak working set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # from glibc's malloc.h
+_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's ceiling for this setting on 64-bit
+_TRIM_THRESHOLD = 1 << 30
+_TOP_PAD = 256 * 1024 * 1024
+
+_applied: bool | None = None
+
+
+def keep_freed_memory() -> bool:
+    """Apply the thresholds once per process; True when they are in force (False off glibc, e.g. macOS, musl)."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _applied = all(mallopt(param, value) == 1 for param, value in (
+        (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD)))
+    return _applied
