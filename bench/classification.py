@@ -7,7 +7,8 @@
 
 Throughput: optimizer steps on one fixed batch of 128 (data cost excluded), for ResNet-18 (3x32x32, CIFAR's
 shape) and the fast net (1x28x28), in fp32 vs bf16 autocast, NCHW vs channels_last, eager vs torch.compile;
-all rows come from one run so their ratios are comparable. Time-to-accuracy: each recipe runs end to end as a
+all rows come from one run so their ratios are comparable (with the engine's malloc tuning, which a separate
+table turns on and off in fresh processes). Time-to-accuracy: each recipe runs end to end as a
 user runs it (`modelworks train`), wall clock from process start to the final test evaluation. Writes
 bench/results/classification.json. Run nothing else meanwhile: the figures are wall-clock.
 """
@@ -28,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from modelworks.engine.memory import keep_freed_memory
 from modelworks.tasks.classification.models import build_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,6 +70,8 @@ def measure_throughput(model_name: str, shape: tuple[int, int, int], widths, dev
 def throughput_table(device: torch.device, skip_compile: bool, batch: int, compile_bf16_only: bool = False
                      ) -> list[dict]:
     rows = []
+    if device.type == "cpu":
+        keep_freed_memory()  # as the engine does for every CPU run
     models = [("resnet18", (3, 32, 32), (), 4 if device.type == "cpu" else 50),
               ("fastnet", (1, 28, 28), (16, 32, 64, 128), 20 if device.type == "cpu" else 200)]
     compiles = [False] if skip_compile else [False, True]
@@ -88,6 +92,42 @@ def throughput_table(device: torch.device, skip_compile: bool, batch: int, compi
         for r in rows:
             if r["model"] == name:
                 r["speedup_vs_fp32_nchw_eager"] = round(r["images_per_s"] / base["images_per_s"], 2)
+    return rows
+
+
+ALLOCATOR_CHILD = """
+import sys, time, torch, torch.nn.functional as F
+from modelworks.engine.memory import keep_freed_memory
+from modelworks.tasks.classification.models import build_classifier
+if sys.argv[1] == "tuned":
+    assert keep_freed_memory()
+torch.manual_seed(0)
+model = build_classifier("fastnet", 10, 1, (16, 32, 64, 128)).to(memory_format=torch.channels_last)
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+x = torch.randn(512, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 10, (512,))
+def step():
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = F.cross_entropy(model(x).float(), y)
+    loss.backward(); opt.step(); opt.zero_grad(set_to_none=True)
+for _ in range(5):
+    step()
+tic = time.perf_counter()
+for _ in range(30):
+    step()
+print((time.perf_counter() - tic) / 30 * 1000)
+"""
+
+
+def allocator_table() -> list[dict]:
+    """The glibc malloc tuning (engine/memory.py) on and off, in fresh processes (it cannot be undone in one),
+    alternated twice: fastnet training step at batch 512, bf16, channels_last."""
+    rows = []
+    for mode in ("default", "tuned", "default", "tuned"):
+        out = subprocess.run([sys.executable, "-c", ALLOCATOR_CHILD, mode], capture_output=True, text=True,
+                             check=True)
+        rows.append({"malloc": mode, "ms_per_step": round(float(out.stdout.split()[-1]), 1)})
+        print(f"  fastnet batch 512 step, malloc {mode:<7}: {rows[-1]['ms_per_step']:.1f} ms", flush=True)
     return rows
 
 
@@ -113,6 +153,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--long", action="store_true", help="also time the fashion-mnist-long recipe")
+    parser.add_argument("--recipes", nargs="+", metavar="RECIPE",
+                        help="time these recipes instead (default: fashion-mnist, plus fashion-mnist-long with --long)")
     parser.add_argument("--skip-recipes", action="store_true")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--skip-compile", action="store_true", help="leave out the torch.compile rows")
@@ -135,8 +177,15 @@ def main() -> None:
         result["resnet18_bf16_channels_last_over_fp32_nchw"] = round(ratio, 2)
         print(f"ResNet-18 bf16+channels_last / fp32 NCHW (eager): {ratio:.2f}x", flush=True)
 
+    if device.type == "cpu" and not args.skip_throughput:
+        print("CPU allocator (engine/memory.py):", flush=True)
+        result["allocator"] = allocator_table()
+        best = {m: min(r["ms_per_step"] for r in result["allocator"] if r["malloc"] == m) for m in ("default", "tuned")}
+        result["allocator_speedup"] = round(best["default"] / best["tuned"], 2)
+        print(f"kept-freed-memory speed-up (best of 2 each): {result['allocator_speedup']:.2f}x", flush=True)
+
     if not args.skip_recipes:
-        recipes = ["fashion-mnist"] + (["fashion-mnist-long"] if args.long else [])
+        recipes = args.recipes or ["fashion-mnist"] + (["fashion-mnist-long"] if args.long else [])
         extra = [arg for kv in args.recipe_set for arg in ("--set", kv)]
         result["recipes"] = []
         with tempfile.TemporaryDirectory(prefix="mw-bench-") as tmp:
@@ -158,6 +207,10 @@ def main() -> None:
     for row in result.get("throughput", []):
         print(f"| {row['model']} {row['precision']} {row['memory_format']} {row['mode']} | "
               f"{row['images_per_s']} img/s ({row['speedup_vs_fp32_nchw_eager']}x) |")
+    if "allocator" in result:
+        best = {m: min(r["ms_per_step"] for r in result["allocator"] if r["malloc"] == m) for m in ("default", "tuned")}
+        print(f"| fastnet step, batch 512: glibc malloc default / kept freed memory | {best['default']} / "
+              f"{best['tuned']} ms ({result['allocator_speedup']}x) |")
     for rec in result.get("recipes", []):
         print(f"| {rec['recipe']} (seeds {args.seeds}) | test acc mean {rec['mean_test_acc1']:.4f} "
               f"(min {rec['min_test_acc1']:.4f}), mean {rec['mean_seconds']} s (max {rec['max_seconds']} s) |")

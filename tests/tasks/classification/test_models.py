@@ -79,3 +79,13 @@ def test_fastnet_strided_stages_replace_the_first_pools_and_keep_the_output():
     assert strides == [(1, 1), (2, 2), (1, 1), (2, 2), (1, 1), (1, 1), (1, 1)]  # stem, then 2 conv per stage
     x = torch.randn(2, 1, 28, 28)
     assert strided(x).shape == pooled(x).shape == (2, 10)
+
+
+def test_fastnet_pool_first_stages_move_the_pool_before_the_conv():
+    model = build_classifier("fastnet", 10, 1, (8, 16, 16, 32), "relu", pool_first_stages=1)
+    first_stage = list(model.features)[3:5]  # after the stem's conv, BN, activation
+    assert isinstance(first_stage[0], torch.nn.MaxPool2d) and isinstance(first_stage[1], torch.nn.Conv2d)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in model.modules()) == 3
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    with pytest.raises(ValueError, match="not both"):
+        build_classifier("fastnet", 10, 1, (8, 16, 16, 32), "relu", strided_stages=1, pool_first_stages=1)

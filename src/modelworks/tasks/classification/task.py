@@ -32,6 +32,7 @@ class ClassificationModelConfig:
     widths: tuple[int, ...] = (16, 32, 64, 128)  # fastnet: stem width, then one width per stage
     activation: Literal["relu", "gelu"] = "relu"  # fastnet only
     strided_stages: int = 0  # fastnet only: the first N stages downsample by a stride-2 conv, not conv + max-pool
+    pool_first_stages: int = 0  # fastnet only: the first N stages max-pool before their first conv, not after
     label_smoothing: float = 0.0  # cross-entropy target smoothing (the seed uses 0.1)
     tta: Literal["none", "flip", "flip_shift"] = "none"  # test-time augmentation: average the logits of the
     # image and its mirror (flip), plus both shifted by one pixel diagonally (flip_shift: 4 views)
@@ -134,7 +135,8 @@ class ClassificationTask(Task):
 
     def build_model(self) -> nn.Module:
         m = self.cfg.model
-        return build_classifier(m.name, self.num_classes, self.channels, m.widths, m.activation, m.strided_stages)
+        return build_classifier(m.name, self.num_classes, self.channels, m.widths, m.activation, m.strided_stages,
+                                pool_first_stages=m.pool_first_stages)
 
     @property
     def num_classes(self) -> int:
