@@ -83,7 +83,9 @@ def test_real_server_answers_exports_metrics_logs_json_and_drains_on_sigterm(tin
         code, stderr = server.stop()
     thread.join(timeout=30)
     assert in_flight["response"].status_code == 200  # answered although SIGTERM came first
-    assert code == 0
+    # uvicorn re-raises the signal it caught once shutdown is complete, so a drained server ends "killed by
+    # SIGTERM" like any well-behaved daemon; the "stopped" line below shows the drain finished first.
+    assert code in (0, -signal.SIGTERM)
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{server.url}/healthz", timeout=2)
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
