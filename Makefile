@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup data demo test test-fast bench bench-gpu clean
+.PHONY: setup data demo test test-fast bench bench-gpu serve-demo bench-serve clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,21 @@ test-fast: setup
 
 bench: setup data
 	$(PY) bench/classification.py
+
+# Export the newest `make demo` run (all formats + int8) and serve it with the demo page on http://127.0.0.1:8000/
+serve-demo: setup
+	@run=$$(ls -dt runs/classification/demo-* 2>/dev/null | head -1); \
+	  test -n "$$run" || { echo "no demo run yet: run 'make demo' first"; exit 1; }; \
+	  $(VENV)/bin/modelworks export $$run --quantize int8 --force && \
+	  $(VENV)/bin/modelworks serve $$run/package --port 8000
+
+# The serving benchmark on the default recipe's model (trained and exported once, then reused).
+BENCH_RUN := runs/classification/serve-bench
+bench-serve: setup data
+	@test -f $(BENCH_RUN)/checkpoints/best.pt || \
+	  $(VENV)/bin/modelworks train classification --recipe fashion-mnist --name serve-bench
+	@test -f $(BENCH_RUN)/package/manifest.json || $(VENV)/bin/modelworks export $(BENCH_RUN) --quantize int8
+	$(PY) bench/serve.py --package $(BENCH_RUN)/package
 
 bench-gpu:
 	bash bench/gpu.sh

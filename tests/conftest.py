@@ -38,3 +38,36 @@ def fmnist_dir(tmp_path: Path) -> Path:
 def tiny_cfg():
     """`tiny_cfg(tmp_path, **overrides)` -> RunConfig (see build_tiny_cfg)."""
     return build_tiny_cfg
+
+
+# ---------------------------------------------------------------------------------------------- packages
+# One tiny trained run and its exported package (all formats, int8 included) for the whole session: the
+# export, predict and serve tests share them rather than each training and exporting its own.
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory) -> Path:
+    """A classification run that learned the generated classes (validation accuracy ~1.0) in ~10 s."""
+    from modelworks.engine import rundir
+    from modelworks.engine.loop import fit
+    from modelworks.tasks.classification.task import ClassificationTask
+
+    root = tmp_path_factory.mktemp("tiny-run")
+    cfg = build_tiny_cfg(root, train__epochs=5, optim__lr=0.01, train__test_at_end=False, name="tiny-v1")
+    run_dir = rundir.new_run_dir(cfg)
+    rundir.write_run_files(run_dir, cfg, ["modelworks", "train", "classification"])
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fit(ClassificationTask(cfg), cfg, run_dir)
+    torch.use_deterministic_algorithms(deterministic)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_package(tiny_run_dir, tmp_path_factory) -> Path:
+    """The tiny run exported with every format and int8 (named "tiny", version "v1")."""
+    from modelworks.inference import export_run
+
+    out = tmp_path_factory.mktemp("packages") / "tiny-v1"
+    export_run(tiny_run_dir, out, {"name": "tiny", "version": "v1", "quantize": "int8", "calibration_samples": 128,
+                                   "timing_repeats": 3}, log=lambda line: None)
+    return out

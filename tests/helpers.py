@@ -87,3 +87,33 @@ def run_cli(args: list[str], timeout_s: float = 180, cwd: Path | None = None) ->
 def start_cli(args: list[str], cwd: Path | None = None) -> subprocess.Popen:
     return subprocess.Popen([PYTHON, "-m", "modelworks", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env=cli_env(), cwd=cwd)
+
+
+def copy_package_as_version(package: Path, out: Path, version: str) -> Path:
+    """A copy of a package under another version (the manifest is not covered by the checksums, its files are)."""
+    import shutil
+
+    shutil.copytree(package, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["version"] = version
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def png_bytes(pixels) -> bytes:
+    """PNG file content of a uint8 array [H, W] (grayscale) or [H, W, 3] (RGB)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def fashion_test_images(folder: Path, n: int = 8):
+    """(uint8 images [n, 28, 28], labels [n]) of the generated Fashion-MNIST test split in `folder`."""
+    from modelworks.data.images import load_fashion_mnist
+
+    arrays = load_fashion_mnist(folder, "test", download=False)
+    return arrays.images[:n, 0].numpy(), arrays.labels[:n].numpy()

@@ -1,8 +1,11 @@
-"""The `modelworks` command: verbs train / evaluate / recipes, with the task as an argument.
+"""The `modelworks` command: verbs train / evaluate / export / predict / serve / recipes.
 
     modelworks train classification --recipe fashion-mnist --set optim.lr=0.002
     modelworks train --resume runs/classification/NAME
     modelworks evaluate runs/classification/NAME
+    modelworks export runs/classification/NAME --quantize int8
+    modelworks predict runs/classification/NAME/package images/ --out predictions.jsonl
+    modelworks serve runs/classification/NAME/package --port 8000
 """
 
 from __future__ import annotations
@@ -36,6 +39,55 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--checkpoint", default="best", choices=["best", "last"])
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="change an evaluation setting, e.g. --set model.tta=flip or train.device=cpu")
+
+    export = verbs.add_parser("export", help="write a verified model package (safetensors, TorchScript, ONNX, int8)")
+    export.add_argument("run_dir")
+    export.add_argument("--out", help="package directory (default: RUN_DIR/package)")
+    export.add_argument("--format", default="all", choices=["all", "onnx", "torchscript"],
+                        help="graph formats besides the safetensors weights (default: all)")
+    export.add_argument("--quantize", choices=["int8"], help="also write an int8 ONNX model (static PTQ)")
+    export.add_argument("--name", help="model name in the API (default: the run's recipe)")
+    export.add_argument("--version", help="model version (default: the run directory's name)")
+    export.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    export.add_argument("--atol", type=float, default=1e-3,
+                        help="largest output difference a float format may show vs eager PyTorch (default 1e-3)")
+    export.add_argument("--min-agreement", type=float, default=0.999,
+                        help="smallest fraction of validation samples answered as eager PyTorch does")
+    export.add_argument("--calibration-samples", type=int, default=512, help="training samples for int8 ranges")
+    export.add_argument("--force", action="store_true", help="replace an existing package directory")
+    export.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change an inference setting before export, e.g. --set model.tta=none")
+
+    predict = verbs.add_parser("predict", help="batch inference over files with a model package")
+    predict.add_argument("package")
+    predict.add_argument("inputs", nargs="+", help="files, folders (searched recursively) or quoted globs")
+    predict.add_argument("--batch-size", type=int, default=64)
+    predict.add_argument("--runtime", default="onnx", choices=["eager", "torchscript", "onnx", "int8"])
+    predict.add_argument("--out", help="predictions.jsonl or predictions.csv (default: JSONL on stdout)")
+    predict.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
+                         help="a request field for every input, e.g. --option top_k=3 --option resize=true")
+    predict.add_argument("--threads", type=int, help="CPU threads for the runtime (default: all)")
+
+    serve = verbs.add_parser("serve", help="HTTP API, demo page and metrics for one or two packages (A/B)",
+                             description="Serve model packages over HTTP. Two packages are two versions of one "
+                                         "model, split by --split and sticky per caller (header X-Caller-Id).")
+    serve.add_argument("packages", nargs="+", metavar="PACKAGE")
+    serve.add_argument("--split", help="traffic per package in percent, e.g. 90/10 (default: all to the first)")
+    serve.add_argument("--name", help="model name in the API (default: the first package's name)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--runtime", default="onnx", choices=["eager", "torchscript", "onnx", "int8"])
+    serve.add_argument("--threads", type=int, help="CPU threads per runtime (default: all)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="largest dynamic batch; 1 turns batching off")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0,
+                       help="how long a batch waits to fill once its first request is queued")
+    serve.add_argument("--max-queue", type=int, default=256,
+                       help="requests waiting per model version; more are answered 503 with Retry-After")
+    serve.add_argument("--timeout-s", type=float, default=10.0, help="per-request deadline; past it 504")
+    serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get 413")
+    serve.add_argument("--drain-s", type=float, default=15.0,
+                       help="on SIGTERM/Ctrl-C, how long in-flight requests may take to finish")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.add_argument("task", nargs="?")
@@ -115,6 +167,83 @@ def run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from .inference import export_run
+
+    formats = {"all": ("torchscript", "onnx"), "onnx": ("onnx",), "torchscript": ("torchscript",)}[args.format]
+    options = {"formats": formats, "quantize": args.quantize, "atol": args.atol, "min_agreement": args.min_agreement,
+               "calibration_samples": args.calibration_samples, "overwrite": args.force}
+    if args.name:
+        options["name"] = args.name
+    if args.version:
+        options["version"] = args.version
+    print(f"exporting {args.run_dir} ({args.checkpoint} checkpoint); checking each format on the validation split:")
+    out, manifest = export_run(Path(args.run_dir), Path(args.out) if args.out else None, options, args.checkpoint,
+                               args.overrides)
+    files = ", ".join(f"{name} ({entry['bytes'] / 1e6:.2f} MB)" for name, entry in manifest["files"].items())
+    print(f"\npackage {out}: {manifest['name']} version {manifest['version']}\n  {files}")
+    if manifest.get("int8"):
+        int8 = manifest["int8"]
+        drops = ", ".join(f"{k} {v * 100:+.2f} points" for k, v in int8["drop"].items())
+        print(f"  int8: drop vs fp32 ONNX {drops}; speed-up " +
+              ", ".join(f"batch {b}: {s:.2f}x" for b, s in int8["speedup"].items()))
+    return 0
+
+
+def parse_options(assignments: list[str]) -> dict:
+    import yaml
+
+    options = {}
+    for assignment in assignments:
+        key, sep, value = assignment.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--option {assignment}: expected KEY=VALUE, e.g. --option top_k=3")
+        options[key] = yaml.safe_load(value)
+    return options
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from .export.batch import predict_files
+    from .inference import open_model
+
+    model = open_model(args.package, args.runtime, args.threads)
+    out = Path(args.out) if args.out else None
+    result = predict_files(model, args.inputs, out, args.batch_size, parse_options(args.options),
+                           progress=sys.stderr.isatty())
+    where = f" -> {out}" if out else ""
+    print(f"{result.predicted} predicted, {result.skipped} skipped ({args.runtime}){where}", file=sys.stderr)
+    # Non-zero when an input was skipped, so a script notices; the other predictions are written all the same.
+    return 1 if result.skipped else 0
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from .inference import open_model
+    from .serve.app import ServeSettings, run_server
+
+    weights = parse_split(args.split, len(args.packages))
+    settings = ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+                             max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_bytes=args.max_body_bytes,
+                             drain_s=args.drain_s)
+    models = [open_model(p, args.runtime, args.threads) for p in args.packages]
+    loader = lambda path: open_model(path, args.runtime, args.threads)  # noqa: E731  the admin API's loads
+    run_server(models, weights, settings, loader, host=args.host, port=args.port, name=args.name,
+               log_level=args.log_level)
+    return 0
+
+
+def parse_split(split: str | None, n: int) -> list[float]:
+    if split is None:
+        return [100.0] + [0.0] * (n - 1)
+    try:
+        weights = [float(part) for part in split.split("/")]
+    except ValueError:
+        raise ConfigError(f"--split: {split!r} is not a split; write percentages such as 90/10") from None
+    if len(weights) != n or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"--split: {split!r} must give one non-negative share per package ({n}), not all zero; "
+                          "e.g. 90/10")
+    return weights
+
+
 def run_recipes(args: argparse.Namespace) -> int:
     for name in [args.task] if args.task else TASKS:
         get_task(name)
@@ -130,6 +259,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args, argv)
         if args.verb == "evaluate":
             return run_evaluate(args)
+        if args.verb == "export":
+            return run_export(args)
+        if args.verb == "predict":
+            return run_predict(args)
+        if args.verb == "serve":
+            return run_serve(args)
         return run_recipes(args)
     except ModelworksError as exc:
         print(f"modelworks: error: {exc}", file=sys.stderr)

@@ -19,3 +19,15 @@ class CheckpointError(ModelworksError):
 
 class TrainingDiverged(ModelworksError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+class PackageError(ModelworksError):
+    """A model package cannot be written (an export failed its checks) or used (missing, tampered, truncated)."""
+
+
+class InputError(ModelworksError):
+    """An input to a trained model (a request, an image file) is unusable. `field` names the request field."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field

@@ -121,6 +121,50 @@ def test_exported_graph_matches_eager(task):
             torch.testing.assert_close(exported(*inputs), model(*inputs), atol=1e-5, rtol=1e-4)
 
 
+def test_every_format_exports_and_matches_eager(task, tmp_path):
+    """The export path of `modelworks export`: TorchScript and ONNX written, run on the validation split by their
+    runtimes and held to the default tolerance against eager PyTorch, and the package opens with every runtime."""
+    from modelworks.export.build import ExportOptions, build_package
+    from modelworks.export.package import read_package
+    from modelworks.export.runtime import open_runner
+
+    splits = task.datasets(CPU)
+    model = task.build_model().eval()
+    val = (task.prepare_batch(b, None)
+           for b in fetch(splits.val, eval_indices(len(splits.val), 64, 0, 1), CPU, 0, splits.collate_fn))
+    manifest = build_package(task, model, val, iter(()), tmp_path / "package", ExportOptions("m", "1"),
+                             source={}, metrics={}, config={}, log=lambda line: None)
+    assert manifest["checks"]["passed"] == ["eager", "torchscript", "onnx"]
+    package = read_package(tmp_path / "package")
+    predictor = type(task).load_predictor(package.manifest["predictor"])
+    example = tuple(t.numpy() for t in task.example_inputs())
+    inputs = dict(zip(predictor.input_names, example))
+    with torch.no_grad():
+        expected = task.export_module(model)(*task.example_inputs())
+    for runtime in ("torchscript", "onnx"):
+        (got, *_) = open_runner(package, runtime, predictor.input_names, build_eager=None)(inputs)
+        torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_predictor_answers_its_example_request(task):
+    """parse -> predict with the eager graph: one typed Response per request, and a spec that survives JSON."""
+    import json
+
+    from modelworks.export.runtime import TorchRunner
+
+    task.datasets(CPU)
+    predictor = type(task).load_predictor(json.loads(json.dumps(task.predictor().spec)))
+    request, file = predictor.example_request()
+    request = predictor.Request.model_validate_json(request.model_dump_json())  # the wire round trip
+    items = [predictor.parse(request, file) for _ in range(3)]
+    runner = TorchRunner(task.export_module(task.build_model().eval()), predictor.input_names)
+    responses = predictor.predict(items, runner)
+    assert len(responses) == 3 and all(isinstance(r, predictor.Response) for r in responses)
+    assert responses[0] == predictor.Response.model_validate_json(responses[0].model_dump_json())
+    confidence = predictor.confidence(responses[0])
+    assert confidence is None or 0 <= confidence <= 1
+
+
 def test_registry_names_match_task_names():
     assert all(task_cls.name == name for name, task_cls in TASKS.items())
 

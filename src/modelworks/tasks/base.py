@@ -1,18 +1,28 @@
 """The contract between a task and the rest of modelworks (engine, export, serving).
 
 The engine never branches on a task: everything task-specific (data, model, loss, metrics, the exported graph)
-comes through the methods below.
+comes through the methods below. Export and serving never branch on a task either: they get the graph from
+`export_module`, check it with `graph_inputs` / `score_outputs`, and answer requests through the task's
+`Predictor`, which is rebuilt from the JSON spec stored in a model package.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+# Runs an exported graph: named input arrays (batch first) -> output arrays in the graph's output order. The
+# same predictor is driven by eager PyTorch, TorchScript or ONNX Runtime through this one signature.
+GraphRunner = Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]]
 
 
 @dataclass
@@ -28,6 +38,67 @@ class Splits:
     val: Dataset
     test: Dataset | None = None
     collate_fn: Callable | None = None  # for data sets served through a DataLoader
+
+
+class Predictor:
+    """Pre- and post-processing around one task's exported graph, independent of the runtime that runs it.
+
+    Serving and `modelworks predict` drive every task the same way:
+
+        item = predictor.parse(request, file)        # validate and decode one input; InputError if unusable
+        responses = predictor.predict(items, run)    # answer a batch of items, calling the graph through `run`
+
+    `predict` defaults to one graph call (`collate` -> `run` -> `postprocess`). Work the graph leaves out goes
+    here: non-maximum suppression or top-k retrieval in `postprocess`; a task whose inference is a loop
+    (sampling, beam search, denoising steps) overrides `predict` and calls `run` as often as it needs.
+
+    Everything a predictor needs (input shapes, labels, normalisation, vocabulary) is in `spec`, a JSON-able
+    dict written into the model package's manifest, so a package is served without the training data.
+    """
+
+    Request: ClassVar[type[BaseModel]]  # one request's JSON body: the typed model in the OpenAPI docs
+    Response: ClassVar[type[BaseModel]]  # one answer
+    # The request field a raw file fills: a multipart upload, or a file given to `modelworks predict`.
+    # None for tasks whose inputs are not files (a prompt, a user id).
+    file_field: ClassVar[str | None] = None
+    file_suffixes: ClassVar[tuple[str, ...]] = ()  # files `modelworks predict` picks from a folder
+
+    def __init__(self, spec: dict):
+        self.spec = spec
+
+    @property
+    def input_names(self) -> list[str]:
+        """The graph's inputs, in `export_module`'s argument order (spec["inputs"]: name, shape, dtype)."""
+        return [entry["name"] for entry in self.spec["inputs"]]
+
+    @property
+    def output_names(self) -> list[str]:
+        return list(self.spec["outputs"])
+
+    def example_request(self) -> tuple[BaseModel, bytes | None]:
+        """A valid request (and file, for file-based tasks): used for warm-up and by the contract tests."""
+        raise NotImplementedError
+
+    def parse(self, request: BaseModel, file: bytes | None = None) -> Any:
+        """Validate and decode one request into an item ready to batch. `file`, when given, is the raw content
+        of `file_field` (an upload or a file on disk). Raise InputError naming the field and the fix."""
+        raise NotImplementedError
+
+    def collate(self, items: list) -> dict[str, np.ndarray]:
+        """Stack items into the graph's named inputs."""
+        raise NotImplementedError
+
+    def postprocess(self, outputs: Sequence[np.ndarray], items: list) -> list[BaseModel]:
+        """Graph outputs for a batch -> one Response per item."""
+        raise NotImplementedError
+
+    def predict(self, items: list, run: GraphRunner) -> list[BaseModel]:
+        return self.postprocess(run(self.collate(items)), items)
+
+    def confidence(self, response: BaseModel) -> float | None:
+        """A number in [0, 1] whose distribution the server tracks per model version, so that a drift in the
+        inputs shows up on a dashboard (classification: the top-1 probability). None: not tracked."""
+        return None
 
 
 class Task:
@@ -71,6 +142,36 @@ class Task:
         return model
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    predictor_class: ClassVar[type[Predictor]]
+
+    def predictor(self) -> Predictor:
+        """The predictor for this task's model as configured. Called after `datasets()`, which learns what the
+        data decides (e.g. class names), so the spec is complete."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_predictor(cls, spec: dict) -> Predictor:
+        """The predictor of an exported model, from the spec its package stores."""
+        return cls.predictor_class(spec)
+
+    def adopt_spec(self, spec: dict) -> None:
+        """Take back what the task learned from its data (e.g. class names) from a package's predictor spec, so
+        `build_model()` works where the training data is absent (the eager runtime of a served package)."""
+
+    def graph_inputs(self, batch: Any) -> tuple[torch.Tensor, ...]:
+        """The exported graph's inputs for a prepared batch: export runs every format on the validation split."""
+        raise NotImplementedError
+
+    def score_outputs(self, outputs: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...], batch: Any
+                      ) -> dict[str, torch.Tensor]:
+        """Per-sample scores of one format's graph outputs on a prepared batch, averaged by export over the
+        validation split. Must hold "agreement": 1 where the outputs give the same answer as the eager
+        `reference` (classification: the same top-1 class); other keys are the task's quality metrics on the
+        batch's targets (classification: "acc1"), reported per format and as the int8 model's drop."""
         raise NotImplementedError
 
     @classmethod

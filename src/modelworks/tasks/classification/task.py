@@ -16,6 +16,7 @@ from ...errors import DataError
 from ...data.augment import AugmentConfig, augment_batch
 from ..base import Splits, StepOutput, Task
 from .models import build_classifier
+from .predictor import ImageClassifierPredictor
 from . import report
 
 # Per-channel statistics of each training set (the seed's CIFAR-10 values; Fashion-MNIST's computed on its
@@ -67,6 +68,24 @@ def shift_image(x: torch.Tensor, pixels: int) -> torch.Tensor:
     H, W = x.shape[-2:]
     start = 0 if pixels > 0 else 2 * p
     return padded[..., start:start + H, start:start + W]
+
+
+class TTAClassifier(nn.Module):
+    """A classifier with its test-time augmentation: the mean logits over the views `tta` names. The same module
+    computes evaluation's logits and is the exported graph, so every runtime serves the evaluated model."""
+
+    def __init__(self, model: nn.Module, tta: str):
+        super().__init__()
+        self.model = model
+        self.tta = tta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tta == "none":
+            return self.model(x).float()
+        views = [x, x.flip(-1)]
+        if self.tta == "flip_shift":
+            views += [shift_image(views[0], 1), shift_image(views[1], -1)]
+        return torch.stack([self.model(v).float() for v in views]).mean(0)
 
 
 class ClassificationTask(Task):
@@ -158,13 +177,7 @@ class ClassificationTask(Task):
         return StepOutput(loss, {"acc1": acc.detach()}, len(y))
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        tta = self.cfg.model.tta
-        views = [x]
-        if tta in ("flip", "flip_shift"):
-            views.append(x.flip(-1))
-        if tta == "flip_shift":
-            views += [shift_image(views[0], 1), shift_image(views[1], -1)]
-        return torch.stack([model(v).float() for v in views]).mean(0)
+        return TTAClassifier(model, self.cfg.model.tta)(x)
 
     # ------------------------------------------------------------------------------------------ evaluation
 
@@ -195,8 +208,33 @@ class ClassificationTask(Task):
 
     # ------------------------------------------------------------------------------------------ export
 
+    def export_module(self, model: nn.Module) -> nn.Module:
+        return TTAClassifier(model, self.cfg.model.tta)
+
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         return (torch.zeros(1, self.channels, self.image_size, self.image_size),)
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    predictor_class = ImageClassifierPredictor
+
+    def predictor(self) -> ImageClassifierPredictor:
+        labels = self.classes or [str(i) for i in range(self.num_classes)]
+        spec = ImageClassifierPredictor.build_spec(
+            self.channels, self.image_size, self.image_size, self.mean.flatten().tolist(),
+            self.std.flatten().tolist(), labels, resize=self.kind == "imagefolder", tta=self.cfg.model.tta)
+        return ImageClassifierPredictor(spec)
+
+    def adopt_spec(self, spec: dict) -> None:
+        self.classes = list(spec["labels"])
+
+    def graph_inputs(self, batch) -> tuple[torch.Tensor, ...]:
+        return (batch[0],)
+
+    def score_outputs(self, outputs, reference, batch) -> dict[str, torch.Tensor]:
+        predicted = outputs[0].argmax(1)
+        return {"agreement": (predicted == reference[0].argmax(1)).float(),
+                "acc1": (predicted == batch[1].to(predicted.device)).float()}
 
     @classmethod
     def tiny(cls, folder: Path) -> dict:

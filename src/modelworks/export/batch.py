@@ -1,0 +1,145 @@
+"""Offline batch inference (`modelworks predict`): files, folders or globs through a package, to JSONL or CSV.
+
+A file that cannot be used (unreadable, undecodable, wrong size) is reported on stderr, written to the output
+with its error, and skipped; the rest of its batch and of the run go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from ..errors import ConfigError, InputError
+from .runtime import InferenceModel
+
+
+@dataclass
+class BatchResult:
+    predicted: int
+    skipped: int
+    out: Path | None
+
+
+def expand_inputs(inputs: list[str], suffixes: tuple[str, ...]) -> Iterator[tuple[str, str | None]]:
+    """(path, problem) for every input: files as given, folders searched recursively for `suffixes`, glob
+    patterns (quoted, so the shell left them alone) expanded. A name that matches nothing comes back with its
+    problem so it is reported like a bad file."""
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in suffixes)
+            if not found:
+                yield entry, f"folder has no {', '.join(suffixes)} files"
+            yield from ((str(p), None) for p in found)
+        elif path.is_file():
+            yield entry, None
+        elif glob.has_magic(entry):
+            matches = sorted(glob.glob(entry, recursive=True))
+            if not matches:
+                yield entry, "the pattern matches no file"
+            yield from ((m, None) for m in matches if Path(m).is_file())
+        else:
+            yield entry, "no such file or folder"
+
+
+def flatten(value, prefix: str = "") -> dict:
+    """A response as flat CSV columns: nested fields joined by '.', list items by their index."""
+    if isinstance(value, dict):
+        out = {}
+        for key, item in value.items():
+            out.update(flatten(item, f"{prefix}{key}."))
+        return out
+    if isinstance(value, list):
+        out = {}
+        for i, item in enumerate(value):
+            out.update(flatten(item, f"{prefix}{i}."))
+        return out
+    return {prefix[:-1]: value}
+
+
+class Writer:
+    """JSONL streams each line as it is ready; CSV needs every column first, so it writes at the end."""
+
+    def __init__(self, out: Path | None):
+        self.out = out
+        self.kind = "csv" if out is not None and out.suffix.lower() == ".csv" else "jsonl"
+        if out is not None and out.suffix.lower() not in (".csv", ".jsonl", ".json"):
+            raise ConfigError(f"--out: {out} must end in .jsonl or .csv")
+        self.rows: list[dict] = []
+        self.file = None
+        if self.kind == "jsonl":
+            self.file = open(out, "w") if out is not None else sys.stdout
+
+    def write(self, path: str, prediction: dict | None, error: str | None) -> None:
+        row = {"path": path, **({"prediction": prediction} if prediction is not None else {"error": error})}
+        if self.kind == "jsonl":
+            self.file.write(json.dumps(row) + "\n")
+        else:
+            self.rows.append({"path": path, **flatten(prediction or {}), "error": error or ""})
+
+    def close(self) -> None:
+        if self.kind == "jsonl":
+            if self.file is not sys.stdout:
+                self.file.close()
+            return
+        columns = list(dict.fromkeys(key for row in self.rows for key in row))
+        columns.remove("error")
+        with open(self.out, "w", newline="") as f:
+            writer = csv.DictWriter(f, [*columns, "error"])
+            writer.writeheader()
+            writer.writerows(self.rows)
+
+
+def predict_files(model: InferenceModel, inputs: list[str], out: Path | None, batch_size: int,
+                  options: dict | None = None, progress: bool = True) -> BatchResult:
+    predictor = model.predictor
+    if predictor.file_field is None:
+        raise ConfigError(f"predict: a {model.package.task} model takes no files; send requests to "
+                          "`modelworks serve` instead")
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size: must be >= 1 (got {batch_size})")
+    try:
+        request = predictor.Request.model_validate(options or {})
+    except Exception as exc:  # pydantic's ValidationError: an --option with a wrong name or value
+        raise ConfigError(f"--option: {exc}") from None
+    files = list(expand_inputs(inputs, predictor.file_suffixes))
+    writer = Writer(out)
+    predicted = skipped = 0
+
+    from tqdm import tqdm
+    bar = tqdm(total=len(files), unit="file", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+
+    def skip(path: str, problem: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        tqdm.write(f"skipped {path}: {problem}", file=sys.stderr)
+        writer.write(path, None, problem)
+
+    try:
+        for start in range(0, len(files), batch_size):
+            paths, items = [], []
+            for path, problem in files[start:start + batch_size]:
+                if problem is None:
+                    try:
+                        items.append(predictor.parse(request, Path(path).read_bytes()))
+                        paths.append(path)
+                        continue
+                    except InputError as exc:
+                        problem = str(exc)
+                    except OSError as exc:
+                        problem = f"cannot be read ({exc.strerror or exc})"
+                skip(path, problem)
+            if items:
+                for path, response in zip(paths, model.predict(items)):
+                    writer.write(path, response.model_dump(), None)
+                predicted += len(items)
+            bar.update(min(batch_size, len(files) - start))
+    finally:
+        bar.close()
+        writer.close()
+    return BatchResult(predicted, skipped, out)

@@ -1,0 +1,46 @@
+"""Writing the exported graph as TorchScript (traced) and ONNX (dynamic batch axis)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import PackageError
+
+
+def batch_of_two(example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """torch.export specialises a dimension of size 1 to a constant, so the batch axis can only be marked
+    dynamic when the example's batch is at least 2."""
+    return tuple(torch.cat([t, t]) if t.shape[0] == 1 else t for t in example)
+
+
+def write_torchscript(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript's deprecation notice: the format is what the seed shipped
+        traced = torch.jit.trace(module, example, check_trace=False)
+    traced.save(str(path))
+
+
+def write_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
+               output_names: list[str]) -> None:
+    """The graph through torch.export (the current exporter; it needs onnxscript), every input's first axis
+    dynamic so one file serves any batch size."""
+    try:
+        import onnxscript  # noqa: F401  the exporter's dependency: fail with the install hint, not deep inside
+    except ImportError:
+        raise PackageError("ONNX export needs onnx and onnxscript; `pip install 'modelworks[export]'`") from None
+    batch = torch.export.Dim("batch")
+    dynamic_shapes = tuple({0: batch} for _ in example)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, batch_of_two(example), str(path), input_names=input_names,
+                              output_names=output_names, dynamic_shapes=dynamic_shapes, dynamo=True,
+                              external_data=False, verbose=False)
+    except Exception as exc:  # the exporter raises many types; all mean the graph could not be expressed
+        raise PackageError(f"ONNX export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); the "
+                           "task's export_module must be tensor-in, tensor-out without Python control flow "
+                           "on values") from None

@@ -1,0 +1,141 @@
+"""The model package: the unit that is deployed. A directory holding
+
+    manifest.json          task, name, version, created, source run and config, the predictor's spec (input
+                           shapes, labels, preprocessing), evaluation metrics, export checks, sha256 of every file
+    weights.safetensors    the trained weights (the eager runtime rebuilds the model from the config)
+    model.torchscript.pt   TorchScript (traced)
+    model.onnx             ONNX, dynamic batch axis
+    model.int8.onnx        optional: int8, static post-training quantization
+
+Opening a package verifies every file's size and sha256 before anything is loaded, and nothing in it is loaded
+with Python's pickle: weights are safetensors, graphs are ONNX protobuf or TorchScript archives. The manifest
+itself is not signed: it guards against corruption and accidental edits of the files, not against someone who
+can rewrite the manifest too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import PackageError
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+# The file each runtime loads. "eager" rebuilds the model from the config and loads the safetensors weights.
+RUNTIME_FILES = {"eager": "weights.safetensors", "torchscript": "model.torchscript.pt", "onnx": "model.onnx",
+                 "int8": "model.int8.onnx"}
+REQUIRED_KEYS = ("format_version", "task", "name", "version", "created", "config", "predictor", "files")
+
+
+@dataclass
+class Package:
+    path: Path
+    manifest: dict
+
+    @property
+    def task(self) -> str:
+        return self.manifest["task"]
+
+    @property
+    def name(self) -> str:
+        return self.manifest["name"]
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    def runtimes(self) -> list[str]:
+        return [name for name, file in RUNTIME_FILES.items() if file in self.manifest["files"]]
+
+    def file_for(self, runtime: str) -> Path:
+        if runtime not in RUNTIME_FILES:
+            raise PackageError(f"--runtime: {runtime!r} is not a runtime; choose one of {', '.join(RUNTIME_FILES)}")
+        name = RUNTIME_FILES[runtime]
+        if name not in self.manifest["files"]:
+            hint = " (export it with --quantize int8)" if runtime == "int8" else " (export it with --format all)"
+            raise PackageError(f"{self.path}: the package has no {runtime} model {name}{hint}; it has: "
+                               f"{', '.join(self.runtimes())}")
+        return self.path / name
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def file_entries(folder: Path) -> dict[str, dict]:
+    """sha256 and size of every file in the package folder except the manifest."""
+    return {path.name: {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            for path in sorted(folder.iterdir()) if path.is_file() and path.name != MANIFEST}
+
+
+def write_manifest(folder: Path, manifest: dict) -> dict:
+    """Complete the manifest with the checksums of the files now in `folder` and write it."""
+    manifest = {"format_version": FORMAT_VERSION, **manifest, "files": file_entries(folder)}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def publish(staging: Path, target: Path, overwrite: bool) -> None:
+    """Move a finished package into place in one rename, so no reader ever sees half a package."""
+    if target.exists():
+        if not overwrite:
+            raise PackageError(f"--out: {target} already exists; choose another folder or pass --force to "
+                               "replace it")
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
+        os.replace(target, old / target.name)
+        os.replace(staging, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(staging, target)
+
+
+def read_package(path: Path | str) -> Package:
+    """Open a package, verifying every file against the manifest; PackageError names the first bad file."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise PackageError(f"{path}: no such package directory; create one with `modelworks export RUN_DIR`")
+    if not manifest_path.is_file():
+        raise PackageError(f"{path}: not a model package (no {MANIFEST}); create one with "
+                           "`modelworks export RUN_DIR`")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise PackageError(f"{manifest_path}: not valid JSON ({exc}); the manifest is corrupt, export the "
+                           "package again") from None
+    if not isinstance(manifest, dict):
+        raise PackageError(f"{manifest_path}: expected a JSON object (got {type(manifest).__name__})")
+    missing = [key for key in REQUIRED_KEYS if key not in manifest]
+    if missing:
+        raise PackageError(f"{manifest_path}: missing {', '.join(missing)}; not a modelworks package manifest")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise PackageError(f"{manifest_path}: package format {manifest['format_version']!r}, this modelworks "
+                           f"reads format {FORMAT_VERSION}; export the run again with this version")
+    for name, entry in manifest["files"].items():
+        # A manifest names files inside the package only: no path may reach outside it.
+        if Path(name).name != name or name in (".", "..", MANIFEST):
+            raise PackageError(f"{manifest_path}: file entry {name!r} is not a plain file name in the package")
+        file = path / name
+        if not file.is_file():
+            raise PackageError(f"{file}: missing from the package (listed in {MANIFEST}); restore it or export "
+                               "the package again")
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            raise PackageError(f"{file}: {size} bytes, the manifest says {entry['bytes']}: the file is truncated "
+                               "or was replaced; restore it or export the package again")
+        digest = sha256_file(file)
+        if digest != entry["sha256"]:
+            raise PackageError(f"{file}: checksum mismatch (sha256 {digest[:16]}..., the manifest says "
+                               f"{entry['sha256'][:16]}...): the file was modified after export; restore it or "
+                               "export the package again")
+    return Package(path, manifest)

@@ -1,0 +1,650 @@
+"""The HTTP API: app factory, lifespan (warm-up, drain), routes, errors, and the uvicorn runner.
+
+    GET  /                               demo page (static HTML + JS on the public API)
+    GET  /healthz                        alive
+    GET  /readyz                         models loaded and warmed up (503 while starting or draining)
+    GET  /metrics                        Prometheus
+    GET  /v1/models, /v1/models/{name}   what is served: versions, traffic split, inputs, labels
+    POST /v1/models/{name}/predict       JSON (file base64) or multipart upload; typed by the task's predictor
+    /v1/admin/models/{name}/...          load / split / promote / rollback / unload; needs MODELWORKS_ADMIN_TOKEN
+
+Every error is a JSON body {"error": {"code", "message", "field"}, "request_id"} with a 4xx/5xx status; a bad
+request never takes the server down. Inference runs in per-version threads behind a dynamic batcher
+(batching.py); the event loop only parses, validates, decodes and routes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import logging
+import os
+import re
+import secrets
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from fastapi import FastAPI, Header, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field, ValidationError, create_model
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import ConfigError, InputError, ModelworksError
+from .batching import Batcher, Draining, InferenceFailed, Overloaded
+from .logs import configure_logging, log
+from .metrics import Metrics
+from .routing import ModelRoute, Version
+
+ADMIN_TOKEN_ENV = "MODELWORKS_ADMIN_TOKEN"
+CALLER_HEADER = "x-caller-id"
+STATIC = Path(__file__).with_name("static")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}  # probed constantly: logged at debug level only
+
+
+@dataclass
+class ServeSettings:
+    max_batch_size: int = 32  # 1 turns dynamic batching off
+    max_wait_ms: float = 2.0  # how long a batch waits to fill after its first request
+    max_queue: int = 256  # waiting requests per version before 503
+    timeout_s: float = 10.0  # per request, arrival to answer; then 504
+    max_body_bytes: int = 4 * 1024 * 1024  # larger bodies get 413 before they are read
+    drain_s: float = 15.0  # graceful shutdown: time in-flight requests get to finish
+    admin_token: str | None = None  # None: read MODELWORKS_ADMIN_TOKEN; empty: admin API disabled
+
+    def __post_init__(self):
+        problems = [f"{name}: must be > 0 (got {getattr(self, name)})"
+                    for name in ("max_batch_size", "max_queue", "timeout_s", "max_body_bytes", "drain_s")
+                    if getattr(self, name) <= 0]
+        if self.max_wait_ms < 0:
+            problems.append(f"max_wait_ms: must be >= 0 (got {self.max_wait_ms})")
+        if problems:
+            raise ConfigError("serve: " + "; ".join(problems))
+        if self.admin_token is None:
+            self.admin_token = os.environ.get(ADMIN_TOKEN_ENV, "")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.field, self.headers = status, code, message, field, headers
+
+
+def error_response(request: Request, status: int, code: str, message: str, field: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    state = request.scope.setdefault("state", {})
+    state["error"] = code
+    return JSONResponse({"error": {"code": code, "message": message, "field": field},
+                         "request_id": state.get("request_id")}, status_code=status, headers=headers)
+
+
+def describe_validation_error(exc: ValidationError | RequestValidationError, fields: list[str] | None = None
+                              ) -> tuple[str, str | None]:
+    """Pydantic's errors as one line per problem, `field: what (got value); fix`."""
+    lines, first_field = [], None
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ()) if part not in ("body",)]
+        where = ".".join(loc) or "body"
+        first_field = first_field or where
+        if error.get("type") == "extra_forbidden":
+            valid = f"; valid fields: {', '.join(fields)}" if fields else ""
+            lines.append(f"{where}: unknown field{valid}")
+        else:
+            got = repr(error.get("input"))
+            lines.append(f"{where}: {error.get('msg', 'invalid')} (got {got[:60]})")
+    return "; ".join(lines), first_field
+
+
+# ---------------------------------------------------------------------------------------------- server state
+
+
+class ModelServer:
+    """What the app serves and how: routes by model name, settings, metrics, readiness."""
+
+    def __init__(self, routes: dict[str, ModelRoute], settings: ServeSettings, loader: Callable | None):
+        self.routes = routes
+        self.settings = settings
+        self.loader = loader  # path -> InferenceModel, for the admin API (the CLI passes one that knows tasks)
+        self.metrics = Metrics()
+        self.ready = False
+        self.draining = False
+        self.admin_lock = asyncio.Lock()
+        self.retiring: set[asyncio.Task] = set()  # drains of replaced versions, kept referenced until done
+
+    def new_version(self, name: str, model) -> Version:
+        s = self.settings
+        batcher = Batcher(model, s.max_batch_size, s.max_wait_ms, s.max_queue, self.metrics, (name, model.version))
+        return Version(model, batcher)
+
+    async def start_version(self, version: Version) -> None:
+        """Start its batcher and run its example request through it at batch size 1 and the largest batch, so
+        the first real requests do not pay for memory allocation and kernel selection."""
+        version.batcher.start()
+        predictor = version.model.predictor
+        request, file = predictor.example_request()
+        item = predictor.parse(request, file)
+        loop = asyncio.get_running_loop()
+        for size in sorted({1, self.settings.max_batch_size}):
+            await loop.run_in_executor(version.batcher.executor, version.model.predict, [item] * size)
+
+    def update_weight_metrics(self, route: ModelRoute) -> None:
+        total = sum(route.weights.values()) or 1.0
+        for name in route.versions:
+            self.metrics.traffic_weight.labels(route.name, name).set(route.weights.get(name, 0.0) / total)
+
+    # ------------------------------------------------------------------------------------------ predict
+
+    async def read_request(self, predictor, request: Request):
+        # `predictor` may be the class: only its Request model and file_field are read here.
+        """(typed request, raw file or None) from a JSON or multipart body."""
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        fields = list(predictor.Request.model_fields)
+        if content_type == "multipart/form-data":
+            if predictor.file_field is None:
+                raise ApiError(415, "unsupported_media_type", "Content-Type: this model takes no file upload; "
+                               "send application/json")
+            try:
+                form = await request.form(max_files=1, max_fields=len(fields) + 1)
+            except StarletteHTTPException as exc:  # Starlette's report of a malformed form
+                raise ApiError(400, "malformed_body", f"body: not a valid multipart form ({exc.detail})") from None
+            file, values = None, {}
+            for key, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    if key != predictor.file_field:
+                        raise ApiError(422, "invalid_input", f"{key}: unexpected file field; upload the file as "
+                                       f"{predictor.file_field!r}", key)
+                    file = await value.read()
+                else:
+                    values[key] = value
+            if file is None and predictor.file_field not in values:
+                raise ApiError(422, "invalid_input", f"{predictor.file_field}: missing; add the file as the "
+                               f"multipart field {predictor.file_field!r}", predictor.file_field)
+            try:
+                return predictor.Request.model_validate(values), file
+            except ValidationError as exc:
+                message, field = describe_validation_error(exc, fields)
+                raise ApiError(422, "invalid_input", message, field) from None
+        if content_type not in ("application/json", ""):
+            raise ApiError(415, "unsupported_media_type", f"Content-Type: {content_type!r} is not accepted; send "
+                           "application/json (file base64-encoded) or multipart/form-data")
+        body = await request.body()
+        if not body.strip():
+            example = f'{{"{predictor.file_field}": "<base64>"}}' if predictor.file_field else "a JSON object"
+            raise ApiError(400, "empty_body", f"body: empty; send {example}"
+                           + (f" or a multipart form with the file field {predictor.file_field!r}"
+                              if predictor.file_field else ""))
+        try:
+            return predictor.Request.model_validate_json(body), None
+        except ValidationError as exc:
+            if any(e.get("type") == "json_invalid" for e in exc.errors()):
+                reason = exc.errors()[0].get("msg", "")
+                raise ApiError(400, "malformed_body", f"body: not valid JSON ({reason})") from None
+            message, field = describe_validation_error(exc, fields)
+            raise ApiError(422, "invalid_input", message, field) from None
+
+    async def predict(self, name: str, request: Request) -> Response:
+        state = request.scope["state"]
+        route = self.routes[name]
+        state["model"] = name
+        if self.draining:
+            raise ApiError(503, "draining", "the server is shutting down; retry on another replica",
+                           headers={"Retry-After": "1"})
+        parsed_request, file = await self.read_request(route.predictor_class, request)
+        # The version is chosen once the body is in: from here to enqueue nothing awaits, so an admin swap cannot
+        # slip between the choice and the queue of the chosen version.
+        version = route.choose(request.headers.get(CALLER_HEADER))
+        state["version"] = version.name
+        try:
+            item = version.model.predictor.parse(parsed_request, file)
+        except InputError as exc:
+            raise ApiError(422, "invalid_input", str(exc), exc.field) from None
+        try:
+            future = version.batcher.enqueue(item)
+        except Overloaded as exc:
+            raise ApiError(503, "overloaded", f"the model's queue is full ({self.settings.max_queue} requests "
+                           f"waiting); retry after {exc.retry_after_s} s",
+                           headers={"Retry-After": str(exc.retry_after_s)}) from None
+        except Draining:
+            raise ApiError(503, "draining", "this model version is being unloaded; retry",
+                           headers={"Retry-After": "1"}) from None
+        try:
+            answer = await asyncio.wait_for(future, self.settings.timeout_s)
+        except TimeoutError:
+            raise ApiError(504, "timeout", f"no answer within {self.settings.timeout_s} s (timeout_s); the server "
+                           "is overloaded, retry later") from None
+        except InferenceFailed as exc:
+            raise ApiError(500, "inference_failed", f"the model failed on this batch ({exc})") from None
+        confidence = version.model.predictor.confidence(answer)
+        if confidence is not None:
+            self.metrics.confidence.labels(name, version.name).observe(confidence)
+        body = {"model": name, "version": version.name, "request_id": state.get("request_id"),
+                "latency_ms": round((time.perf_counter() - state["arrival"]) * 1000, 3),
+                "prediction": answer.model_dump(mode="json")}
+        return Response(json.dumps(body), media_type="application/json", headers={"X-Model-Version": version.name})
+
+    # ------------------------------------------------------------------------------------------ admin
+
+    def check_admin(self, authorization: str | None) -> None:
+        token = self.settings.admin_token
+        if not token:
+            raise ApiError(403, "admin_disabled", f"the admin API is disabled; start the server with "
+                           f"{ADMIN_TOKEN_ENV} set to a secret to enable it")
+        supplied = (authorization or "").removeprefix("Bearer ").strip()
+        if not secrets.compare_digest(supplied.encode(), token.encode()):
+            raise ApiError(401, "unauthorized", f"Authorization: expected 'Bearer <token>' with the token in "
+                           f"{ADMIN_TOKEN_ENV}", headers={"WWW-Authenticate": "Bearer"})
+
+    def route_or_404(self, name: str) -> ModelRoute:
+        if name not in self.routes:
+            raise ApiError(404, "unknown_model", f"model: {name!r} is not served; served: "
+                           f"{', '.join(self.routes)}", "model")
+        return self.routes[name]
+
+    async def load_version(self, route: ModelRoute, package: str, weight: float) -> dict:
+        if self.loader is None:
+            raise ApiError(501, "not_supported", "this server was created without a package loader")
+        try:
+            model = await asyncio.to_thread(self.loader, package)
+        except ModelworksError as exc:
+            raise ApiError(422, "invalid_package", str(exc), "package") from None
+        if model.package.task != route.task or type(model.predictor) is not route.predictor_class:
+            raise ApiError(422, "invalid_package", f"package: a {model.package.task!r} model cannot be a version "
+                           f"of {route.name!r}, a {route.task!r} model", "package")
+        version = self.new_version(route.name, model)
+        await self.start_version(version)  # warmed up before it takes traffic
+        old = route.versions.get(version.name)
+        route.versions[version.name] = version  # the swap: one assignment, between two requests
+        weights = dict(route.weights)
+        if old is None or weight > 0:
+            weights[version.name] = weight
+        route.set_weights(weights, remember=old is None and weight > 0)
+        self.update_weight_metrics(route)
+        if old is not None:
+            self.retire(old)
+        log("version loaded", model=route.name, version=version.name, package=package, replaced=old is not None)
+        return route.describe()
+
+    def retire(self, version: Version) -> None:
+        task = asyncio.get_running_loop().create_task(version.batcher.drain())
+        self.retiring.add(task)
+        task.add_done_callback(self.retiring.discard)
+
+    def set_split(self, route: ModelRoute, weights: dict[str, float]) -> dict:
+        unknown = sorted(set(weights) - set(route.versions))
+        if unknown:
+            raise ApiError(422, "invalid_input", f"weights: unknown versions {unknown}; loaded: "
+                           f"{', '.join(route.versions)}", "weights")
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ApiError(422, "invalid_input", f"weights: must be >= 0 and not all 0 (got {weights})", "weights")
+        route.set_weights(weights)
+        self.update_weight_metrics(route)
+        log("traffic split", model=route.name, weights=route.weights)
+        return route.describe()
+
+
+# ---------------------------------------------------------------------------------------------- middleware
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+class RequestContext:
+    """Pure ASGI middleware (no per-request task like BaseHTTPMiddleware): request id, body size limit, the
+    JSON access log line, and the per-model request metrics."""
+
+    def __init__(self, app, server: ModelServer):
+        self.app = app
+        self.server = server
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        arrival = time.perf_counter()
+        headers = dict(scope["headers"])
+        supplied = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = supplied if NAME_PATTERN.match(supplied) else uuid.uuid4().hex
+        state = scope.setdefault("state", {})
+        state.update(request_id=request_id, arrival=arrival)
+        status, started = 500, False
+
+        async def send_with_id(message):
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                started, status = True, message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        limit = self.server.settings.max_body_bytes
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge()
+            return message
+
+        try:
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > limit):
+                await self.too_large(send_with_id, state, limit, length)
+            else:
+                await self.app(scope, limited_receive, send_with_id)
+        except BodyTooLarge:  # a chunked body that passed no Content-Length
+            if not started:
+                await self.too_large(send_with_id, state, limit, None)
+        finally:
+            self.record(scope, state, status, time.perf_counter() - arrival)
+
+    @staticmethod
+    async def too_large(send, state: dict, limit: int, length: bytes | None) -> None:
+        state["error"] = "body_too_large"
+        got = f" (got {length.decode('latin-1')} bytes)" if length else ""
+        body = json.dumps({"error": {"code": "body_too_large", "message": f"body: larger than the limit of {limit} "
+                                     f"bytes{got}; send a smaller file (the server's --max-body-bytes)",
+                                     "field": None}, "request_id": state.get("request_id")}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    def record(self, scope, state: dict, status: int, seconds: float) -> None:
+        model, version = state.get("model"), state.get("version", "")
+        metrics = self.server.metrics
+        path = scope["path"]
+        if model is None and path.startswith("/v1/models/"):
+            # Refused before routing (e.g. 413): the name in the path is a label only if it is a served model,
+            # never an arbitrary string from the URL (unbounded label cardinality).
+            named = path.split("/")[3]
+            model = named if named in self.server.routes else "(unknown)"
+        if model is not None:
+            metrics.requests.labels(model, version, str(status)).inc()
+            metrics.latency.labels(model, version).observe(seconds)
+            if status >= 400:
+                metrics.errors.labels(model, version, state.get("error", str(status))).inc()
+        level = logging.DEBUG if scope["path"] in QUIET_PATHS and status < 400 else logging.INFO
+        log("request", level, request_id=state.get("request_id"), method=scope.get("method"), path=scope["path"],
+            status=status, latency_ms=round(seconds * 1000, 3), model=state.get("model"),
+            version=state.get("version"), error=state.get("error"))
+
+
+# ---------------------------------------------------------------------------------------------- the app
+
+
+class LoadVersionBody(BaseModel):
+    package: str = Field(description="Path of a model package on the server's disk.")
+    weight: float = Field(0.0, ge=0, description="Traffic share once loaded; 0 keeps it out of traffic.")
+
+
+class SplitBody(BaseModel):
+    weights: dict[str, float] = Field(description="Traffic share per version, e.g. {\"v1\": 90, \"v2\": 10}.")
+
+
+class PromoteBody(BaseModel):
+    version: str
+
+
+def group_models(models: list, weights: list[float] | None, name: str | None) -> dict[str, tuple[list, list]]:
+    """One model name (the first package's, or `name`) for the packages given: they are its versions."""
+    if not models:
+        raise ConfigError("serve: give at least one model package")
+    weights = weights or [100.0] + [0.0] * (len(models) - 1)
+    name = name or models[0].name
+    if not NAME_PATTERN.match(name):
+        raise ConfigError(f"--name: {name!r} cannot be a URL segment; use letters, digits, '.', '_' and '-'")
+    versions = [m.version for m in models]
+    if len(set(versions)) != len(versions):
+        raise ConfigError(f"serve: the packages share a version ({', '.join(versions)}); each version must be "
+                          "distinct (modelworks export --version)")
+    tasks = {m.package.task for m in models}
+    if len(tasks) > 1 or len({type(m.predictor) for m in models}) > 1:
+        raise ConfigError(f"serve: versions of one model must be of one task (got {', '.join(sorted(tasks))})")
+    return {name: (models, weights)}
+
+
+def create_app(models: list, weights: list[float] | None = None, settings: ServeSettings | None = None,
+               loader: Callable | None = None, name: str | None = None) -> FastAPI:
+    """The app serving `models` (export.runtime.InferenceModel) as versions of one model name.
+
+    `weights` is the traffic split (default: all to the first); `loader(path) -> InferenceModel` lets the
+    admin API load new versions."""
+    settings = settings or ServeSettings()
+    groups = group_models(models, weights, name)
+    routes = {model_name: ModelRoute(model_name) for model_name in groups}
+    server = ModelServer(routes, settings, loader)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for model_name, (group, group_weights) in groups.items():
+            route = routes[model_name]
+            route.versions.clear()
+            for model in group:
+                version = server.new_version(model_name, model)
+                route.versions[version.name] = version
+                await server.start_version(version)
+            route.set_weights(dict(zip([m.version for m in group], group_weights)), remember=False)
+            server.update_weight_metrics(route)
+        # Everything loaded so far (torch, ONNX Runtime, the models) lives as long as the process: moving it out
+        # of the garbage collector's reach keeps full collections, triggered by per-request allocations, from
+        # scanning millions of objects (pauses of a few hundred ms, seen as p99 spikes under load).
+        gc.collect()
+        gc.freeze()
+        server.ready, server.draining = True, False
+        log("ready", models={n: r.describe()["versions"] for n, r in routes.items()},
+            max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms, max_queue=settings.max_queue)
+        try:
+            yield
+        finally:
+            # uvicorn has stopped accepting and waited for in-flight requests; answer anything still queued.
+            server.ready, server.draining = False, True
+            versions = [v for r in routes.values() for v in r.versions.values()]
+            await asyncio.gather(*(v.batcher.drain() for v in versions), *server.retiring)
+            log("stopped", answered_all=all(v.batcher.queue.empty() for v in versions))
+
+    app = FastAPI(title="modelworks model server", version=__import__("modelworks").__version__,
+                  lifespan=lifespan, description=__doc__)
+    app.state.server = server
+    app.add_middleware(RequestContext, server=server)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, exc: ApiError):
+        return error_response(request, exc.status, exc.code, exc.message, exc.field, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 404:
+            message += "; see /docs for the API"
+        return error_response(request, exc.status_code, code, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        message, field = describe_validation_error(exc)
+        return error_response(request, 422, "invalid_input", message, field)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        log("unhandled error", logging.ERROR, request_id=request.scope.get("state", {}).get("request_id"),
+            error=f"{type(exc).__name__}: {exc}")
+        return error_response(request, 500, "internal_error", f"unexpected {type(exc).__name__}; see the server "
+                              "log for this request id")
+
+    # ------------------------------------------------------------------------------------------ probes
+
+    @app.get("/", include_in_schema=False)
+    async def demo_page():
+        return HTMLResponse((STATIC / "index.html").read_text())
+
+    @app.get("/healthz", tags=["probes"], summary="The process is alive")
+    async def healthz():
+        return {"status": "alive"}
+
+    @app.get("/readyz", tags=["probes"], summary="Models loaded and warmed up; 503 while starting or draining")
+    async def readyz():
+        if not server.ready:
+            status = "draining" if server.draining else "starting"
+            return JSONResponse({"status": status}, status_code=503)
+        return {"status": "ready", "models": {n: [v for v in r.versions] for n, r in routes.items()}}
+
+    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics")
+    async def metrics():
+        return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    # ------------------------------------------------------------------------------------------ models
+
+    @app.get("/v1/models", tags=["models"], summary="Served models, their versions and traffic split")
+    async def list_models():
+        return {"models": [describe_route(r) for r in routes.values()]}
+
+    @app.get("/v1/models/{name}", tags=["models"], summary="One served model")
+    async def get_model(name: str):
+        return describe_route(server.route_or_404(name))
+
+    for model_name, (group, _) in groups.items():
+        register_predict_route(app, server, model_name, type(group[0].predictor))
+
+    @app.post("/v1/models/{name}/predict", include_in_schema=False)
+    async def predict_unknown(name: str):
+        server.route_or_404(name)
+
+    # ------------------------------------------------------------------------------------------ admin
+
+    @app.post("/v1/admin/models/{name}/versions", tags=["admin"],
+              summary="Load a package as a version (or reload one), warmed up before it takes traffic")
+    async def admin_load(name: str, body: LoadVersionBody, authorization: str | None = Header(None)):
+        server.check_admin(authorization)
+        async with server.admin_lock:
+            return await server.load_version(server.route_or_404(name), body.package, body.weight)
+
+    @app.put("/v1/admin/models/{name}/split", tags=["admin"], summary="Set the traffic split between versions")
+    async def admin_split(name: str, body: SplitBody, authorization: str | None = Header(None)):
+        server.check_admin(authorization)
+        async with server.admin_lock:
+            return server.set_split(server.route_or_404(name), body.weights)
+
+    @app.post("/v1/admin/models/{name}/promote", tags=["admin"],
+              summary="Send all traffic to one version; the others stay loaded for rollback")
+    async def admin_promote(name: str, body: PromoteBody, authorization: str | None = Header(None)):
+        server.check_admin(authorization)
+        async with server.admin_lock:
+            route = server.route_or_404(name)
+            if body.version not in route.versions:
+                raise ApiError(422, "invalid_input", f"version: {body.version!r} is not loaded; loaded: "
+                               f"{', '.join(route.versions)}", "version")
+            return server.set_split(route, {body.version: 100.0})
+
+    @app.post("/v1/admin/models/{name}/rollback", tags=["admin"], summary="Restore the split before the last change")
+    async def admin_rollback(name: str, authorization: str | None = Header(None)):
+        server.check_admin(authorization)
+        async with server.admin_lock:
+            route = server.route_or_404(name)
+            while route.history:
+                previous = {v: w for v, w in route.history.pop().items() if v in route.versions}
+                if sum(previous.values()) > 0:
+                    route.set_weights(previous, remember=False)
+                    server.update_weight_metrics(route)
+                    log("rollback", model=name, weights=route.weights)
+                    return route.describe()
+            raise ApiError(409, "nothing_to_roll_back", "rollback: no earlier split of loaded versions")
+
+    @app.delete("/v1/admin/models/{name}/versions/{version}", tags=["admin"],
+                summary="Unload a version with no traffic, after its queued requests are answered")
+    async def admin_unload(name: str, version: str, authorization: str | None = Header(None)):
+        server.check_admin(authorization)
+        async with server.admin_lock:
+            route = server.route_or_404(name)
+            if version not in route.versions:
+                raise ApiError(404, "unknown_version", f"version: {version!r} is not loaded", "version")
+            if route.weights.get(version, 0) > 0:
+                raise ApiError(409, "version_in_use", f"version: {version!r} still has traffic; move its weight "
+                               "to another version first (split or promote)", "version")
+            retired = route.versions.pop(version)
+            route.weights.pop(version, None)
+            route.history = [{v: w for v, w in h.items() if v != version} for h in route.history]
+            await retired.batcher.drain()
+            return route.describe()
+
+    install_openapi(app, groups)
+    return app
+
+
+def describe_route(route: ModelRoute) -> dict:
+    predictor = next(iter(route.versions.values())).model.predictor
+    spec = predictor.spec
+    return {**route.describe(), "predict": f"/v1/models/{route.name}/predict", "inputs": spec.get("inputs"),
+            "outputs": spec.get("outputs"), "labels": spec.get("labels"), "file_field": predictor.file_field,
+            "preprocessing": spec.get("preprocessing")}
+
+
+def register_predict_route(app: FastAPI, server: ModelServer, name: str, predictor_class: type) -> None:
+    """POST /v1/models/{name}/predict, documented with the predictor's own request and response models."""
+    envelope = create_model(
+        f"{predictor_class.Response.__name__}Envelope",
+        model=(str, ...), version=(str, Field(description="The version that answered (A/B).")),
+        request_id=(str, ...), latency_ms=(float, Field(description="Server time from arrival to answer.")),
+        prediction=(predictor_class.Response, ...))
+    request_schema = {"$ref": f"#/components/schemas/{predictor_class.Request.__name__}"}
+    content = {"application/json": {"schema": request_schema}}
+    if predictor_class.file_field:
+        properties = dict(predictor_class.Request.model_json_schema().get("properties", {}))
+        properties[predictor_class.file_field] = {"type": "string", "format": "binary"}
+        content["multipart/form-data"] = {"schema": {"type": "object", "properties": properties,
+                                                     "required": [predictor_class.file_field]}}
+    errors = {status: {"description": text} for status, text in {
+        400: "Empty or malformed body", 404: "Unknown model", 413: "Body over the size limit",
+        415: "Unsupported Content-Type", 422: "Unusable input (e.g. undecodable image, wrong size)",
+        503: "Queue full or draining (Retry-After)", 504: "Per-request timeout"}.items()}
+
+    async def predict(request: Request):
+        return await server.predict(name, request)
+
+    app.add_api_route(f"/v1/models/{name}/predict", predict, methods=["POST"], response_model=envelope,
+                      tags=["predict"], summary=f"Predict with {name}", responses=errors,
+                      description=f"Send a {CALLER_HEADER} header to stay on one version under an A/B split.",
+                      openapi_extra={"requestBody": {"required": True, "content": content}})
+
+
+def install_openapi(app: FastAPI, groups: dict) -> None:
+    """FastAPI documents only bodies it parses itself; the predict routes parse theirs (JSON or multipart), so
+    their request models are added to the schema here."""
+
+    def openapi():
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for group, _ in groups.values():
+            request_model = type(group[0].predictor).Request
+            body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[request_model.__name__] = body
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi
+
+
+def run_server(models: list, weights: list[float], settings: ServeSettings, loader: Callable | None, host: str,
+               port: int, name: str | None = None, log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM, then stop accepting, let in-flight requests finish (up to drain_s), exit."""
+    import uvicorn
+
+    configure_logging(log_level)
+    app = create_app(models, weights, settings, loader, name)
+    if not settings.admin_token:
+        log("admin API disabled", reason=f"{ADMIN_TOKEN_ENV} is not set")
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=settings.drain_s, log_level=log_level)
+    uvicorn.Server(config).run()

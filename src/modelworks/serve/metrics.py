@@ -1,0 +1,37 @@
+"""Prometheus metrics of one app, on a registry of its own (several apps in one process stay separate)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+# Request latency in seconds: fine steps where a small CPU model answers (1-50 ms), coarse up to the timeout.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5,
+                   5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+LABELS = ("model", "version")
+
+
+class Metrics:
+    def __init__(self):
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("modelworks_requests", "Prediction requests by model, version and HTTP status",
+                                [*LABELS, "status"], registry=r)
+        self.errors = Counter("modelworks_errors", "Failed prediction requests by model, version and kind "
+                              "(invalid_input, overloaded, timeout, ...)", [*LABELS, "kind"], registry=r)
+        self.latency = Histogram("modelworks_request_seconds", "Prediction request latency, arrival to answer",
+                                 LABELS, buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("modelworks_batch_size", "Requests per graph run (dynamic batching)", LABELS,
+                                    buckets=BATCH_BUCKETS, registry=r)
+        self.inference = Histogram("modelworks_inference_seconds", "Time to run one batch through the model",
+                                   LABELS, buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("modelworks_queue_depth", "Requests waiting for a batch", LABELS, registry=r)
+        self.confidence = Histogram("modelworks_prediction_confidence", "The predictor's confidence per answer "
+                                    "(classification: top-1 probability); a shift means the inputs drifted",
+                                    LABELS, buckets=CONFIDENCE_BUCKETS, registry=r)
+        self.traffic_weight = Gauge("modelworks_traffic_weight", "Share of traffic routed to each version (A/B)",
+                                    LABELS, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

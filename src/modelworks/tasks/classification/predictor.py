@@ -1,0 +1,178 @@
+"""Serving-side image classification: image bytes -> normalised tensor batch -> top-k labels with probabilities.
+
+Preprocessing repeats training's exactly: the same decoder (torchvision.io), the same uint8 -> [0, 1] -> (x - mean)
+/ std arithmetic in the same order (data/augment.py), and for ImageFolder models the same colour conversion and
+antialiased resize (data/images.py). A model trained on fixed-size arrays (Fashion-MNIST, CIFAR-10) refuses an
+image of another size or colour mode unless the request asks for `resize`: silently resizing would serve
+inputs the model never saw.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import re
+from typing import Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...errors import InputError
+from ..base import Predictor
+
+COLOR_NAMES = {1: "grayscale", 3: "RGB"}
+# What torchvision.io.decode_image reads; the same list the ImageFolder loader accepts.
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
+
+
+class ImageRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(
+        None, description="The image file (PNG, JPEG, GIF or WebP), base64-encoded; a `data:` URL prefix is "
+                          "accepted. Alternatively upload it as the multipart form field `image`.")
+    top_k: int = Field(5, ge=1, description="How many classes to return, most probable first.")
+    resize: bool = Field(False, description="Resize and colour-convert the image to the model's input size and "
+                                            "channels. Off: an image of another size or colour mode is refused.")
+
+
+class ClassScore(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class ClassificationResponse(BaseModel):
+    label: str = Field(description="The most probable class.")
+    probability: float = Field(description="Its softmax probability.")
+    top_k: list[ClassScore]
+
+
+class ImageClassifierPredictor(Predictor):
+    Request = ImageRequest
+    Response = ClassificationResponse
+    file_field = "image"
+    file_suffixes = IMAGE_SUFFIXES
+
+    def __init__(self, spec: dict):
+        super().__init__(spec)
+        pre = spec["preprocessing"]
+        self.labels: list[str] = list(spec["labels"])
+        self.channels, self.height, self.width = int(pre["channels"]), int(pre["height"]), int(pre["width"])
+        self.always_resize = bool(pre["resize"])
+        self.mean = torch.tensor(pre["mean"], dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.tensor(pre["std"], dtype=torch.float32).view(-1, 1, 1)
+
+    @staticmethod
+    def build_spec(channels: int, height: int, width: int, mean: Sequence[float], std: Sequence[float],
+                   labels: list[str], resize: bool, tta: str) -> dict:
+        """The manifest's description of the model's input, labels and preprocessing."""
+        return {
+            "inputs": [{"name": "images", "shape": ["batch", channels, height, width], "dtype": "float32"}],
+            "outputs": ["logits"],
+            "labels": list(labels),
+            "preprocessing": {
+                "decoder": "torchvision.io.decode_image", "channels": channels, "color": COLOR_NAMES[channels],
+                "height": height, "width": width, "resize": resize, "resize_method": "bilinear, antialiased",
+                "scale": "1/255", "mean": list(mean), "std": list(std),
+            },
+            "test_time_augmentation": tta,  # inside the graph: every runtime serves the evaluated model
+        }
+
+    @property
+    def expected(self) -> str:
+        return f"{self.height}x{self.width} {COLOR_NAMES[self.channels]} ({self.channels} channel" \
+               f"{'s' if self.channels > 1 else ''})"
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def example_request(self) -> tuple[ImageRequest, bytes]:
+        from PIL import Image
+
+        pixels = np.random.default_rng(0).integers(0, 256, (self.height, self.width, self.channels), np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels[..., 0] if self.channels == 1 else pixels).save(buffer, format="PNG")
+        return ImageRequest(top_k=min(5, len(self.labels))), buffer.getvalue()
+
+    def parse(self, request: ImageRequest, file: bytes | None = None) -> tuple[torch.Tensor, int]:
+        if request.top_k > len(self.labels):
+            raise InputError(f"top_k: at most {len(self.labels)}, the number of classes (got {request.top_k})",
+                             "top_k")
+        data = file if file is not None else self._decode_base64(request.image)
+        image = self._decode_image(data, request.resize)
+        x = image.float().div_(255)  # the arithmetic of data/augment.py:augment_batch, in its order
+        x = (x - self.mean) / self.std
+        return x, request.top_k
+
+    @staticmethod
+    def _decode_base64(text: str | None) -> bytes:
+        if not text:
+            raise InputError("image: missing; send the image base64-encoded in the JSON field `image`, or as the "
+                             "multipart form field `image`", "image")
+        if text.startswith("data:") and "," in text:  # a data URL, as a browser's FileReader produces
+            text = text.split(",", 1)[1]
+        try:
+            return base64.b64decode(text, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise InputError(f"image: not valid base64 ({exc}); encode the file's bytes with standard base64",
+                             "image") from None
+
+    def _decode_image(self, data: bytes, resize: bool) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_image
+        from torchvision.transforms.v2 import functional as TF
+
+        if not data:
+            raise InputError("image: empty file; send a PNG, JPEG, GIF or WebP image", "image")
+        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        convert = resize or self.always_resize
+        mode = ImageReadMode.UNCHANGED if not convert else (
+            ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB)
+        try:
+            image = decode_image(encoded, mode=mode)
+        except (RuntimeError, ValueError) as exc:
+            # torchvision prefixes its reason with a C++ source location: keep the reason only.
+            reason = re.split(r"\.cpp:\d+, ", str(exc).splitlines()[0] if str(exc) else "")[-1][:120]
+            raise InputError(f"image: cannot be decoded as PNG, JPEG, GIF or WebP ({reason or type(exc).__name__});"
+                             f" send an image file of {self.expected}", "image") from None
+        if image.ndim == 4:  # an animated GIF decodes to frames
+            if image.shape[0] != 1:
+                raise InputError(f"image: an animation of {image.shape[0]} frames; send one still image", "image")
+            image = image[0]
+        if image.dtype != torch.uint8:
+            raise InputError(f"image: {str(image.dtype).replace('torch.', '')} pixels; this model takes 8-bit "
+                             "images, save it with 8 bits per channel", "image")
+        channels, height, width = image.shape
+        if convert:
+            if (height, width) != (self.height, self.width):
+                image = TF.resize(image, [self.height, self.width], antialias=True)
+            return image
+        if (channels, height, width) != (self.channels, self.height, self.width):
+            got = f"{height}x{width} with {channels} channel{'s' if channels > 1 else ''}"
+            raise InputError(f"image: the model takes {self.expected} images, as it was trained (got {got}); "
+                             "send an image of that size and colour mode, or set resize=true to have it resized "
+                             "and converted", "image")
+        return image
+
+    # ------------------------------------------------------------------------------------------ batches
+
+    def collate(self, items: list[tuple[torch.Tensor, int]]) -> dict[str, np.ndarray]:
+        return {"images": torch.stack([x for x, _ in items]).numpy()}
+
+    def postprocess(self, outputs: Sequence[np.ndarray], items: list[tuple[torch.Tensor, int]]
+                    ) -> list[ClassificationResponse]:
+        logits = torch.from_numpy(np.asarray(outputs[0], dtype=np.float32))
+        probabilities = logits.softmax(dim=1)
+        k_max = max(k for _, k in items)
+        top_p, top_i = probabilities.topk(k_max, dim=1)
+        responses = []
+        for row, (_, k) in enumerate(items):
+            scores = [ClassScore(label=self.labels[i], index=i, probability=p)
+                      for p, i in zip(top_p[row, :k].tolist(), top_i[row, :k].tolist())]
+            responses.append(ClassificationResponse(label=scores[0].label, probability=scores[0].probability,
+                                                    top_k=scores))
+        return responses
+
+    def confidence(self, response: ClassificationResponse) -> float:
+        return response.probability

@@ -1,0 +1,161 @@
+"""Model packages: what export writes and checks, checksum refusal, runtimes agreeing, preprocessing parity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from helpers import fashion_test_images, png_bytes
+from modelworks.errors import InputError, PackageError
+from modelworks.export.package import read_package
+from modelworks.inference import export_run, open_model
+
+
+def data_root(run_dir: Path) -> Path:
+    return Path(yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["root"])
+
+
+def test_manifest_describes_the_package(tiny_package, tiny_run_dir):
+    manifest = read_package(tiny_package).manifest
+    assert (manifest["task"], manifest["name"], manifest["version"]) == ("classification", "tiny", "v1")
+    assert manifest["source"]["run_dir"] == str(tiny_run_dir.resolve())
+    assert set(manifest["files"]) == {"weights.safetensors", "model.torchscript.pt", "model.onnx", "model.int8.onnx"}
+    assert all(len(entry["sha256"]) == 64 and entry["bytes"] > 0 for entry in manifest["files"].values())
+    spec = manifest["predictor"]
+    assert spec["inputs"] == [{"name": "images", "shape": ["batch", 1, 28, 28], "dtype": "float32"}]
+    assert len(spec["labels"]) == 10 and spec["preprocessing"]["mean"] == pytest.approx([0.286])
+    checks = manifest["metrics"]["export"]
+    for runtime in ("eager", "torchscript", "onnx"):
+        assert checks[runtime]["max_abs_diff"] <= 1e-3 and checks[runtime]["agreement"] >= 0.999
+    assert checks["onnx"]["acc1"] > 0.9  # the tiny run learned its classes
+    int8 = manifest["int8"]
+    assert set(int8["speedup"]) == {"1", "32"} and all(s > 0 for s in int8["speedup"].values())
+    assert int8["drop"]["acc1"] == pytest.approx(checks["onnx"]["acc1"] - checks["int8"]["acc1"])
+    assert int8["calibration_samples"] >= 128
+
+
+def test_onnx_model_has_a_dynamic_batch_axis(tiny_package):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(tiny_package / "model.onnx"), providers=["CPUExecutionProvider"])
+    (model_input,) = session.get_inputs()
+    assert isinstance(model_input.shape[0], str) and model_input.shape[1:] == [1, 28, 28]
+    for batch in (1, 5):
+        (logits,) = session.run(None, {"images": np.zeros((batch, 1, 28, 28), np.float32)})
+        assert logits.shape == (batch, 10)
+
+
+@pytest.fixture
+def package_copy(tiny_package, tmp_path) -> Path:
+    return Path(shutil.copytree(tiny_package, tmp_path / "package"))
+
+
+def test_a_modified_file_is_refused_by_name(package_copy):
+    data = bytearray((package_copy / "model.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (package_copy / "model.onnx").write_bytes(bytes(data))
+    with pytest.raises(PackageError, match=r"model\.onnx: checksum mismatch .*modified after export"):
+        read_package(package_copy)
+
+
+def test_a_truncated_file_is_refused_by_name(package_copy):
+    weights = package_copy / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(PackageError, match=r"weights\.safetensors: 100 bytes, the manifest says \d+: .*truncated"):
+        open_model(package_copy, "eager")
+
+
+def test_a_missing_file_is_refused_by_name(package_copy):
+    (package_copy / "model.torchscript.pt").unlink()
+    with pytest.raises(PackageError, match=r"model\.torchscript\.pt: missing from the package"):
+        read_package(package_copy)
+
+
+def test_a_broken_manifest_is_refused(package_copy, tmp_path):
+    manifest = package_copy / "manifest.json"
+    original = json.loads(manifest.read_text())
+    manifest.write_text("{not json")
+    with pytest.raises(PackageError, match=r"manifest\.json: not valid JSON"):
+        read_package(package_copy)
+    escaping = {**original, "files": {**original["files"], "../secret": {"sha256": "0" * 64, "bytes": 1}}}
+    manifest.write_text(json.dumps(escaping))
+    with pytest.raises(PackageError, match=r"file entry '\.\./secret' is not a plain file name"):
+        read_package(package_copy)
+    with pytest.raises(PackageError, match=r"not a model package \(no manifest\.json\)"):
+        read_package(tmp_path)
+
+
+def test_a_missing_runtime_says_how_to_get_it(tiny_run_dir, tmp_path):
+    out, _ = export_run(tiny_run_dir, tmp_path / "onnx-only", {"formats": ("onnx",)}, log=lambda line: None)
+    with pytest.raises(PackageError, match=r"no int8 model model\.int8\.onnx \(export it with --quantize int8\)"):
+        open_model(out, "int8")
+
+
+def test_export_is_refused_beyond_the_tolerance_and_writes_nothing(tiny_run_dir, tmp_path):
+    # A negative tolerance no format can meet: the refusal path, with its report, exactly as for a real mismatch.
+    with pytest.raises(PackageError, match=r"(?s)export refused: a format disagrees with eager PyTorch .*onnx: "
+                                           r"max_abs_diff .*Nothing was written"):
+        export_run(tiny_run_dir, tmp_path / "refused", {"formats": ("onnx",), "atol": -1.0}, log=lambda line: None)
+    assert not (tmp_path / "refused").exists()
+    assert not list(tmp_path.glob(".refused*"))  # no staging folder left behind
+
+
+def test_every_runtime_gives_the_same_answers(tiny_package, tiny_run_dir):
+    images, labels = fashion_test_images(data_root(tiny_run_dir))
+    answers = {}
+    for runtime in ("eager", "torchscript", "onnx", "int8"):
+        model = open_model(tiny_package, runtime)
+        request = model.predictor.Request(top_k=3)
+        items = [model.predictor.parse(request, png_bytes(image)) for image in images]
+        answers[runtime] = model.predict(items)
+    reference = answers["eager"]
+    assert [r.top_k[0].index for r in reference] == labels.tolist()  # the tiny model knows its classes
+    for runtime in ("torchscript", "onnx"):
+        for got, want in zip(answers[runtime], reference):
+            assert got.label == want.label and got.probability == pytest.approx(want.probability, abs=1e-5)
+    assert [r.label for r in answers["int8"]] == [r.label for r in reference]
+
+
+def test_serving_preprocessing_matches_training(tiny_run_dir):
+    """The predictor turns a PNG into exactly the tensor training's prepare_batch makes from the same pixels."""
+    from modelworks import config as config_mod
+    from modelworks.engine import rundir
+    from modelworks.tasks.classification.task import ClassificationTask
+
+    cfg = config_mod.load_config(ClassificationTask, rundir.read_config_dict(tiny_run_dir))
+    cfg.train.channels_last = False
+    task = ClassificationTask(cfg)
+    task.datasets(torch.device("cpu"))
+    predictor = task.predictor()
+    images, labels = fashion_test_images(data_root(tiny_run_dir), n=4)
+    trained_on, _ = task.prepare_batch((torch.from_numpy(images).unsqueeze(1), torch.from_numpy(labels)), None)
+    served = predictor.collate([predictor.parse(predictor.Request(), png_bytes(image)) for image in images])
+    assert np.array_equal(served["images"], trained_on.numpy())
+
+
+def test_predictor_refuses_inputs_with_the_expected_shape_in_the_message(tiny_package):
+    predictor = open_model(tiny_package, "onnx").predictor
+    request = predictor.Request()
+    rgb = np.zeros((28, 28, 3), np.uint8)
+    with pytest.raises(InputError, match=r"image: the model takes 28x28 grayscale \(1 channel\) images, as it was "
+                                         r"trained \(got 28x28 with 3 channels\); .*resize=true"):
+        predictor.parse(request, png_bytes(rgb))
+    with pytest.raises(InputError, match=r"got 64x32 with 1 channel\)"):
+        predictor.parse(request, png_bytes(np.zeros((64, 32), np.uint8)))
+    with pytest.raises(InputError, match=r"image: empty file"):
+        predictor.parse(request, b"")
+    with pytest.raises(InputError, match=r"image: cannot be decoded as PNG, JPEG, GIF or WebP"):
+        predictor.parse(request, b"GIF89a but not really")
+    with pytest.raises(InputError, match=r"top_k: at most 10, the number of classes \(got 11\)"):
+        predictor.parse(predictor.Request(top_k=11), png_bytes(np.zeros((28, 28), np.uint8)))
+    with pytest.raises(InputError, match=r"image: missing"):
+        predictor.parse(request)
+    # Asked for, resizing and colour conversion are done the way an ImageFolder model was trained.
+    x, _ = predictor.parse(predictor.Request(resize=True), png_bytes(np.full((64, 48, 3), 200, np.uint8)))
+    assert tuple(x.shape) == (1, 28, 28)
