@@ -1,5 +1,6 @@
 """The glibc malloc tuning: freed activation-sized buffers stay mapped, so re-allocating them does not fault."""
 
+import resource
 import subprocess
 import sys
 
@@ -31,5 +32,8 @@ def faults_per_cycle(mode: str) -> float:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_tuned_allocator_reuses_freed_pages_instead_of_faulting_them_back():
     assert keep_freed_memory() is True and keep_freed_memory() is True  # idempotent
-    untuned, tuned = faults_per_cycle("default"), faults_per_cycle("tuned")
-    assert tuned < 0.5 * untuned, (tuned, untuned)
+    pages_touched = 6 * 20 * 1024 * 1024 / resource.getpagesize()
+    # glibc's defaults trim the freed heap and fault nearly every page back in (~100% of pages_touched in most
+    # runs here; its adaptive thresholds make the figure vary, so it is not asserted); tuned, the pages stay.
+    tuned = faults_per_cycle("tuned")
+    assert tuned < 0.25 * pages_touched, (tuned, pages_touched)
