@@ -6,9 +6,11 @@ import difflib
 
 from .errors import ConfigError
 from .tasks.classification.task import ClassificationTask
+from .tasks.detection.task import DetectionTask
 
 TASKS = {
     "classification": ClassificationTask,
+    "detection": DetectionTask,
 }
 
 
