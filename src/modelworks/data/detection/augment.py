@@ -66,7 +66,8 @@ def clip_boxes(boxes: torch.Tensor, labels: torch.Tensor, areas_before: torch.Te
     return boxes * keep[..., None], torch.where(keep, labels, -1)
 
 
-def mosaic(x: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, p: float, g: torch.Generator):
+def mosaic(x: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, p: float, min_visible: float,
+           g: torch.Generator):
     """Replace each image, with probability p, by a mosaic of itself and the next three images of the batch,
     each at half scale in one quadrant around a centre drawn from the middle half of the canvas."""
     B, C, H, W = x.shape
@@ -96,7 +97,7 @@ def mosaic(x: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, p: float,
                                torch.minimum(b[..., 2], hi[:, None, 0]), torch.minimum(b[..., 3], hi[:, None, 1])], -1)
         area = (b[..., 2:] - b[..., :2]).prod(-1)
         wh = clipped[..., 2:] - clipped[..., :2]
-        keep = (labels[source] >= 0) & (wh > 2).all(-1) & (wh.clamp(min=0).prod(-1) >= 0.4 * area)
+        keep = (labels[source] >= 0) & (wh > 2).all(-1) & (wh.clamp(min=0).prod(-1) >= min_visible * area)
         all_boxes.append(clipped * keep[..., None])
         all_labels.append(torch.where(keep, labels[source], -1))
     mixed_boxes, mixed_labels = torch.cat(all_boxes, 1), torch.cat(all_labels, 1)  # B, 4M
@@ -115,7 +116,7 @@ def augment_detection_batch(x: torch.Tensor, boxes: torch.Tensor, labels: torch.
     B, C, H, W = x.shape
     device = x.device
     if cfg.mosaic > 0:
-        x, boxes, labels = mosaic(x, boxes, labels, cfg.mosaic, g)
+        x, boxes, labels = mosaic(x, boxes, labels, cfg.mosaic, cfg.min_visible, g)
     if cfg.scale != (1.0, 1.0) or cfg.translate > 0:
         s = _uniform(B, cfg.scale[0], cfg.scale[1], g, device)
         size = torch.tensor([W, H], device=device, dtype=x.dtype)

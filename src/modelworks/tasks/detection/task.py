@@ -17,7 +17,7 @@ from ...data.detection.dataset import build_split, collate
 from ...data.detection.formats import DetectionSet, report_dropped
 from ...data.detection.scenes import SceneConfig, ensure_scenes
 from ...data.images import FASHION_MNIST_CLASSES, split_indices
-from ...errors import DataError
+from ...errors import ConfigError, DataError
 from ..base import Splits, StepOutput, Task
 from . import report
 from .boxes import postprocess
@@ -92,6 +92,12 @@ class DetectionTask(Task):
         super().__init__(cfg)
         self.kind, _, self.location = cfg.data.source.partition(":")
         self.image_size = cfg.data.image_size
+        cells = self.image_size // 32
+        if cfg.model.name == "yolov1" and cells % cfg.model.grid:
+            # Average-pooling a stride-32 map to the grid must merge whole cells (ONNX cannot export the rest).
+            raise ConfigError(f"model.grid: yolov1's {cfg.model.grid}x{cfg.model.grid} grid must divide the "
+                              f"{cells}x{cells} stride-32 feature map of data.image_size={self.image_size}; use "
+                              f"an image size that is a multiple of {32 * cfg.model.grid} or a grid dividing {cells}")
         self.classes: list[str] = []
         self._decoder: nn.Module | None = None
         self._criterion: nn.Module | None = None
