@@ -16,6 +16,7 @@ the DataLoader; larger ones are decoded per batch in DataLoader workers.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
@@ -51,12 +52,13 @@ class DetectionImages(Dataset):
         return len(self.data.records)
 
     def __getitem__(self, i: int):
-        from torchvision.io import ImageReadMode, decode_image
+        from PIL import Image, UnidentifiedImageError
 
         record = self.data.records[i]
         try:
-            image = decode_image(str(record.image), mode=ImageReadMode.RGB)
-        except RuntimeError as exc:
+            with Image.open(record.image) as file:
+                image = torch.from_numpy(np.asarray(file.convert("RGB")).copy()).permute(2, 0, 1)  # 3, H, W
+        except (OSError, UnidentifiedImageError) as exc:
             raise DataError(f"{record.image}: cannot be decoded as an image ({exc})") from None
         if tuple(image.shape[1:]) != (record.height, record.width):
             raise DataError(f"{record.image}: is {image.shape[2]}x{image.shape[1]} but its annotation says "
