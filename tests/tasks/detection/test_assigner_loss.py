@@ -49,6 +49,13 @@ def test_a_point_claimed_by_two_objects_goes_to_the_one_it_overlaps_most():
     assert (boxes[0, 5] == small).all() and scores[0, 5, 1] > 0 and scores[0, 5, 0] == 0
 
 
+def test_an_object_between_the_points_gets_its_nearest_point():
+    thin = torch.tensor([[14.0, 2.0, 19.5, 22.0]])  # 5.5 px wide: no point (x = 4, 12, 20, 28) inside
+    boxes, _, positive = assign(thin.expand(16, 4).clone(), thin, torch.tensor([0]))
+    assert positive[0].nonzero().squeeze(1).tolist() == [6]  # (20, 12): nearest to the centre (16.75, 12)
+    assert (boxes[0, 6] == thin).all()
+
+
 def test_padding_and_empty_targets_assign_nothing():
     pred = torch.zeros(16, 4)
     for gt, labels in ((torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)),

@@ -18,7 +18,8 @@ CLASSES = ["box", "bar"]
 
 
 def shapes(n: int, seed: int, size: int = 64):
-    """Grey images with bright rectangles: 'box' is square-ish, 'bar' tall and thin. Learnable in seconds."""
+    """Grey images with bright rectangles: 'box' is square-ish, 'bar' tall and narrow (wider than the finest
+    stride, 8 px: thinner objects get a single anchor point and learn far more slowly). Learnable in seconds."""
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(n):
@@ -26,7 +27,7 @@ def shapes(n: int, seed: int, size: int = 64):
         boxes, labels = [], []
         for k in range(int(rng.integers(1, 3))):
             label = int(rng.integers(2))
-            w, h = (int(rng.integers(14, 22)),) * 2 if label == 0 else (6, int(rng.integers(20, 30)))
+            w, h = (int(rng.integers(14, 22)),) * 2 if label == 0 else (10, int(rng.integers(24, 32)))
             x0 = int(rng.integers(0, size // 2 - w)) + (size // 2) * k
             y0 = int(rng.integers(0, size - h))
             image[y0:y0 + h, x0:x0 + w] = (220, 200, 60) if label == 0 else (60, 200, 220)
@@ -103,6 +104,12 @@ def test_one_batch_overfits_to_near_perfect_map(name, tmp_path):
         optimizer.step()
         optimizer.zero_grad()
     with torch.no_grad():
+        # BatchNorm's running statistics lag a few hundred fast steps (momentum 0.03): recompute them exactly
+        # on the batch, so evaluation mode sees what training saw.
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.reset_running_stats()
+                module.momentum = None  # a cumulative average: one pass gives the batch's exact statistics
+        model(batch["images"])
         metrics = task.evaluate(model.eval(), [batch])
-    # YOLOv1's 2x2 grid holds one object per cell, so it is held to a looser bar.
-    assert metrics["map50"] > (0.95 if name == "anchor-free" else 0.6), metrics
+    assert metrics["map50"] > 0.95, metrics

@@ -3,7 +3,7 @@
 Targets arrive padded: boxes [B, M, 4] xyxy pixels of the input, labels [B, M] with -1 for padding.
 
 Anchor-free (YOLOv8-style): the task-aligned assigner of TOOD (Feng et al., 2021) picks, for each object, the
-`top_k` anchor points inside it with the highest alignment score^alpha * IoU^beta (an anchor claimed by two
+`top_k` anchor points inside it (an object so thin that no point falls inside gets its nearest point) with the highest alignment score^alpha * IoU^beta (an anchor claimed by two
 objects goes to the one it overlaps most), and gives each positive a soft class target: its alignment
 normalised so that each object's best anchor gets that anchor's IoU. The classification loss is BCE against
 these IoU-aware targets (quality-aware, like varifocal loss without the focal weighting); boxes get a CIoU loss
@@ -46,6 +46,11 @@ class TaskAlignedAssigner:
         g = gt_boxes[:, :, None, :]  # B, M, 1, 4
         edge = torch.stack([x - g[..., 0], y - g[..., 1], g[..., 2] - x, g[..., 3] - y], -1)  # B, M, A, 4
         inside = (edge.amin(-1) > self.eps) & valid[..., None]  # B, M, A
+        # An object thinner than the finest stride can fall between the points; it gets its nearest point.
+        centre = (gt_boxes[..., :2] + gt_boxes[..., 2:]) / 2  # B, M, 2
+        nearest = (centre[:, :, None] - points).pow(2).sum(-1).argmin(-1)  # B, M
+        stranded = valid & ~inside.any(-1)
+        inside = inside | (F.one_hot(nearest, A).bool() & stranded[..., None])
         iou = elementwise_iou(g, pred_boxes[:, None]).clamp(min=0) * inside  # B, M, A
         label_index = gt_labels.clamp(min=0)[..., None].expand(B, M, A)
         class_score = scores.transpose(1, 2).gather(1, label_index)  # B, M, A

@@ -61,6 +61,7 @@ class DetectionDataConfig:
     image_size: int = 160  # images are letterboxed to this square size (pixels; a multiple of 32)
     classes: list[str] = field(default_factory=list)  # voc: class names in label order; empty: the VOC
     # devkit's 20 for VOC20xx folders, else the names found in the training annotations, sorted
+    download: bool = False  # voc: fetch a missing VOCdevkit/VOC2007 or VOC2012 folder (torchvision, checksummed)
     val_fraction: float = 0.1  # held out of train when the source has no validation split
     split_seed: int = 0
     cache_limit_mb: int = 2048  # splits whose decoded images fit are held in memory on the training device
@@ -79,6 +80,23 @@ class DetectionDataConfig:
                              f"(got {self.image_size})")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction: must be in (0, 1) (got {self.val_fraction})")
+
+
+def download_voc(root: Path, download: bool) -> None:
+    """Fetch PASCAL VOC into `root` (a .../VOCdevkit/VOC<year> path) with torchvision's checksummed downloader."""
+    year = root.name[3:] if root.name.startswith("VOC") else ""
+    if not download or year not in ("2007", "2012") or root.parent.name != "VOCdevkit":
+        raise DataError(f"data.source=voc:{root}: the folder does not exist. Point it at a VOCdevkit-style folder "
+                        "(Annotations/, JPEGImages/, ImageSets/Main/), or name .../VOCdevkit/VOC2007 or VOC2012 "
+                        "and set data.download=true to fetch PASCAL VOC (needs internet)")
+    from torchvision.datasets import VOCDetection
+
+    for image_set in ("trainval", "test") if year == "2007" else ("trainval",):
+        try:
+            VOCDetection(str(root.parent.parent), year=year, image_set=image_set, download=True)
+        except Exception as exc:  # network errors come in many types; the message says what to do
+            raise DataError(f"data.source=voc:{root}: downloading PASCAL VOC {year} ({image_set}) failed ({exc}); "
+                            "download it by hand into this folder, or check the network") from None
 
 
 class DetectionTask(Task):
@@ -113,6 +131,8 @@ class DetectionTask(Task):
                       for s in formats.SPLITS if (folder / "annotations" / f"instances_{s}.json").is_file()}
         elif self.kind == "voc":
             root = Path(self.location)
+            if not root.is_dir():
+                download_voc(root, data.download)
             available = [s for s in formats.SPLITS if formats.voc_split_ids(root, s) is not None]
             if "train" not in available:
                 raise DataError(f"{root / 'ImageSets' / 'Main' / 'train.txt'}: a VOC source needs a train split; "
