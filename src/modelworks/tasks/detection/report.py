@@ -131,9 +131,10 @@ PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#4
 
 
 def plot_predictions(images: list[torch.Tensor], truths: list[tuple], results: list[dict], classes: list[str],
-                     path: Path, min_side: int = 320, columns: int = 4) -> None:
-    """A grid of images with ground truth (thin white) and detections (class colour, name and score). Small
-    images are enlarged first so the labels stay legible."""
+                     path: Path, min_score: float = 0.3, min_side: int = 400, columns: int = 4) -> None:
+    """A grid of images with ground truth (thin white) and the detections scoring at least `min_score` (class
+    colour, name and score; the metrics use every detection, the picture only the confident ones). Small images
+    are enlarged first so the labels stay legible."""
     from torchvision.utils import draw_bounding_boxes, make_grid, save_image
 
     drawn = []
@@ -141,6 +142,8 @@ def plot_predictions(images: list[torch.Tensor], truths: list[tuple], results: l
         factor = max(1, int(np.ceil(min_side / max(image.shape[-2:]))))
         image = image.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
         image = draw_bounding_boxes(image, boxes * factor, colors="white", width=1)
+        confident = result["scores"] >= min_score
+        result = {k: v[confident] for k, v in result.items()}
         if len(result["labels"]):
             names = [f"{classes[int(c)]} {s:.2f}" for c, s in zip(result["labels"], result["scores"])]
             colours = [PALETTE[int(c) % len(PALETTE)] for c in result["labels"]]
