@@ -22,7 +22,7 @@ from ..base import Splits, StepOutput, Task
 from . import report
 from .boxes import postprocess
 from .loss import AnchorFreeLoss, TaskAlignedAssigner, YOLOv1Loss
-from .models import AnchorFreeDecoder, AnchorFreeDetector, YOLOv1, YOLOv1Decoder
+from .models import AnchorFreeDecoder, AnchorFreeDetector, YOLOv1, YOLOv1Decoder, fuse_for_inference
 
 SOURCES = "fmnist-scenes, voc:PATH, coco:ANNOTATIONS.json:IMAGES_DIR or yolo:DATA.yaml"
 
@@ -283,8 +283,10 @@ class DetectionTask(Task):
         return summary
 
     def _latency_batch1(self, model: nn.Module, images: list[torch.Tensor]) -> float:
-        """End-to-end milliseconds per image at batch 1 (prepare, forward, decode, NMS), after one warm-up."""
+        """End-to-end milliseconds per image at batch 1 (prepare, forward, decode, NMS) of the inference model
+        (Conv + BatchNorm fused, as exported), after one warm-up."""
         device = next(model.parameters()).device
+        model = fuse_for_inference(model)
         times = []
         for image in images[:1] + images:
             tic = time.perf_counter()
@@ -295,6 +297,10 @@ class DetectionTask(Task):
         return 1000 * sum(times[1:]) / len(times[1:])
 
     # ------------------------------------------------------------------------------------------ export
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        """The raw head (what `forward` returns), Conv + BatchNorm fused; decoding and NMS stay outside."""
+        return fuse_for_inference(model)
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         return (torch.zeros(1, 3, self.image_size, self.image_size),)
