@@ -130,6 +130,14 @@ PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#4
            "#000075", "#808080"]
 
 
+def _font() -> str | None:
+    """matplotlib's bundled DejaVu Sans, so labels have a legible size (PIL's default bitmap font is tiny)."""
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    return str(path) if path.is_file() else None
+
+
 def plot_predictions(images: list[torch.Tensor], truths: list[tuple], results: list[dict], classes: list[str],
                      path: Path, min_score: float = 0.3, min_side: int = 400, columns: int = 4) -> None:
     """A grid of images with ground truth (thin white) and the detections scoring at least `min_score` (class
@@ -147,7 +155,8 @@ def plot_predictions(images: list[torch.Tensor], truths: list[tuple], results: l
         if len(result["labels"]):
             names = [f"{classes[int(c)]} {s:.2f}" for c, s in zip(result["labels"], result["scores"])]
             colours = [PALETTE[int(c) % len(PALETTE)] for c in result["labels"]]
-            image = draw_bounding_boxes(image, result["boxes"] * factor, names, colours, width=2)
+            image = draw_bounding_boxes(image, result["boxes"] * factor, names, colours, width=2, font=_font(),
+                                        font_size=13)
         drawn.append(image)
     size = max(max(d.shape[-2:]) for d in drawn)
     padded = [torch.nn.functional.pad(d, (0, size - d.shape[-1], 0, size - d.shape[-2])) for d in drawn]
