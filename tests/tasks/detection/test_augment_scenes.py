@@ -96,3 +96,12 @@ def test_scenes_are_deterministic_exact_and_limited_in_overlap(tmp_path):
         from torchvision.ops import box_iou
         iou = box_iou(torch.from_numpy(boxes), torch.from_numpy(boxes)).fill_diagonal_(0)
         assert iou.max() <= 0.1 + 1e-6
+
+
+def test_letterbox_keeps_the_aspect_and_pads_below_and_right():
+    from modelworks.data.detection.dataset import letterbox
+
+    image = torch.full((3, 30, 60), 200, dtype=torch.uint8)
+    canvas, scale = letterbox(image, 64)
+    assert scale == pytest.approx(64 / 60) and canvas.shape == (3, 64, 64)
+    assert (canvas[:, :32] == 200).all() and (canvas[:, 32:] == FILL).all()

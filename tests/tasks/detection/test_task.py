@@ -113,3 +113,18 @@ def test_one_batch_overfits_to_near_perfect_map(name, tmp_path):
         model(batch["images"])
         metrics = task.evaluate(model.eval(), [batch])
     assert metrics["map50"] > 0.95, metrics
+
+
+def test_uncached_split_batches_equal_cached_ones(tmp_path):
+    write_coco(tmp_path / "instances_train.json", tmp_path / "train", shapes(10, 3, size=48), CLASSES)
+    source = f"coco:{tmp_path}/instances_train.json:{tmp_path}/train"
+    batches = []
+    for limit in (2048, 0):  # held in memory, then decoded per batch through a DataLoader
+        splits = task_for(source, data={"cache_limit_mb": limit}).datasets(CPU)
+        assert hasattr(splits.train, "get_batch") == (limit > 0)
+        (batch,) = fetch(splits.train, iter([torch.tensor([4, 0, 2])]), CPU, 0, splits.collate_fn)
+        batches.append(batch)
+    for key in batches[0]:
+        assert torch.equal(batches[0][key], batches[1][key]), key
+    assert batches[0]["images"].shape == (3, 3, 64, 64)  # 48-pixel images scaled up into 64
+    torch.testing.assert_close(batches[0]["scales"], torch.full((3,), 64 / 48))
