@@ -34,6 +34,6 @@ def test_two_ranks_report_the_metrics_of_one_process(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         results[name] = json.loads(out.read_text())
     assert (results["one"]["world"], results["two"]["world"]) == (1, 2)
-    assert results["one"]["val/map50"] > 0  # it found something, so equality below means something
+    assert results["one"]["val/mar100"] > 0.05  # it finds objects, so equality below means something
     for key in ("val/map", "val/map50", "val/map75", "val/mar100"):
         assert results["two"][key] == pytest.approx(results["one"][key], abs=1e-9), key
