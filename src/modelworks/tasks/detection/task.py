@@ -17,6 +17,7 @@ from ...data.detection.dataset import build_split, collate
 from ...data.detection.formats import DetectionSet, report_dropped
 from ...data.detection.scenes import SceneConfig, ensure_scenes
 from ...data.images import FASHION_MNIST_CLASSES, split_indices
+from ...engine import distributed
 from ...errors import ConfigError, DataError
 from ..base import Splits, StepOutput, Task
 from . import report
@@ -80,6 +81,9 @@ class DetectionDataConfig:
                              f"(got {self.image_size})")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction: must be in (0, 1) (got {self.val_fraction})")
+        if self.classes and kind != "voc":
+            raise ValueError(f"data.classes: only a voc source takes its class list from the config; {kind} data "
+                             "name their classes themselves (remove data.classes)")
 
 
 def download_voc(root: Path, download: bool) -> None:
@@ -126,6 +130,9 @@ class DetectionTask(Task):
         """The source's annotations, per split, in the internal target format (no pixels decoded yet)."""
         data = self.cfg.data
         if self.kind == "fmnist-scenes":
+            if distributed.is_main():  # generated once, by rank 0; the other ranks wait and then read it
+                ensure_scenes(Path(data.root), data.scenes)
+            distributed.barrier()
             folder = ensure_scenes(Path(data.root), data.scenes)
             splits = {s: formats.read_coco(folder / "annotations" / f"instances_{s}.json", folder / "images" / s)
                       for s in formats.SPLITS if (folder / "annotations" / f"instances_{s}.json").is_file()}
