@@ -3,13 +3,32 @@
 from __future__ import annotations
 
 import difflib
+import importlib
+from collections.abc import Iterator, Mapping
 
 from .errors import ConfigError
-from .tasks.classification.task import ClassificationTask
 
-TASKS = {
-    "classification": ClassificationTask,
+# name -> (module, class). Imported on first use, so a run pays only for its own task's imports (detection's
+# pycocotools and friends would otherwise add about a second to every classification run).
+_TASK_CLASSES = {
+    "classification": ("modelworks.tasks.classification.task", "ClassificationTask"),
+    "detection": ("modelworks.tasks.detection.task", "DetectionTask"),
 }
+
+
+class _Tasks(Mapping):
+    def __getitem__(self, name: str) -> type:
+        module, cls = _TASK_CLASSES[name]
+        return getattr(importlib.import_module(module), cls)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_TASK_CLASSES)
+
+    def __len__(self) -> int:
+        return len(_TASK_CLASSES)
+
+
+TASKS: Mapping[str, type] = _Tasks()
 
 
 def get_task(name: str) -> type:

@@ -1,0 +1,1 @@
+"""Project 2: object detection."""

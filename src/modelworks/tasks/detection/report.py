@@ -1,0 +1,163 @@
+"""Detection metrics with pycocotools (the reference COCO evaluation) and the evaluation plots.
+
+`DetectionRecorder` collects ground truth and detections in original-image pixels as batches stream; under DDP
+each rank holds its shard and `gather` brings them all to every rank, so every rank computes the same numbers
+(early stopping and the best checkpoint then agree). `coco_metrics` scores them: mAP@[.5:.95], mAP@.5,
+mAP@.75, mAP for small/medium/large objects, AR@100, and per-class AP.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ...engine import distributed
+from ...errors import ModelworksError
+
+
+class DetectionRecorder:
+    def __init__(self):
+        self.ground_truth: list[tuple[int, np.ndarray, np.ndarray]] = []  # (image id, boxes [N, 4], labels [N])
+        self.detections: list[tuple[int, np.ndarray, np.ndarray, np.ndarray]] = []  # (+ scores)
+
+    def update(self, batch: dict, results: list[dict]) -> None:
+        scales = batch["scales"].float().cpu()
+        for i, result in enumerate(results):
+            image_id = int(batch["image_ids"][i])
+            keep = batch["labels"][i] >= 0
+            self.ground_truth.append((image_id, (batch["boxes"][i][keep].float().cpu() / scales[i]).numpy(),
+                                      batch["labels"][i][keep].cpu().numpy()))
+            self.detections.append((image_id, (result["boxes"].float().cpu() / scales[i]).numpy(),
+                                    result["scores"].float().cpu().numpy(), result["labels"].cpu().numpy()))
+
+    def gather(self) -> None:
+        """Every rank's records on every rank (object all-gather: the lists are small next to the images)."""
+        if distributed.world_size() == 1:
+            return
+        import torch.distributed as dist
+
+        everything = [None] * distributed.world_size()
+        dist.all_gather_object(everything, (self.ground_truth, self.detections))
+        self.ground_truth = [g for part in everything for g in part[0]]
+        self.detections = [d for part in everything for d in part[1]]
+
+
+def coco_metrics(recorder: DetectionRecorder, classes: list[str]) -> tuple[dict[str, float], dict, np.ndarray]:
+    """(summary metrics, per-class AP@[.5:.95], COCOeval precision array [T, R, K, area, maxDets])."""
+    try:
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+    except ImportError:
+        raise ModelworksError("detection metrics need pycocotools: pip install pycocotools") from None
+    images, annotations, detections = [], [], []
+    for image_id, boxes, labels in recorder.ground_truth:
+        images.append({"id": image_id})
+        for box, label in zip(boxes, labels):
+            w, h = float(box[2] - box[0]), float(box[3] - box[1])
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": int(label),
+                                "bbox": [float(box[0]), float(box[1]), w, h], "area": w * h, "iscrowd": 0})
+    for image_id, boxes, scores, labels in recorder.detections:
+        for box, score, label in zip(boxes, scores, labels):
+            detections.append({"image_id": image_id, "category_id": int(label), "score": float(score),
+                               "bbox": [float(box[0]), float(box[1]), float(box[2] - box[0]),
+                                        float(box[3] - box[1])]})
+    names = ["map", "map50", "map75", "map_small", "map_medium", "map_large", "mar1", "mar10", "mar100",
+             "mar_small", "mar_medium", "mar_large"]
+    T, R, K = 10, 101, len(classes)
+    if not detections or not annotations:
+        return {name: 0.0 for name in names}, {name: 0.0 for name in classes}, -np.ones((T, R, K, 4, 3))
+    truth = COCO()
+    truth.dataset = {"images": images, "annotations": annotations,
+                     "categories": [{"id": k, "name": name} for k, name in enumerate(classes)]}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its progress and table
+        truth.createIndex()
+        evaluation = COCOeval(truth, truth.loadRes(detections), "bbox")
+        evaluation.params.catIds = list(range(K))
+        evaluation.evaluate()
+        evaluation.accumulate()
+        evaluation.summarize()
+    # -1 marks "no ground truth in this range" (e.g. no small objects): report it as 0, not as a negative AP.
+    summary = {name: max(float(v), 0.0) for name, v in zip(names, evaluation.stats)}
+    precision = evaluation.eval["precision"]  # T, R, K, area ranges, max detections (1, 10, 100)
+    per_class = {}
+    for k, name in enumerate(classes):
+        p = precision[:, :, k, 0, -1]
+        per_class[name] = float(p[p > -1].mean()) if (p > -1).any() else 0.0
+    return summary, per_class, precision
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_precision_recall(precision: np.ndarray, classes: list[str], path: Path) -> None:
+    """Precision against recall at IoU 0.5, one curve per class and their mean (COCO's 101 recall points)."""
+    plt = _pyplot()
+    recall = np.linspace(0, 1, precision.shape[1])
+    fig, ax = plt.subplots(figsize=(7, 5.5))
+    curves = []
+    for k, name in enumerate(classes):
+        p = precision[0, :, k, 0, -1]
+        if (p > -1).any():
+            p = np.where(p > -1, p, 0)
+            curves.append(p)
+            ax.plot(recall, p, linewidth=1, alpha=0.8, label=f"{name} ({p.mean():.3f})")
+    if curves:
+        mean = np.mean(curves, 0)
+        ax.plot(recall, mean, color="black", linewidth=2.5, label=f"mean, AP@.5 = {mean.mean():.3f}")
+        p75 = np.where(precision[5, :, :, 0, -1] > -1, precision[5, :, :, 0, -1], 0).mean(-1)
+        ax.plot(recall, p75, color="black", linewidth=1.5, linestyle="--", label=f"mean at IoU .75 ({p75.mean():.3f})")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
+           title="Precision-recall at IoU 0.5 (per class: AP@.5)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6", "#bcf60c",
+           "#fabebe", "#008080", "#e6beff", "#9a6324", "#fffac8", "#800000", "#aaffc3", "#808000", "#ffd8b1",
+           "#000075", "#808080"]
+
+
+def _font() -> str | None:
+    """matplotlib's bundled DejaVu Sans, so labels have a legible size (PIL's default bitmap font is tiny)."""
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    return str(path) if path.is_file() else None
+
+
+def plot_predictions(images: list[torch.Tensor], truths: list[tuple], results: list[dict], classes: list[str],
+                     path: Path, min_score: float = 0.3, min_side: int = 400, columns: int = 4) -> None:
+    """A grid of images with ground truth (thin white) and the detections scoring at least `min_score` (class
+    colour, name and score; the metrics use every detection, the picture only the confident ones). Small images
+    are enlarged first so the labels stay legible."""
+    from torchvision.utils import draw_bounding_boxes, make_grid, save_image
+
+    drawn = []
+    for image, (boxes, labels), result in zip(images, truths, results):
+        factor = max(1, int(np.ceil(min_side / max(image.shape[-2:]))))
+        image = image.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+        image = draw_bounding_boxes(image, boxes * factor, colors="white", width=1)
+        confident = result["scores"] >= min_score
+        result = {k: v[confident] for k, v in result.items()}
+        if len(result["labels"]):
+            names = [f"{classes[int(c)]} {s:.2f}" for c, s in zip(result["labels"], result["scores"])]
+            colours = [PALETTE[int(c) % len(PALETTE)] for c in result["labels"]]
+            image = draw_bounding_boxes(image, result["boxes"] * factor, names, colours, width=2, font=_font(),
+                                        font_size=13)
+        drawn.append(image)
+    size = max(max(d.shape[-2:]) for d in drawn)
+    padded = [torch.nn.functional.pad(d, (0, size - d.shape[-1], 0, size - d.shape[-2])) for d in drawn]
+    save_image(make_grid([d.float() / 255 for d in padded], nrow=columns, padding=4), path)

@@ -1,0 +1,326 @@
+"""Project 2: object detection (fmnist-scenes, PASCAL VOC, COCO, YOLO txt), YOLOv1 and an anchor-free detector."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal
+
+import torch
+from torch import nn
+
+from ...data.detection import formats
+from ...data.detection.augment import DetectionAugmentConfig, augment_detection_batch
+from ...data.detection.dataset import build_split, collate
+from ...data.detection.formats import DetectionSet, report_dropped
+from ...data.detection.scenes import SceneConfig, ensure_scenes
+from ...data.images import FASHION_MNIST_CLASSES, split_indices
+from ...engine import distributed
+from ...errors import ConfigError, DataError
+from ..base import Splits, StepOutput, Task
+from . import report
+from .boxes import postprocess
+from .loss import AnchorFreeLoss, TaskAlignedAssigner, YOLOv1Loss
+from .models import AnchorFreeDecoder, AnchorFreeDetector, YOLOv1, YOLOv1Decoder, fuse_for_inference
+
+SOURCES = "fmnist-scenes, voc:PATH, coco:ANNOTATIONS.json:IMAGES_DIR or yolo:DATA.yaml"
+
+
+@dataclass
+class DetectionModelConfig:
+    name: Literal["anchor-free", "yolov1"] = "anchor-free"
+    size: Literal["t", "n", "s", "m"] = "n"  # anchor-free: YOLOv8's n/s/m widths and depths (t: a toy size)
+    reg_max: int = 16  # anchor-free: bins per box-edge distribution; edges reach (reg_max - 1) strides
+    box_gain: float = 7.5  # anchor-free loss weights (YOLOv8's defaults)
+    cls_gain: float = 0.5
+    dfl_gain: float = 1.5
+    top_k: int = 10  # anchor-free: anchor points the task-aligned assigner gives each object
+    grid: int = 7  # yolov1: S, cells per side
+    boxes_per_cell: int = 2  # yolov1: B
+    widths: tuple[int, ...] = (32, 64, 128, 256, 512)  # yolov1: backbone stage widths (five stages: stride 32)
+    head_width: int = 512  # yolov1
+    lambda_coord: float = 5.0  # yolov1 loss weights (the seed's and the paper's)
+    lambda_noobj: float = 0.5
+    score_threshold: float = 0.001  # detections kept for evaluation (low: mAP integrates over all scores)
+    iou_threshold: float = 0.6  # class-aware NMS
+    max_detections: int = 100  # per image (COCO's AR@100 limit)
+
+    def __post_init__(self):
+        if self.name == "yolov1" and len(self.widths) != 5:
+            raise ValueError(f"model.widths: yolov1 needs five stage widths (got {list(self.widths)})")
+        if self.reg_max < 2:
+            raise ValueError(f"model.reg_max: needs at least 2 bins (got {self.reg_max})")
+
+
+@dataclass
+class DetectionDataConfig:
+    source: str = "fmnist-scenes"  # fmnist-scenes | voc:PATH | coco:ANNOTATIONS.json:IMAGES_DIR | yolo:DATA.yaml
+    # (COCO: put {split} in both paths, e.g. coco:ann/instances_{split}.json:images/{split}, to use its splits)
+    root: str = "data"  # fmnist-scenes: where Fashion-MNIST is looked for and the scenes are written
+    image_size: int = 160  # images are letterboxed to this square size (pixels; a multiple of 32)
+    classes: list[str] = field(default_factory=list)  # voc: class names in label order; empty: the VOC
+    # devkit's 20 for VOC20xx folders, else the names found in the training annotations, sorted
+    download: bool = False  # voc: fetch a missing VOCdevkit/VOC2007 or VOC2012 folder (torchvision, checksummed)
+    val_fraction: float = 0.1  # held out of train when the source has no validation split
+    split_seed: int = 0
+    cache_limit_mb: int = 2048  # splits whose decoded images fit are held in memory on the training device
+    scenes: SceneConfig = field(default_factory=SceneConfig)  # fmnist-scenes only
+    augment: DetectionAugmentConfig = field(default_factory=DetectionAugmentConfig)
+
+    def __post_init__(self):
+        kind, _, rest = self.source.partition(":")
+        if kind not in ("fmnist-scenes", "voc", "coco", "yolo") or (kind == "fmnist-scenes") == bool(rest):
+            raise ValueError(f"data.source: {self.source!r} is not a detection data source; use {SOURCES}")
+        if kind == "coco" and len(rest.rsplit(":", 1)) != 2:
+            raise ValueError(f"data.source: {self.source!r}: a COCO source names its annotation file and image "
+                             "folder, coco:ANNOTATIONS.json:IMAGES_DIR")
+        if self.image_size % 32 or self.image_size < 32:
+            raise ValueError(f"data.image_size: must be a positive multiple of 32, the coarsest stride "
+                             f"(got {self.image_size})")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction: must be in (0, 1) (got {self.val_fraction})")
+        if self.classes and kind != "voc":
+            raise ValueError(f"data.classes: only a voc source takes its class list from the config; {kind} data "
+                             "name their classes themselves (remove data.classes)")
+
+
+def download_voc(root: Path, download: bool) -> None:
+    """Fetch PASCAL VOC into `root` (a .../VOCdevkit/VOC<year> path) with torchvision's checksummed downloader."""
+    year = root.name[3:] if root.name.startswith("VOC") else ""
+    if not download or year not in ("2007", "2012") or root.parent.name != "VOCdevkit":
+        raise DataError(f"data.source=voc:{root}: the folder does not exist. Point it at a VOCdevkit-style folder "
+                        "(Annotations/, JPEGImages/, ImageSets/Main/), or name .../VOCdevkit/VOC2007 or VOC2012 "
+                        "and set data.download=true to fetch PASCAL VOC (needs internet)")
+    from torchvision.datasets import VOCDetection
+
+    for image_set in ("trainval", "test") if year == "2007" else ("trainval",):
+        try:
+            VOCDetection(str(root.parent.parent), year=year, image_set=image_set, download=True)
+        except Exception as exc:  # network errors come in many types; the message says what to do
+            raise DataError(f"data.source=voc:{root}: downloading PASCAL VOC {year} ({image_set}) failed ({exc}); "
+                            "download it by hand into this folder, or check the network") from None
+
+
+class DetectionTask(Task):
+    name = "detection"
+    monitor = ("val/map", "max")
+    ModelConfig = DetectionModelConfig
+    DataConfig = DetectionDataConfig
+    uses_channels_last = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.kind, _, self.location = cfg.data.source.partition(":")
+        self.image_size = cfg.data.image_size
+        cells = self.image_size // 32
+        if cfg.model.name == "yolov1" and cells % cfg.model.grid:
+            # Average-pooling a stride-32 map to the grid must merge whole cells (ONNX cannot export the rest).
+            raise ConfigError(f"model.grid: yolov1's {cfg.model.grid}x{cfg.model.grid} grid must divide the "
+                              f"{cells}x{cells} stride-32 feature map of data.image_size={self.image_size}; use "
+                              f"an image size that is a multiple of {32 * cfg.model.grid} or a grid dividing {cells}")
+        self.classes: list[str] = []
+        self._decoder: nn.Module | None = None
+        self._criterion: nn.Module | None = None
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def read_splits(self) -> dict[str, DetectionSet]:
+        """The source's annotations, per split, in the internal target format (no pixels decoded yet)."""
+        data = self.cfg.data
+        if self.kind == "fmnist-scenes":
+            if distributed.is_main():  # generated once, by rank 0; the other ranks wait and then read it
+                ensure_scenes(Path(data.root), data.scenes)
+            distributed.barrier()
+            folder = ensure_scenes(Path(data.root), data.scenes)
+            splits = {s: formats.read_coco(folder / "annotations" / f"instances_{s}.json", folder / "images" / s)
+                      for s in formats.SPLITS if (folder / "annotations" / f"instances_{s}.json").is_file()}
+        elif self.kind == "voc":
+            root = Path(self.location)
+            if not root.is_dir():
+                download_voc(root, data.download)
+            available = [s for s in formats.SPLITS if formats.voc_split_ids(root, s) is not None]
+            if "train" not in available:
+                raise DataError(f"{root / 'ImageSets' / 'Main' / 'train.txt'}: a VOC source needs a train split; "
+                                "expected Annotations/, JPEGImages/ and ImageSets/Main/{train,val,test}.txt")
+            classes = self.class_names()
+            splits = {s: formats.read_voc(root, s, classes) for s in available}
+        elif self.kind == "coco":
+            annotations, images = self.location.rsplit(":", 1)
+            if "{split}" in annotations:
+                splits = {s: formats.read_coco(Path(annotations.format(split=s)), Path(images.format(split=s)))
+                          for s in formats.SPLITS if Path(annotations.format(split=s)).is_file()}
+                if "train" not in splits:
+                    raise DataError(f"{annotations.format(split='train')}: the COCO source has no train split")
+            else:
+                splits = {"train": formats.read_coco(Path(annotations), Path(images))}
+        else:
+            _, folders, _ = formats.read_yolo_yaml(Path(self.location))
+            splits = {s: formats.read_yolo(Path(self.location), s) for s in folders}
+        if "val" not in splits:
+            train = splits["train"]
+            train_idx, val_idx = split_indices(len(train.records), data.val_fraction, data.split_seed)
+            splits["val"] = DetectionSet(train.classes, [train.records[i] for i in val_idx])
+            splits["train"] = DetectionSet(train.classes, [train.records[i] for i in train_idx], train.dropped)
+        for split in splits.values():
+            if split.classes != splits["train"].classes:
+                raise DataError(f"data.source={self.cfg.data.source}: the splits name different classes "
+                                f"({splits['train'].classes} and {split.classes})")
+            report_dropped(f"data.source={self.cfg.data.source}", split.dropped)
+        return splits
+
+    def datasets(self, device: torch.device) -> Splits:
+        splits = self.read_splits()
+        self.classes = splits["train"].classes
+        if not splits["train"].records or not splits["val"].records:
+            raise DataError(f"data.source={self.cfg.data.source}: the train or val split has no images")
+        make = lambda s: build_split(s, self.image_size, device, self.cfg.data.cache_limit_mb)  # noqa: E731
+        return Splits(make(splits["train"]), make(splits["val"]),
+                      make(splits["test"]) if "test" in splits else None, collate_fn=collate)
+
+    def class_names(self) -> list[str]:
+        """The label order, read from the source's metadata without decoding images."""
+        if self.classes:
+            return self.classes
+        data = self.cfg.data
+        if self.kind == "fmnist-scenes":
+            self.classes = list(FASHION_MNIST_CLASSES)
+        elif self.kind == "voc":
+            root = Path(self.location)
+            self.classes = list(data.classes) or formats.voc_class_names(root, formats.voc_split_ids(root, "train")
+                                                                         or [])
+        elif self.kind == "coco":
+            path = Path(self.location.rsplit(":", 1)[0].format(split="train"))
+            try:
+                categories = json.loads(path.read_text())["categories"]
+                self.classes = [str(c["name"]) for c in sorted(categories, key=lambda c: c["id"])]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise DataError(f"{path}: cannot read the COCO categories ({exc})") from None
+        else:
+            self.classes = formats.read_yolo_yaml(Path(self.location))[2]
+        if not self.classes:
+            raise DataError(f"data.source={data.source}: no class names found; set data.classes")
+        return self.classes
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names())
+
+    def prepare_batch(self, batch: dict, augment: torch.Generator | None) -> dict:
+        x = batch["images"].float() / 255
+        boxes, labels = batch["boxes"].float(), batch["labels"]
+        if augment is not None:
+            x, boxes, labels = augment_detection_batch(x, boxes, labels, self.cfg.data.augment, augment)
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return {**batch, "images": x, "boxes": boxes, "labels": labels}
+
+    # ------------------------------------------------------------------------------------------ model
+
+    def build_model(self) -> nn.Module:
+        m = self.cfg.model
+        if m.name == "yolov1":
+            return YOLOv1(self.num_classes, m.grid, m.boxes_per_cell, tuple(m.widths), m.head_width)
+        return AnchorFreeDetector(self.num_classes, m.size, m.reg_max, self.image_size)
+
+    def decoder(self, device: torch.device) -> nn.Module:
+        """Raw head output -> [B, N, 4 + C] boxes (xyxy input pixels) and class scores; outside the export."""
+        m = self.cfg.model
+        if self._decoder is None:
+            self._decoder = (YOLOv1Decoder(self.image_size) if m.name == "yolov1" else
+                             AnchorFreeDecoder(self.num_classes, m.reg_max, self.image_size, AnchorFreeDetector.strides))
+        return self._decoder.to(device)
+
+    def criterion(self, device: torch.device) -> nn.Module:
+        m = self.cfg.model
+        if self._criterion is None:
+            self._criterion = (
+                YOLOv1Loss(self.image_size, m.lambda_coord, m.lambda_noobj) if m.name == "yolov1" else
+                AnchorFreeLoss(self.decoder(device), m.box_gain, m.cls_gain, m.dfl_gain, TaskAlignedAssigner(m.top_k)))
+        return self._criterion.to(device)
+
+    def describe(self, model: nn.Module) -> str:
+        m = self.cfg.model
+        params = sum(p.numel() for p in model.parameters())
+        what = f"yolov1 (S={m.grid}, B={m.boxes_per_cell})" if m.name == "yolov1" else f"anchor-free-{m.size}"
+        return f"{what}, {self.num_classes} classes, {self.image_size}px: {params / 1e6:.2f}M parameters"
+
+    def step(self, model: nn.Module, batch: dict) -> StepOutput:
+        raw = model(batch["images"])
+        loss, logs = self.criterion(raw.device)(raw, batch["boxes"], batch["labels"])
+        return StepOutput(loss, logs, len(batch["images"]))
+
+    def detect(self, model: nn.Module, images: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """Images (prepared) -> per image {boxes xyxy input pixels, scores, labels} after NMS."""
+        m = self.cfg.model
+        predictions = self.decoder(images.device)(model(images))
+        return postprocess(predictions, m.score_threshold, m.iou_threshold, m.max_detections)
+
+    # ------------------------------------------------------------------------------------------ evaluation
+
+    def evaluate(self, model: nn.Module, batches: Iterable, report_dir: Path | None = None) -> dict[str, float]:
+        classes = self.class_names()
+        recorder = report.DetectionRecorder()
+        shown: list[tuple] = []
+        seconds, images = 0.0, 0
+        for batch in batches:
+            tic = time.perf_counter()
+            results = self.detect(model, batch["images"])
+            seconds += time.perf_counter() - tic
+            images += len(results)
+            recorder.update(batch, results)
+            if report_dir is not None and len(shown) < 16:
+                for i in range(min(16 - len(shown), len(results))):
+                    keep = batch["labels"][i] >= 0
+                    shown.append(((batch["images"][i].float() * 255).round().to(torch.uint8).cpu(),
+                                  (batch["boxes"][i][keep].cpu(), batch["labels"][i][keep].cpu()),
+                                  {k: v.cpu() for k, v in results[i].items()}))
+        recorder.gather()
+        summary, per_class, precision = report.coco_metrics(recorder, classes)
+        summary["ms_per_image"] = 1000 * seconds / max(images, 1)
+        if report_dir is None:
+            return summary
+        summary.update({f"ap/{name}": ap for name, ap in per_class.items()})
+        if shown:
+            summary["ms_per_image_batch1"] = self._latency_batch1(model, [s[0] for s in shown])
+        report.plot_precision_recall(precision, classes, report_dir / "precision_recall.png")
+        report.plot_predictions([s[0] for s in shown], [s[1] for s in shown], [s[2] for s in shown], classes,
+                                report_dir / "predictions.png")
+        return summary
+
+    def _latency_batch1(self, model: nn.Module, images: list[torch.Tensor]) -> float:
+        """End-to-end milliseconds per image at batch 1 (prepare, forward, decode, NMS) of the inference model
+        (Conv + BatchNorm fused, as exported), after one warm-up."""
+        device = next(model.parameters()).device
+        model = fuse_for_inference(model)
+        times = []
+        for image in images[:1] + images:
+            tic = time.perf_counter()
+            x = self.prepare_batch({"images": image[None].to(device), "boxes": torch.zeros(1, 1, 4, device=device),
+                                    "labels": torch.full((1, 1), -1, device=device)}, None)["images"]
+            self.detect(model, x)
+            times.append(time.perf_counter() - tic)
+        return 1000 * sum(times[1:]) / len(times[1:])
+
+    # ------------------------------------------------------------------------------------------ export
+
+    def export_module(self, model: nn.Module) -> nn.Module:
+        """The raw head (what `forward` returns), Conv + BatchNorm fused; decoding and NMS stay outside."""
+        return fuse_for_inference(model)
+
+    def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        return (torch.zeros(1, 3, self.image_size, self.image_size),)
+
+    @classmethod
+    def tiny(cls, folder: Path) -> dict:
+        """Seconds-scale training on a few fmnist-scenes (64 pixels) composed from generated Fashion-MNIST files."""
+        from ...data.synthetic import write_fashion_mnist
+
+        write_fashion_mnist(folder, n_train=300, n_test=60)
+        return {"data": {"source": "fmnist-scenes", "root": str(folder), "image_size": 64,
+                         "scenes": {"train": 64, "val": 32, "test": 16, "image_size": 64, "objects": [1, 3],
+                                    "object_size": [16, 32]},
+                         "augment": {"scale": [0.8, 1.2]}},
+                "model": {"name": "anchor-free", "size": "t", "reg_max": 8},
+                "train": {"epochs": 2, "batch_size": 16, "eval_batch_size": 32, "log_every_steps": 2}}

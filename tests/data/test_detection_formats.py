@@ -1,0 +1,154 @@
+"""The detection readers on fixtures written in the exact real formats (VOC XML tree, COCO json, YOLO txt), their
+errors on malformed input (each naming the file), and BCCD, a real VOC data set, when it is present."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelworks.data.detection import formats
+from modelworks.data.detection.formats import DataWarning, read_coco, read_voc, read_yolo
+from modelworks.data.detection.writers import write_coco, write_voc, write_yolo
+from modelworks.errors import DataError
+
+CLASSES = ["cat", "dog", "bird"]
+BCCD = Path(__file__).resolve().parents[3] / "shared" / "data" / "bccd"
+
+
+def samples(n: int, seed: int = 0, width: int = 48, height: int = 40):
+    """Images with integer boxes (VOC stores integers), 1-3 per image."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        k = int(rng.integers(1, 4))
+        x1, y1 = rng.integers(0, width // 2, k), rng.integers(0, height // 2, k)
+        x2, y2 = x1 + rng.integers(4, width // 2, k), y1 + rng.integers(4, height // 2, k)
+        out.append((image, np.stack([x1, y1, x2, y2], 1).astype(np.float32), rng.integers(0, 3, k)))
+    return out
+
+
+def assert_same(data, expected):
+    assert data.classes == CLASSES
+    assert len(data.records) == len(expected)
+    for record, (image, boxes, labels) in zip(data.records, expected):
+        assert (record.height, record.width) == image.shape[:2]
+        np.testing.assert_allclose(record.boxes, boxes, atol=1e-3)
+        np.testing.assert_array_equal(record.labels, labels)
+        assert record.image.is_file()
+
+
+def test_voc_round_trip(tmp_path):
+    train, val = samples(4, 0), samples(2, 1)
+    write_voc(tmp_path, {"train": train, "val": val}, CLASSES)
+    assert_same(read_voc(tmp_path, "train", CLASSES), train)
+    assert_same(read_voc(tmp_path, "val", CLASSES), val)
+    assert formats.voc_class_names(tmp_path, formats.voc_split_ids(tmp_path, "train")) == sorted(
+        {CLASSES[int(label)] for _, _, labels in train for label in labels})
+
+
+def test_coco_round_trip(tmp_path):
+    data = samples(5)
+    write_coco(tmp_path / "instances.json", tmp_path / "images", data, CLASSES)
+    assert_same(read_coco(tmp_path / "instances.json", tmp_path / "images"), data)
+
+
+def test_yolo_round_trip(tmp_path):
+    train = samples(3)
+    data_yaml = write_yolo(tmp_path, {"train": train, "val": samples(1, 2)}, CLASSES)
+    assert_same(read_yolo(data_yaml, "train"), train)
+    assert len(read_yolo(tmp_path, "val").records) == 1  # the folder holding data.yaml works too
+
+
+def test_zero_area_boxes_are_dropped_and_reported(tmp_path):
+    image, boxes, labels = samples(1)[0]
+    boxes = np.concatenate([boxes, [[10, 10, 10, 20]]]).astype(np.float32)  # zero width
+    write_coco(tmp_path / "i.json", tmp_path / "images", [(image, boxes, np.append(labels, 0))], CLASSES)
+    data = read_coco(tmp_path / "i.json", tmp_path / "images")
+    assert len(data.records[0].labels) == len(labels) and len(data.dropped) == 1
+    assert "i.json" in data.dropped[0] and "zero-area" in data.dropped[0]
+    with pytest.warns(DataWarning, match="1 unusable box"):
+        formats.report_dropped("coco", data.dropped)
+
+
+def test_voc_errors_name_the_file(tmp_path):
+    write_voc(tmp_path, {"train": samples(2)}, CLASSES)
+    xml = tmp_path / "Annotations" / "train_000001.xml"
+    text = xml.read_text()
+    name = text.split("<name>")[1].split("</name>")[0]
+    xml.write_text(text.replace(f"<name>{name}</name>", "<name>zebra</name>", 1))
+    with pytest.raises(DataError, match=r"train_000001\.xml: object 0 has unknown class name 'zebra'; known "
+                                        r"classes: cat, dog, bird"):
+        read_voc(tmp_path, "train", CLASSES)
+    xml.write_text(text.replace("<xmax>", "<xmax>9", 1))  # far past the 48-pixel width
+    with pytest.raises(DataError, match=r"train_000001\.xml: box .* lies outside the 48x40 image"):
+        read_voc(tmp_path, "train", CLASSES)
+    xml.write_text(text[:-30])
+    with pytest.raises(DataError, match=r"train_000001\.xml: not valid XML"):
+        read_voc(tmp_path, "train", CLASSES)
+    xml.write_text(text)
+    (tmp_path / "JPEGImages" / "train_000000.jpg").unlink()
+    with pytest.raises(DataError, match=r"train_000000\.xml: its image .*train_000000\.jpg does not exist"):
+        read_voc(tmp_path, "train", CLASSES)
+    with pytest.raises(DataError, match=r"test\.txt: no such split file \(found: train\)"):
+        read_voc(tmp_path, "test", CLASSES)
+
+
+def test_coco_errors_name_the_file(tmp_path):
+    path = write_coco(tmp_path / "i.json", tmp_path / "images", samples(2), CLASSES)
+    good = json.loads(path.read_text())
+    broken = json.loads(path.read_text())
+    broken["annotations"][0]["category_id"] = 99
+    path.write_text(json.dumps(broken))
+    with pytest.raises(DataError, match=r"i\.json: annotation 0 has unknown category_id 99"):
+        read_coco(path, tmp_path / "images")
+    broken = json.loads(json.dumps(good))
+    broken["annotations"][0]["bbox"] = [40, 30, 30, 30]
+    path.write_text(json.dumps(broken))
+    with pytest.raises(DataError, match=r"i\.json \(image 000000\.png\): box .* lies outside"):
+        read_coco(path, tmp_path / "images")
+    path.write_text(json.dumps({"images": []}))
+    with pytest.raises(DataError, match=r"i\.json: not a COCO instances file \(missing 'categories'\)"):
+        read_coco(path, tmp_path / "images")
+    path.write_text("{")
+    with pytest.raises(DataError, match=r"i\.json: not valid JSON"):
+        read_coco(path, tmp_path / "images")
+    path.write_text(json.dumps(good))
+    (tmp_path / "images" / "000001.png").unlink()
+    with pytest.raises(DataError, match=r"i\.json \(image id 2\): its image .*000001\.png does not exist"):
+        read_coco(path, tmp_path / "images")
+
+
+def test_yolo_errors_name_the_file(tmp_path):
+    data_yaml = write_yolo(tmp_path, {"train": samples(2)}, CLASSES)
+    label = tmp_path / "labels" / "train" / "000001.txt"
+    text = label.read_text()
+    label.write_text("7 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(DataError, match=r"000001\.txt:1: unknown class index 7"):
+        read_yolo(data_yaml, "train")
+    label.write_text("0 0.5 0.5\n")
+    with pytest.raises(DataError, match=r"000001\.txt:1: expected `class cx cy w h`"):
+        read_yolo(data_yaml, "train")
+    label.write_text("0 0.5 0.5 1.8 0.2\n")
+    with pytest.raises(DataError, match=r"000001\.txt: box .* lies outside"):
+        read_yolo(data_yaml, "train")
+    label.write_text(text)
+    with pytest.raises(DataError, match=r"data\.yaml: has no 'test' split"):
+        read_yolo(data_yaml, "test")
+
+
+@pytest.mark.skipif(not BCCD.is_dir(), reason="BCCD is not present at ../shared/data/bccd")
+def test_bccd_reads_through_the_voc_path():
+    ids = formats.voc_split_ids(BCCD, "train")
+    classes = formats.voc_class_names(BCCD, ids)
+    assert classes == ["Platelets", "RBC", "WBC"]
+    splits = {s: read_voc(BCCD, s, classes) for s in ("train", "val", "test")}
+    assert [len(s) for s in splits.values()] == [205, 87, 72]
+    dropped = [line for s in splits.values() for line in s.dropped]
+    assert len(dropped) == 2 and all("zero-area" in line for line in dropped)
+    record = splits["train"].records[0]
+    assert (record.width, record.height) == (640, 480)
+    assert (record.boxes[:, 2] <= 640).all() and (record.boxes[:, :2] >= 0).all()
