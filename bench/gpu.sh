@@ -37,16 +37,17 @@ if [ ! -f data/cifar-10-batches-py/data_batch_1 ]; then
   LABEL="cifar10-fast on SYNTHETIC CIFAR-format data (time only)"
   "$PY" -c "import sys; from pathlib import Path; from modelworks.data.synthetic import write_cifar10; write_cifar10(Path(sys.argv[1]), per_batch=10000)" "$CIFAR_ROOT"
 fi
+RUNS=$(mktemp -d)
 for seed in 0 1; do
   start=$(date +%s.%N)
   "$PY" -m modelworks train classification --recipe cifar10-fast --name "gpu-cifar10-fast-$seed" \
-    --set train.seed=$seed --set data.root="$CIFAR_ROOT" --set output_dir=/tmp/mw-gpu-runs > /tmp/mw-gpu-cifar-$seed.log 2>&1 \
-    || { tail -30 /tmp/mw-gpu-cifar-$seed.log; exit 1; }
+    --set train.seed=$seed --set data.root="$CIFAR_ROOT" --set output_dir="$RUNS" > "$RUNS/cifar-$seed.log" 2>&1 \
+    || { tail -30 "$RUNS/cifar-$seed.log"; exit 1; }
   end=$(date +%s.%N)
-  "$PY" - "$seed" "$start" "$end" "$LABEL" <<'PYEOF'
+  "$PY" - "$seed" "$start" "$end" "$LABEL" "$RUNS" <<'PYEOF'
 import json, sys
-seed, start, end, label = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
-test = json.load(open(f"/tmp/mw-gpu-runs/classification/gpu-cifar10-fast-{seed}/evaluation/test.json"))
+seed, start, end, label, runs = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+test = json.load(open(f"{runs}/classification/gpu-cifar10-fast-{seed}/evaluation/test.json"))
 print(f"| {label} seed {seed} | test acc {test['test/acc1']:.4f} | {end - start:.1f} s end to end (incl. compile) |")
 PYEOF
 done
