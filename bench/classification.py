@@ -16,6 +16,8 @@ bench/results/classification.json. Run nothing else meanwhile: the figures are w
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import itertools
 import json
 import os
@@ -131,14 +133,20 @@ def allocator_table() -> list[dict]:
     return rows
 
 
-def run_recipe(recipe: str, seed: int, out: Path, extra: list[str]) -> dict:
-    """`modelworks train` as a user runs it; wall clock covers data loading, training and the test report."""
+def run_recipe(recipe: str, seed: int, out: Path, extra: list[str], lock: str | None = None) -> dict:
+    """`modelworks train` as a user runs it; wall clock covers data loading, training and the test report.
+    With `lock`, the run holds an exclusive flock on that file, so other heavy work that takes the same lock
+    waits between runs instead of stealing the 2 cores from a timed one."""
     name = f"{recipe}-seed{seed}"
     cmd = [sys.executable, "-m", "modelworks", "train", "classification", "--recipe", recipe, "--name", name,
            "--set", f"train.seed={seed}", "--set", f"output_dir={out}", *extra]
-    tic = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    seconds = time.perf_counter() - tic
+    with contextlib.ExitStack() as held:
+        if lock:
+            handle = held.enter_context(open(lock, "a"))
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        tic = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        seconds = time.perf_counter() - tic
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
     test = json.loads((out / "classification" / name / "evaluation" / "test.json").read_text())
@@ -162,6 +170,8 @@ def main() -> None:
                         help="compile only the bf16 rows (compilation dominates a short GPU lease)")
     parser.add_argument("--recipe-set", action="append", default=[], metavar="KEY=VALUE",
                         help="extra --set for the recipe runs (e.g. train.device=cuda)")
+    parser.add_argument("--lock", metavar="FILE",
+                        help="hold an exclusive flock on FILE during each timed run (share the machine politely)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "classification.json"))
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -193,7 +203,7 @@ def main() -> None:
             for recipe in recipes:
                 runs = []
                 for seed in args.seeds:
-                    run = run_recipe(recipe, seed, Path(tmp), extra)
+                    run = run_recipe(recipe, seed, Path(tmp), extra, args.lock)
                     runs.append(run)
                     print(f"  {recipe:<20} seed {seed}: test acc {run['test_acc1']:.4f} in {run['seconds']:.1f} s",
                           flush=True)
