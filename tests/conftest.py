@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import build_tiny_cfg
+from helpers import build_tiny_cfg, tiny_detection_raw
 from modelworks.data.synthetic import write_fashion_mnist
 
 
@@ -70,4 +70,27 @@ def tiny_package(tiny_run_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("packages") / "tiny-v1"
     export_run(tiny_run_dir, out, {"name": "tiny", "version": "v1", "quantize": "int8", "calibration_samples": 128,
                                    "timing_repeats": 3}, log=lambda line: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_detection_package(tmp_path_factory) -> Path:
+    """DetectionTask.tiny() trained for its seconds-scale run and exported with TorchScript and ONNX (named
+    "boxes", version "v1"), in ~8 s. Two epochs teach it little: it serves the interface tests, which ask for
+    every box (score_threshold 0), not for good ones."""
+    from modelworks import config as config_mod
+    from modelworks.engine import rundir
+    from modelworks.engine.loop import fit
+    from modelworks.inference import export_run
+    from modelworks.tasks.detection.task import DetectionTask
+
+    root = tmp_path_factory.mktemp("tiny-detection")
+    cfg = config_mod.load_config(DetectionTask, tiny_detection_raw(root))
+    run_dir = rundir.new_run_dir(cfg)
+    rundir.write_run_files(run_dir, cfg, ["modelworks", "train", "detection"])
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    fit(DetectionTask(cfg), cfg, run_dir)
+    torch.use_deterministic_algorithms(deterministic)
+    out = root / "package"
+    export_run(run_dir, out, {"name": "boxes", "version": "v1"}, log=lambda line: None)
     return out

@@ -43,6 +43,20 @@ def tiny_raw(tmp_path: Path, **overrides) -> dict:
     return raw
 
 
+def tiny_detection_raw(tmp_path: Path, **model) -> dict:
+    """DetectionTask.tiny() as a raw config mapping (CPU, fp32), the run written under `tmp_path`; `model`
+    overrides model fields (e.g. name="yolov1")."""
+    from modelworks.tasks.detection.task import DetectionTask  # detection's imports only where it is used
+
+    raw = DetectionTask.tiny(tmp_path / "data")
+    raw["task"] = DetectionTask.name
+    raw["output_dir"] = str(tmp_path / "runs")
+    raw["name"] = "tiny-detection"
+    raw["model"].update(model)
+    raw["train"].update(device="cpu", precision="fp32", test_at_end=False)
+    return raw
+
+
 def build_tiny_cfg(tmp_path: Path, **overrides) -> config_mod.RunConfig:
     """A validated RunConfig for a seconds-scale classification run on generated Fashion-MNIST files."""
     return config_mod.load_config(ClassificationTask, tiny_raw(tmp_path, **overrides))

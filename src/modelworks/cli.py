@@ -5,6 +5,7 @@
     modelworks evaluate runs/classification/NAME
     modelworks export runs/classification/NAME --quantize int8
     modelworks predict runs/classification/NAME/package images/ --out predictions.jsonl
+    modelworks predict runs/detection/NAME/package photos/ --out boxes.jsonl --save-images annotated/
     modelworks serve runs/classification/NAME/package --port 8000
 """
 
@@ -67,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--option", dest="options", action="append", default=[], metavar="KEY=VALUE",
                          help="a request field for every input, e.g. --option top_k=3 --option resize=true")
     predict.add_argument("--threads", type=int, help="CPU threads for the runtime (default: all)")
+    predict.add_argument("--save-images", metavar="DIR",
+                         help="also write each input with its prediction drawn on it (detection: boxes) as PNG")
 
     serve = verbs.add_parser("serve", help="HTTP API, demo page and metrics for one or two packages (A/B)",
                              description="Serve model packages over HTTP. Two packages are two versions of one "
@@ -208,9 +211,12 @@ def run_predict(args: argparse.Namespace) -> int:
 
     model = open_model(args.package, args.runtime, args.threads)
     out = Path(args.out) if args.out else None
+    save_images = Path(args.save_images) if args.save_images else None
     result = predict_files(model, args.inputs, out, args.batch_size, parse_options(args.options),
-                           progress=sys.stderr.isatty())
+                           progress=sys.stderr.isatty(), save_images=save_images)
     where = f" -> {out}" if out else ""
+    if result.saved:
+        where += f", {result.saved} images -> {save_images}"
     print(f"{result.predicted} predicted, {result.skipped} skipped ({args.runtime}){where}", file=sys.stderr)
     # Non-zero when an input was skipped, so a script notices; the other predictions are written all the same.
     return 1 if result.skipped else 0

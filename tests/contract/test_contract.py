@@ -44,18 +44,6 @@ def loss_on(task, model, batch) -> float:
         return task.step(model, batch).loss.item()
 
 
-# Tasks registered before their predictor exists (issue 4: detection's boxes-out predictor for predict/serve).
-# They still pass every training, evaluation and raw-graph export check above; remove a name once its
-# predictor lands, and these checks bind it like every other task.
-PREDICTOR_PENDING = {"detection"}
-
-
-def require_predictor(task) -> None:
-    if task.name in PREDICTOR_PENDING:
-        assert not hasattr(type(task), "predictor_class"), f"{task.name} has a predictor now: un-list it"
-        pytest.xfail(f"{task.name}: predictor not implemented yet (issue 4)")
-
-
 @pytest.fixture(params=TASK_NAMES)
 def task(request, tmp_path):
     torch.manual_seed(0)
@@ -136,7 +124,6 @@ def test_exported_graph_matches_eager(task):
 def test_every_format_exports_and_matches_eager(task, tmp_path):
     """The export path of `modelworks export`: TorchScript and ONNX written, run on the validation split by their
     runtimes and held to the default tolerance against eager PyTorch, and the package opens with every runtime."""
-    require_predictor(task)
     from modelworks.export.build import ExportOptions, build_package
     from modelworks.export.package import read_package
     from modelworks.export.runtime import open_runner
@@ -161,7 +148,6 @@ def test_every_format_exports_and_matches_eager(task, tmp_path):
 
 def test_the_predictor_answers_its_example_request(task):
     """parse -> predict with the eager graph: one typed Response per request, and a spec that survives JSON."""
-    require_predictor(task)
     import json
 
     from modelworks.export.runtime import TorchRunner

@@ -62,3 +62,22 @@ def test_predict_over_files_folders_and_globs_skips_bad_files(tiny_package, tiny
     assert [Path(r["path"]).name for r in table] == ["4.png", "5.png"]
     assert {"label", "probability", "top_k.0.label", "top_k.1.probability", "error"} <= set(table[0])
     assert "top_k.2.label" not in table[0]
+
+
+def test_save_images_says_when_the_task_has_nothing_to_draw(tiny_package, tiny_run_dir, tmp_path, capsys):
+    from modelworks.export.batch import predict_files
+    from modelworks.inference import open_model
+
+    root = Path(yaml.safe_load((tiny_run_dir / "config.yaml").read_text())["data"]["root"])
+    images, _ = fashion_test_images(root, n=2)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(tmp_path / f"{i}.png")
+        paths[-1].write_bytes(png_bytes(image))
+    result = predict_files(open_model(tiny_package, "onnx"), [str(p) for p in paths], tmp_path / "out.jsonl", 8,
+                           progress=False, save_images=tmp_path / "drawn")
+    assert (result.predicted, result.skipped, result.saved) == (2, 0, 0)
+    err = capsys.readouterr().err
+    assert err.count("--save-images: a classification model has nothing to draw on its inputs; no images are "
+                     "written (the predictions are)") == 1
+    assert not list((tmp_path / "drawn").iterdir())

@@ -134,3 +134,42 @@ def test_demo_page_in_headless_chromium(tiny_package, image, tmp_path):
     assert all(row.strip().endswith("%") for row in rows)
     assert "version v1" in latency and "server" in latency and "ms" in latency
     assert error.startswith("422 invalid_input: image: the model takes 28x28 grayscale")
+
+
+def test_demo_page_draws_detections_in_headless_chromium(tiny_detection_package, tmp_path):
+    """The same page on a detection model: it offers the model's request fields (a score threshold, no resize)
+    and draws the returned boxes over the upload on a canvas."""
+    if CHROMIUM is None and not os.environ.get("CI"):
+        pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
+    from playwright.sync_api import sync_playwright
+
+    png = tmp_path / "photo.png"
+    png.write_bytes(png_bytes(np.random.default_rng(0).integers(0, 256, (48, 80, 3), np.uint8)))
+    server = ServerProcess(tiny_detection_package)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch_persistent_context(
+                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+            try:
+                page = browser.new_page()
+                page.goto(server.url + "/")
+                page.wait_for_function("document.querySelectorAll('#model option').length > 0", timeout=20000)
+                info = page.inner_text("#model-info")
+                offered = (page.is_visible("#resize-option"), page.is_visible("#score-option"),
+                           page.input_value("#score"))
+                page.fill("#score", "0")  # the tiny model is barely trained: ask for every box
+                page.set_input_files("#file", str(png))
+                page.wait_for_function("document.getElementById('boxes').style.display === 'block'", timeout=20000)
+                rows = page.locator("#results li").all_inner_texts()
+                canvas = page.evaluate("[document.getElementById('boxes').width, "
+                                       "document.getElementById('boxes').height]")
+                error = page.inner_text("#error")
+            finally:
+                browser.close()
+    finally:
+        server.stop()
+    assert "boxes: detection, input 3x64x64" in info
+    assert offered == (False, True, "0.25")
+    assert 0 < len(rows) <= 100 and all(row.strip().endswith("%") for row in rows)
+    assert canvas == [320, 192]  # an 80x48 upload, enlarged 4x to stay legible
+    assert error == ""

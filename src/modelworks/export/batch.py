@@ -1,7 +1,8 @@
 """Offline batch inference (`modelworks predict`): files, folders or globs through a package, to JSONL or CSV.
 
 A file that cannot be used (unreadable, undecodable, wrong size) is reported on stderr, written to the output
-with its error, and skipped; the rest of its batch and of the run go on.
+with its error, and skipped; the rest of its batch and of the run go on. With `--save-images DIR`, each answer
+is also drawn on its input by the predictor's `render` (detection: the boxes) and written to DIR as PNG.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ class BatchResult:
     predicted: int
     skipped: int
     out: Path | None
+    saved: int = 0  # images written by --save-images
 
 
 def expand_inputs(inputs: list[str], suffixes: tuple[str, ...]) -> Iterator[tuple[str, str | None]]:
@@ -95,8 +97,44 @@ class Writer:
             writer.writerows(self.rows)
 
 
+class ImageSaver:
+    """`--save-images DIR`: each answer drawn on its input file, written as DIR/<file name>.png (a name seen
+    before in the run gets -2, -3, ...: inputs from several folders may share names)."""
+
+    def __init__(self, folder: Path, predictor, task: str):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"--save-images: cannot create the folder {folder} ({exc.strerror or exc})") from None
+        self.folder, self.predictor, self.task = folder, predictor, task
+        self.names: set[str] = set()
+        self.saved = 0
+        self.drawing = True
+
+    def save(self, path: str, file: bytes, response) -> None:
+        if not self.drawing:
+            return
+        image = self.predictor.render(file, response)
+        if image is None:
+            self.drawing = False
+            from tqdm import tqdm
+            tqdm.write(f"--save-images: a {self.task} model has nothing to draw on its inputs; no images are "
+                       "written (the predictions are)", file=sys.stderr)
+            return
+        from torchvision.io import write_png
+
+        stem, name, n = Path(path).stem, f"{Path(path).stem}.png", 1
+        while name in self.names:
+            n += 1
+            name = f"{stem}-{n}.png"
+        self.names.add(name)
+        write_png(image, str(self.folder / name))
+        self.saved += 1
+
+
 def predict_files(model: InferenceModel, inputs: list[str], out: Path | None, batch_size: int,
-                  options: dict | None = None, progress: bool = True) -> BatchResult:
+                  options: dict | None = None, progress: bool = True, save_images: Path | None = None
+                  ) -> BatchResult:
     predictor = model.predictor
     if predictor.file_field is None:
         raise ConfigError(f"predict: a {model.package.task} model takes no files; send requests to "
@@ -109,6 +147,7 @@ def predict_files(model: InferenceModel, inputs: list[str], out: Path | None, ba
         raise ConfigError(f"--option: {exc}") from None
     files = list(expand_inputs(inputs, predictor.file_suffixes))
     writer = Writer(out)
+    saver = ImageSaver(Path(save_images), predictor, model.package.task) if save_images is not None else None
     predicted = skipped = 0
 
     from tqdm import tqdm
@@ -122,12 +161,14 @@ def predict_files(model: InferenceModel, inputs: list[str], out: Path | None, ba
 
     try:
         for start in range(0, len(files), batch_size):
-            paths, items = [], []
+            paths, items, contents = [], [], []
             for path, problem in files[start:start + batch_size]:
                 if problem is None:
                     try:
-                        items.append(predictor.parse(request, Path(path).read_bytes()))
+                        content = Path(path).read_bytes()
+                        items.append(predictor.parse(request, content))
                         paths.append(path)
+                        contents.append(content if saver is not None else None)
                         continue
                     except InputError as exc:
                         problem = str(exc)
@@ -135,11 +176,13 @@ def predict_files(model: InferenceModel, inputs: list[str], out: Path | None, ba
                         problem = f"cannot be read ({exc.strerror or exc})"
                 skip(path, problem)
             if items:
-                for path, response in zip(paths, model.predict(items)):
+                for path, content, response in zip(paths, contents, model.predict(items)):
                     writer.write(path, response.model_dump(), None)
+                    if saver is not None:
+                        saver.save(path, content, response)
                 predicted += len(items)
             bar.update(min(batch_size, len(files) - start))
     finally:
         bar.close()
         writer.close()
-    return BatchResult(predicted, skipped, out)
+    return BatchResult(predicted, skipped, out, saver.saved if saver is not None else 0)

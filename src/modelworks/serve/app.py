@@ -585,7 +585,8 @@ def describe_route(route: ModelRoute) -> dict:
     spec = predictor.spec
     return {**route.describe(), "predict": f"/v1/models/{route.name}/predict", "inputs": spec.get("inputs"),
             "outputs": spec.get("outputs"), "labels": spec.get("labels"), "file_field": predictor.file_field,
-            "preprocessing": spec.get("preprocessing")}
+            "request_fields": list(predictor.Request.model_fields), "preprocessing": spec.get("preprocessing"),
+            "postprocessing": spec.get("postprocessing")}
 
 
 def register_predict_route(app: FastAPI, server: ModelServer, name: str, predictor_class: type) -> None:

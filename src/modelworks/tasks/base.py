@@ -100,6 +100,11 @@ class Predictor:
         inputs shows up on a dashboard (classification: the top-1 probability). None: not tracked."""
         return None
 
+    def render(self, file: bytes, response: BaseModel) -> torch.Tensor | None:
+        """The input file with its answer drawn on it, uint8 [3, H, W] (detection: the boxes), for
+        `modelworks predict --save-images`. None: the task has nothing to draw."""
+        return None
+
 
 class Task:
     """Subclass once per project; override what the project needs."""

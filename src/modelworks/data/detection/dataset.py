@@ -31,7 +31,8 @@ def letterbox(image: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
     """uint8 [3, H, W] -> uint8 [3, size, size] scaled to fit at the top-left, and the scale factor."""
     _, H, W = image.shape
     scale = size / max(H, W)
-    h, w = min(size, round(H * scale)), min(size, round(W * scale))
+    # At least one pixel: a 1000x1 strip must not vanish into an empty resize.
+    h, w = max(1, min(size, round(H * scale))), max(1, min(size, round(W * scale)))
     if (h, w) != (H, W):
         image = F.interpolate(image[None].float(), size=(h, w), mode="bilinear", align_corners=False,
                               antialias=True)[0].round().clamp(0, 255).to(torch.uint8)

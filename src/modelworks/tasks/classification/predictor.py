@@ -9,10 +9,7 @@ inputs the model never saw.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import io
-import re
 from typing import Sequence
 
 import numpy as np
@@ -21,10 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import InputError
 from ..base import Predictor
+from ..image_requests import IMAGE_SUFFIXES, decode_base64, decode_image_file
 
 COLOR_NAMES = {1: "grayscale", 3: "RGB"}
-# What torchvision.io.decode_image reads; the same list the ImageFolder loader accepts.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
 
 
 class ImageRequest(BaseModel):
@@ -100,49 +96,20 @@ class ImageClassifierPredictor(Predictor):
         if request.top_k > len(self.labels):
             raise InputError(f"top_k: at most {len(self.labels)}, the number of classes (got {request.top_k})",
                              "top_k")
-        data = file if file is not None else self._decode_base64(request.image)
+        data = file if file is not None else decode_base64(request.image)
         image = self._decode_image(data, request.resize)
         x = image.float().div_(255)  # the arithmetic of data/augment.py:augment_batch, in its order
         x = (x - self.mean) / self.std
         return x, request.top_k
 
-    @staticmethod
-    def _decode_base64(text: str | None) -> bytes:
-        if not text:
-            raise InputError("image: missing; send the image base64-encoded in the JSON field `image`, or as the "
-                             "multipart form field `image`", "image")
-        if text.startswith("data:") and "," in text:  # a data URL, as a browser's FileReader produces
-            text = text.split(",", 1)[1]
-        try:
-            return base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError) as exc:
-            raise InputError(f"image: not valid base64 ({exc}); encode the file's bytes with standard base64",
-                             "image") from None
-
     def _decode_image(self, data: bytes, resize: bool) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_image
+        from torchvision.io import ImageReadMode
         from torchvision.transforms.v2 import functional as TF
 
-        if not data:
-            raise InputError("image: empty file; send a PNG, JPEG, GIF or WebP image", "image")
-        encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         convert = resize or self.always_resize
         mode = ImageReadMode.UNCHANGED if not convert else (
             ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB)
-        try:
-            image = decode_image(encoded, mode=mode)
-        except (RuntimeError, ValueError) as exc:
-            # torchvision prefixes its reason with a C++ source location: keep the reason only.
-            reason = re.split(r"\.cpp:\d+, ", str(exc).splitlines()[0] if str(exc) else "")[-1][:120]
-            raise InputError(f"image: cannot be decoded as PNG, JPEG, GIF or WebP ({reason or type(exc).__name__});"
-                             f" send an image file of {self.expected}", "image") from None
-        if image.ndim == 4:  # an animated GIF decodes to frames
-            if image.shape[0] != 1:
-                raise InputError(f"image: an animation of {image.shape[0]} frames; send one still image", "image")
-            image = image[0]
-        if image.dtype != torch.uint8:
-            raise InputError(f"image: {str(image.dtype).replace('torch.', '')} pixels; this model takes 8-bit "
-                             "images, save it with 8 bits per channel", "image")
+        image = decode_image_file(data, mode, f"send an image file of {self.expected}")
         channels, height, width = image.shape
         if convert:
             if (height, width) != (self.height, self.width):

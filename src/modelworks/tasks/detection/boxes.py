@@ -1,4 +1,5 @@
-"""Box arithmetic for the detectors: element-wise IoU and CIoU, anchor points, distance encodings, and NMS.
+"""Box arithmetic for the detectors: element-wise IoU and CIoU, anchor points, distance encodings, NMS, and
+one-to-one matching of two detection sets.
 
 Boxes are (x1, y1, x2, y2) in pixels throughout. Pairwise IoU and NMS are torchvision.ops' (box_iou,
 batched_nms); the element-wise forms below are what the losses and the assigner need, and the tests check
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torchvision.ops import batched_nms
+from torchvision.ops import batched_nms, box_iou
 
 
 def box_area(boxes: torch.Tensor) -> torch.Tensor:
@@ -75,3 +76,22 @@ def postprocess(predictions: torch.Tensor, score_threshold: float, iou_threshold
         keep = batched_nms(boxes, scores, labels, iou_threshold)[:max_detections]
         results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
     return results
+
+
+def count_matches(boxes: torch.Tensor, labels: torch.Tensor, other_boxes: torch.Tensor, other_labels: torch.Tensor,
+                  iou_threshold: float) -> int:
+    """How many of `boxes` (in order, e.g. by score) find a partner in `other_boxes` of the same label with IoU
+    >= iou_threshold, each partner used once (greedy, the way COCO matches detections to ground truth)."""
+    if not len(boxes) or not len(other_boxes):
+        return 0
+    iou = box_iou(boxes.float(), other_boxes.float())
+    iou[labels[:, None] != other_labels[None, :]] = -1
+    taken = torch.zeros(len(other_boxes), dtype=torch.bool, device=iou.device)
+    matches = 0
+    for row in iou:
+        row = row.masked_fill(taken, -1)
+        j = int(row.argmax())
+        if row[j] >= iou_threshold:
+            taken[j] = True
+            matches += 1
+    return matches

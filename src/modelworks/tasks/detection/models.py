@@ -199,6 +199,14 @@ class YOLOv1Decoder(nn.Module):
         return torch.cat([boxes, scores], -1).reshape(B, S * S * K, -1)
 
 
+def build_decoder(name: str, num_classes: int, image_size: int, reg_max: int = 16,
+                  strides: tuple[int, ...] = AnchorFreeDetector.strides) -> nn.Module:
+    """The decoder of a model's raw head output (evaluation's and the predictor's, so both decode alike)."""
+    if name == "yolov1":
+        return YOLOv1Decoder(image_size)
+    return AnchorFreeDecoder(num_classes, reg_max, image_size, tuple(strides))
+
+
 def fuse_for_inference(model: nn.Module) -> nn.Module:
     """An evaluation-mode copy with every Conv + BatchNorm pair folded into one convolution: the same function
     (to float rounding), one kernel fewer per layer, which matters most at batch 1 on a CPU."""

@@ -130,7 +130,7 @@ PALETTE = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#4
            "#000075", "#808080"]
 
 
-def _font() -> str | None:
+def label_font() -> str | None:
     """matplotlib's bundled DejaVu Sans, so labels have a legible size (PIL's default bitmap font is tiny)."""
     import matplotlib
 
@@ -155,7 +155,7 @@ def plot_predictions(images: list[torch.Tensor], truths: list[tuple], results: l
         if len(result["labels"]):
             names = [f"{classes[int(c)]} {s:.2f}" for c, s in zip(result["labels"], result["scores"])]
             colours = [PALETTE[int(c) % len(PALETTE)] for c in result["labels"]]
-            image = draw_bounding_boxes(image, result["boxes"] * factor, names, colours, width=2, font=_font(),
+            image = draw_bounding_boxes(image, result["boxes"] * factor, names, colours, width=2, font=label_font(),
                                         font_size=13)
         drawn.append(image)
     size = max(max(d.shape[-2:]) for d in drawn)

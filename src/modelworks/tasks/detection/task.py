@@ -21,9 +21,10 @@ from ...engine import distributed
 from ...errors import ConfigError, DataError
 from ..base import Splits, StepOutput, Task
 from . import report
-from .boxes import postprocess
+from .boxes import count_matches, postprocess
 from .loss import AnchorFreeLoss, TaskAlignedAssigner, YOLOv1Loss
-from .models import AnchorFreeDecoder, AnchorFreeDetector, YOLOv1, YOLOv1Decoder, fuse_for_inference
+from .models import AnchorFreeDetector, YOLOv1, build_decoder, fuse_for_inference
+from .predictor import DetectionPredictor
 
 SOURCES = "fmnist-scenes, voc:PATH, coco:ANNOTATIONS.json:IMAGES_DIR or yolo:DATA.yaml"
 
@@ -45,13 +46,18 @@ class DetectionModelConfig:
     lambda_noobj: float = 0.5
     score_threshold: float = 0.001  # detections kept for evaluation (low: mAP integrates over all scores)
     iou_threshold: float = 0.6  # class-aware NMS
-    max_detections: int = 100  # per image (COCO's AR@100 limit)
+    max_detections: int = 100  # per image (COCO's AR@100 limit); also the served default
+    predict_score_threshold: float = 0.25  # served detections' default minimum score (a request may set its own);
+    # evaluation keeps everything above score_threshold instead
 
     def __post_init__(self):
         if self.name == "yolov1" and len(self.widths) != 5:
             raise ValueError(f"model.widths: yolov1 needs five stage widths (got {list(self.widths)})")
         if self.reg_max < 2:
             raise ValueError(f"model.reg_max: needs at least 2 bins (got {self.reg_max})")
+        for name in ("score_threshold", "predict_score_threshold", "iou_threshold"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"model.{name}: must be in [0, 1] (got {getattr(self, name)})")
 
 
 @dataclass
@@ -228,8 +234,7 @@ class DetectionTask(Task):
         """Raw head output -> [B, N, 4 + C] boxes (xyxy input pixels) and class scores; outside the export."""
         m = self.cfg.model
         if self._decoder is None:
-            self._decoder = (YOLOv1Decoder(self.image_size) if m.name == "yolov1" else
-                             AnchorFreeDecoder(self.num_classes, m.reg_max, self.image_size, AnchorFreeDetector.strides))
+            self._decoder = build_decoder(m.name, self.num_classes, self.image_size, m.reg_max)
         return self._decoder.to(device)
 
     def criterion(self, device: torch.device) -> nn.Module:
@@ -311,6 +316,51 @@ class DetectionTask(Task):
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         return (torch.zeros(1, 3, self.image_size, self.image_size),)
+
+    # ------------------------------------------------------------------------------------------ inference
+
+    predictor_class = DetectionPredictor
+
+    def predictor(self) -> DetectionPredictor:
+        m = self.cfg.model
+        decoder = ({"name": "yolov1"} if m.name == "yolov1" else
+                   {"name": m.name, "reg_max": m.reg_max, "strides": list(AnchorFreeDetector.strides)})
+        spec = DetectionPredictor.build_spec(self.class_names(), self.image_size, decoder, m.predict_score_threshold,
+                                             m.iou_threshold, m.max_detections)
+        return DetectionPredictor(spec)
+
+    def adopt_spec(self, spec: dict) -> None:
+        self.classes = list(spec["labels"])
+
+    def graph_inputs(self, batch: dict) -> tuple[torch.Tensor, ...]:
+        return (batch["images"],)
+
+    def score_outputs(self, outputs, reference, batch) -> dict[str, torch.Tensor]:
+        """Both scores at the served operating point (the predictor's default thresholds), in letterbox pixels.
+
+        agreement: 1 where the format's detections are eager's: as many, and each eager detection (by score) pairs
+        with one of the format's of the same class at IoU >= 0.9. The whole set, not the top box alone: near-tied
+        anchors of one object swap places on float noise, which a top-1 rule would call a disagreement, while
+        a set compares what a caller receives. Both empty agrees.
+        f1_50: the detections against the ground truth (same class, IoU >= 0.5, one detection per object):
+        2 TP / (detections + objects), 1 for an image with neither; int8's drop in it is reported."""
+        m = self.cfg.model
+        device = outputs[0].device
+        decoder = self.decoder(device)
+        found = postprocess(decoder(outputs[0]), m.predict_score_threshold, m.iou_threshold, m.max_detections)
+        wanted = postprocess(decoder(reference[0].to(device)), m.predict_score_threshold, m.iou_threshold,
+                             m.max_detections)
+        agreement, f1 = [], []
+        for i, (got, want) in enumerate(zip(found, wanted)):
+            same = len(got["labels"]) == len(want["labels"]) == count_matches(
+                want["boxes"], want["labels"], got["boxes"], got["labels"], 0.9)
+            agreement.append(float(same))
+            keep = batch["labels"][i] >= 0
+            truth_boxes, truth_labels = batch["boxes"][i][keep].to(device), batch["labels"][i][keep].to(device)
+            total = len(got["labels"]) + len(truth_labels)
+            hits = count_matches(got["boxes"], got["labels"], truth_boxes, truth_labels, 0.5)
+            f1.append(2 * hits / total if total else 1.0)
+        return {"agreement": torch.tensor(agreement), "f1_50": torch.tensor(f1)}
 
     @classmethod
     def tiny(cls, folder: Path) -> dict:

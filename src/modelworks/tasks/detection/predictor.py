@@ -1,0 +1,173 @@
+"""Serving-side object detection: image bytes -> letterboxed tensor -> raw head -> boxes in the image's own pixels.
+
+Preprocessing is evaluation's: the image is decoded to RGB and letterboxed by the function the data sets use
+(data/detection/dataset.py: one scale factor, top-left placement, grey fill), then divided by 255 as
+`DetectionTask.prepare_batch` does. The exported graph is the raw head only; decoding (bin expectations, or
+YOLOv1's cell offsets) and class-aware NMS run here, with the same functions evaluation uses
+(`models.build_decoder`, `boxes.postprocess`). Boxes go back to the original image by the one division
+evaluation uses (the letterbox has no offset), then are clipped to the image: the grey padding holds nothing.
+
+Training decodes files with PIL and serving with torchvision.io; both give the same pixels for PNG. A JPEG
+may differ by a unit in a few pixels between the two decoders, far below what changes a detection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...data.detection.dataset import FILL, letterbox
+from ..base import Predictor
+from ..image_requests import FORMATS, IMAGE_SUFFIXES, decode_base64, decode_image_file
+from .boxes import postprocess
+from .models import build_decoder
+
+MAX_DETECTIONS = 1000  # a request's upper bound: more boxes than this are noise, and slow to draw and send
+
+
+class DetectionRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    image: str | None = Field(
+        None, description=f"The image file ({FORMATS}), base64-encoded; a `data:` URL prefix is accepted. "
+                          "Alternatively upload it as the multipart form field `image`. Any size: it is "
+                          "letterboxed to the model's input as in evaluation.")
+    score_threshold: float | None = Field(
+        None, ge=0, le=1, description="Keep detections scoring above this. Default: the model's "
+                                      "(`postprocessing` in GET /v1/models/{name}).")
+    iou_threshold: float | None = Field(
+        None, gt=0, le=1, description="Non-maximum suppression: of two boxes of one class overlapping by more "
+                                      "than this IoU, the lower-scoring one is dropped. Default: the model's.")
+    max_detections: int | None = Field(
+        None, ge=1, le=MAX_DETECTIONS, description="At most this many detections, highest scores first. "
+                                                   "Default: the model's.")
+
+
+class Detection(BaseModel):
+    label: str
+    index: int = Field(description="The class's position in the model's labels.")
+    score: float
+    box: tuple[float, float, float, float] = Field(
+        description="x1, y1, x2, y2 in pixels of the image as sent (origin top-left; x right, y down).")
+
+
+class DetectionResponse(BaseModel):
+    detections: list[Detection] = Field(description="Highest score first.")
+    width: int = Field(description="The image's width in pixels, as decoded.")
+    height: int = Field(description="The image's height in pixels.")
+
+
+@dataclass
+class DetectionItem:
+    image: torch.Tensor  # float [3, S, S] in [0, 1], letterboxed
+    scale: float  # letterbox pixels per original pixel
+    width: int  # the original image's size
+    height: int
+    score_threshold: float
+    iou_threshold: float
+    max_detections: int
+
+
+class DetectionPredictor(Predictor):
+    Request = DetectionRequest
+    Response = DetectionResponse
+    file_field = "image"
+    file_suffixes = IMAGE_SUFFIXES
+
+    def __init__(self, spec: dict):
+        super().__init__(spec)
+        self.labels: list[str] = list(spec["labels"])
+        self.image_size = int(spec["preprocessing"]["letterbox"])
+        self.decoder = build_decoder(num_classes=len(self.labels), image_size=self.image_size,
+                                     **spec["decoder"]).eval()
+        self.defaults = spec["postprocessing"]
+
+    @staticmethod
+    def build_spec(labels: list[str], image_size: int, decoder: dict, score_threshold: float, iou_threshold: float,
+                   max_detections: int) -> dict:
+        """The manifest's description of the model's input, labels, decoder and default postprocessing.
+        `decoder`: `models.build_decoder`'s arguments besides the class count and image size."""
+        return {
+            "inputs": [{"name": "images", "shape": ["batch", 3, image_size, image_size], "dtype": "float32"}],
+            "outputs": ["raw"],  # the raw head: decoded and suppressed outside the graph
+            "labels": list(labels),
+            "preprocessing": {
+                "decoder": "torchvision.io.decode_image", "color": "RGB", "letterbox": image_size,
+                "placement": "top-left", "fill": FILL, "resize_method": "bilinear, antialiased", "scale": "1/255",
+            },
+            "decoder": dict(decoder),
+            "postprocessing": {"score_threshold": score_threshold, "iou_threshold": iou_threshold,
+                               "max_detections": max_detections, "nms": "class-aware (torchvision batched_nms)"},
+        }
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def example_request(self) -> tuple[DetectionRequest, bytes]:
+        from torchvision.io import encode_png
+
+        # Wider than tall, so the letterbox pads: the warm-up takes the path real photos take.
+        generator = torch.Generator().manual_seed(0)
+        pixels = torch.randint(0, 256, (3, self.image_size * 3 // 4, self.image_size), generator=generator,
+                               dtype=torch.uint8)
+        return DetectionRequest(), encode_png(pixels).numpy().tobytes()
+
+    def parse(self, request: DetectionRequest, file: bytes | None = None) -> DetectionItem:
+        from torchvision.io import ImageReadMode
+
+        data = file if file is not None else decode_base64(request.image)
+        image = decode_image_file(data, ImageReadMode.RGB, f"send a {FORMATS} image")
+        _, height, width = image.shape
+        canvas, scale = letterbox(image, self.image_size)
+        return DetectionItem(
+            canvas.float().div_(255), scale, width, height,
+            self._option(request.score_threshold, "score_threshold"),
+            self._option(request.iou_threshold, "iou_threshold"),
+            int(self._option(request.max_detections, "max_detections")))
+
+    def _option(self, value, name: str):
+        return self.defaults[name] if value is None else value
+
+    # ------------------------------------------------------------------------------------------ batches
+
+    def collate(self, items: list[DetectionItem]) -> dict[str, np.ndarray]:
+        return {"images": torch.stack([item.image for item in items]).numpy()}
+
+    def postprocess(self, outputs: Sequence[np.ndarray], items: list[DetectionItem]) -> list[DetectionResponse]:
+        raw = torch.from_numpy(np.asarray(outputs[0], dtype=np.float32))
+        with torch.inference_mode():
+            predictions = self.decoder(raw)
+            responses = []
+            for row, item in enumerate(items):
+                (result,) = postprocess(predictions[row:row + 1], item.score_threshold, item.iou_threshold,
+                                        item.max_detections)
+                boxes = result["boxes"] / item.scale
+                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, item.width)
+                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, item.height)
+                detections = [Detection(label=self.labels[k], index=k, score=s, box=tuple(b))
+                              for k, s, b in zip(result["labels"].tolist(), result["scores"].tolist(),
+                                                 boxes.tolist())]
+                responses.append(DetectionResponse(detections=detections, width=item.width, height=item.height))
+        return responses
+
+    def confidence(self, response: DetectionResponse) -> float:
+        return response.detections[0].score if response.detections else 0.0
+
+    def render(self, file: bytes, response: DetectionResponse) -> torch.Tensor:
+        from torchvision.io import ImageReadMode
+        from torchvision.utils import draw_bounding_boxes
+
+        from .report import PALETTE, label_font
+
+        image = decode_image_file(file, ImageReadMode.RGB, f"send a {FORMATS} image")
+        if not response.detections:
+            return image
+        side = max(image.shape[1:])
+        boxes = torch.tensor([d.box for d in response.detections])
+        names = [f"{d.label} {d.score:.2f}" for d in response.detections]
+        colours = [PALETTE[d.index % len(PALETTE)] for d in response.detections]
+        return draw_bounding_boxes(image, boxes, names, colours, width=max(1, side // 200), font=label_font(),
+                                   font_size=max(10, side // 40))
