@@ -20,6 +20,8 @@ Writes bench/results/detection.json and prints a table. Run nothing else meanwhi
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -183,6 +185,17 @@ def peer_row(label: str, data_yaml: Path, imgsz: int, budget_s: float, device: s
 # ---------------------------------------------------------------------------------------------- main
 
 
+@contextlib.contextmanager
+def held(lock: str | None):
+    """An exclusive flock on `lock` for the duration (nothing without one)."""
+    if not lock:
+        yield
+        return
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'row':<34} {'mAP@[.5:.95]':>12} {'mAP@.5':>8} {'train s':>8} {'train img/s':>11} {'ms/img b1':>10}")
     for r in rows:
@@ -201,6 +214,9 @@ def main() -> None:
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--skip-bccd", action="store_true")
     parser.add_argument("--skip-yolov1", action="store_true")
+    parser.add_argument("--lock", metavar="FILE",
+                        help="hold an exclusive flock on FILE during each row, so other heavy work sharing the "
+                             "machine (and taking the same lock) waits between rows instead of skewing them")
     parser.add_argument("--out", default=str(RESULTS / "detection.json"))
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -217,28 +233,32 @@ def main() -> None:
                       ["model.name=yolov1", "model.grid=5", "model.widths=[32,64,128,256,512]",
                        "model.head_width=512", "train.ema.enabled=false", "optim.lr=0.001"]))
     for label, recipe, overrides in plans:
-        rows.append(our_row(label.split(",")[0].replace(" ", "-").replace("(", "").replace(")", ""), recipe,
-                            overrides, args.budget_s, args.device, args.threads, "val",
-                            len(scene_splits["train"])))
+        with held(args.lock):
+            rows.append(our_row(label.split(",")[0].replace(" ", "-").replace("(", "").replace(")", ""), recipe,
+                                overrides, args.budget_s, args.device, args.threads, "val",
+                                len(scene_splits["train"])))
         rows[-1]["row"] = label
         print_table(rows[-1:])
     if not args.skip_peer:
         data_yaml = yolo_tree(scene_splits, RESULTS / "yolo-fmnist-scenes")
-        rows.append(peer_row("peer-yolov8n-fmnist-scenes", data_yaml, 160, args.budget_s, args.device, args.threads,
-                             "val"))
+        with held(args.lock):
+            rows.append(peer_row("peer-yolov8n-fmnist-scenes", data_yaml, 160, args.budget_s, args.device,
+                                 args.threads, "val"))
         rows[-1]["row"] = "ultralytics YOLOv8n, fmnist-scenes"
         print_table(rows[-1:])
     if not args.skip_bccd and BCCD.is_dir():
-        rows.append(our_row("bccd", "bccd", [f"data.source=voc:{BCCD}"], args.budget_s, args.device, args.threads,
-                            "test", len(formats.voc_split_ids(BCCD, "train"))))
+        with held(args.lock):
+            rows.append(our_row("bccd", "bccd", [f"data.source=voc:{BCCD}"], args.budget_s, args.device,
+                                args.threads, "test", len(formats.voc_split_ids(BCCD, "train"))))
         rows[-1]["row"] = "ours anchor-free-n, BCCD (test)"
         print_table(rows[-1:])
         if not args.skip_peer:
             classes = ["RBC", "WBC", "Platelets"]
             bccd = {s: formats.read_voc(BCCD, s, classes) for s in ("train", "val", "test")}
             data_yaml = yolo_tree(bccd, RESULTS / "yolo-bccd")
-            rows.append(peer_row("peer-yolov8n-bccd", data_yaml, 320, args.budget_s, args.device, args.threads,
-                                 "test"))
+            with held(args.lock):
+                rows.append(peer_row("peer-yolov8n-bccd", data_yaml, 320, args.budget_s, args.device,
+                                     args.threads, "test"))
             rows[-1]["row"] = "ultralytics YOLOv8n, BCCD (test)"
             print_table(rows[-1:])
     print_table(rows)
