@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--threads", type=int, help="CPU threads per runtime (default: all)")
     serve.add_argument("--max-batch-size", type=int, default=32, help="largest dynamic batch; 1 turns batching off")
     serve.add_argument("--max-wait-ms", type=float, default=2.0,
-                       help="how long a batch waits to fill once its first request is queued")
+                       help="longest a batch waits for requests still being read (counted from its oldest "
+                            "request); a lone request does not wait")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="requests waiting per model version; more are answered 503 with Retry-After")
     serve.add_argument("--timeout-s", type=float, default=10.0, help="per-request deadline; past it 504")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import re
 from pathlib import Path
 
@@ -188,17 +189,31 @@ def test_concurrent_requests_are_batched(tiny_package, images):
     assert batches < 16  # grouped: fewer graph runs than requests (warm-up runs are not observed)
 
 
+async def post_arriving_slowly(client, image: bytes, delay_s: float) -> httpx.Response:
+    """A request whose body takes `delay_s` to arrive: while it is being read, a batch waits for it (up to
+    max_wait_ms)."""
+    async def chunks():
+        await asyncio.sleep(delay_s)
+        yield json.dumps(json_body(image)).encode()
+
+    return await client.post("/v1/models/tiny/predict", content=chunks(), headers={"Content-Type": "application/json"})
+
+
 def test_a_full_queue_answers_503_with_retry_after_and_loses_no_accepted_request(tiny_package, images):
-    app = app_for(tiny_package, max_batch_size=1, max_queue=2)
+    # A request still arriving holds the first batch (up to max_wait_ms), so the queue bound of 2 is reached.
+    app = app_for(tiny_package, max_batch_size=8, max_wait_ms=1000, max_queue=2)
 
     async def body(client):
+        slow = asyncio.create_task(post_arriving_slowly(client, images[0][0], 0.3))
+        await asyncio.sleep(0.05)
         responses = await asyncio.gather(*(client.post("/v1/models/tiny/predict", json=json_body(images[0][0]))
                                            for _ in range(40)))
+        responses.append(await slow)
         return responses, (await client.get("/metrics")).text, (await client.get("/healthz")).status_code
 
     responses, text, health = asyncio.run(with_app(app, body))
     statuses = [r.status_code for r in responses]
-    assert set(statuses) == {200, 503} and health == 200
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 2 and health == 200
     for response in responses:
         if response.status_code == 503:
             assert int(response.headers["retry-after"]) >= 1
@@ -206,12 +221,22 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_no_accepted_request
     assert metric(text, "modelworks_requests_total", status="200") == statuses.count(200)
 
 
-def test_a_request_past_its_deadline_gets_504(tiny_package, images):
-    # The batch waits 2 s to fill; the request's deadline is 0.1 s.
-    with TestClient(app_for(tiny_package, max_batch_size=8, max_wait_ms=2000, timeout_s=0.1)) as client:
-        response = client.post("/v1/models/tiny/predict", json=json_body(images[0][0]))
-        assert response.status_code == 504
-        assert re.search(r"no answer within 0.1 s \(timeout_s\)", response.json()["error"]["message"])
+def test_a_batch_waits_only_for_arriving_requests_and_a_request_past_its_deadline_gets_504(tiny_package, images):
+    app = app_for(tiny_package, max_batch_size=8, max_wait_ms=2000, timeout_s=0.2)
+
+    async def body(client):
+        alone = await client.post("/v1/models/tiny/predict", json=json_body(images[0][0]))
+        # Now a request still arriving makes the next batch wait for it, past the deadline of the one queued.
+        slow = asyncio.create_task(post_arriving_slowly(client, images[0][1], 0.5))
+        await asyncio.sleep(0.05)
+        queued = await client.post("/v1/models/tiny/predict", json=json_body(images[0][0]))
+        return alone, queued, await slow
+
+    alone, queued, slow = asyncio.run(with_app(app, body))
+    assert alone.status_code == 200 and alone.json()["latency_ms"] < 1000  # nothing else arriving: no wait
+    assert queued.status_code == 504
+    assert re.search(r"no answer within 0.2 s \(timeout_s\)", queued.json()["error"]["message"])
+    assert slow.status_code == 200 and slow.json()["prediction"]["label"] == LABELS[images[1][1]]
 
 
 # ---------------------------------------------------------------------------------------------- A/B

@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import secrets
+import sys
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -33,9 +34,11 @@ from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field, ValidationError, create_model
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Route
 
 from ..errors import ConfigError, InputError, ModelworksError
 from .batching import Batcher, Draining, InferenceFailed, Overloaded
@@ -47,13 +50,14 @@ ADMIN_TOKEN_ENV = "MODELWORKS_ADMIN_TOKEN"
 CALLER_HEADER = "x-caller-id"
 STATIC = Path(__file__).with_name("static")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+SWITCH_INTERVAL_S = 1e-4  # see run_server
 QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}  # probed constantly: logged at debug level only
 
 
 @dataclass
 class ServeSettings:
     max_batch_size: int = 32  # 1 turns dynamic batching off
-    max_wait_ms: float = 2.0  # how long a batch waits to fill after its first request
+    max_wait_ms: float = 2.0  # longest a batch waits for requests still arriving (its oldest's wait); 0: never
     max_queue: int = 256  # waiting requests per version before 503
     timeout_s: float = 10.0  # per request, arrival to answer; then 504
     max_body_bytes: int = 4 * 1024 * 1024  # larger bodies get 413 before they are read
@@ -70,6 +74,15 @@ class ServeSettings:
             raise ConfigError("serve: " + "; ".join(problems))
         if self.admin_token is None:
             self.admin_token = os.environ.get(ADMIN_TOKEN_ENV, "")
+
+
+class DeadlineExceeded(Exception):
+    """A request's timeout_s passed before its batch answered."""
+
+
+def expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(DeadlineExceeded())
 
 
 class ApiError(Exception):
@@ -122,19 +135,18 @@ class ModelServer:
 
     def new_version(self, name: str, model) -> Version:
         s = self.settings
-        batcher = Batcher(model, s.max_batch_size, s.max_wait_ms, s.max_queue, self.metrics, (name, model.version))
+        route = self.routes[name]
+        batcher = Batcher(model, s.max_batch_size, s.max_wait_ms, s.max_queue, self.metrics, (name, model.version),
+                          arriving=lambda: route.arriving)
         return Version(model, batcher)
 
     async def start_version(self, version: Version) -> None:
-        """Start its batcher and run its example request through it at batch size 1 and the largest batch, so
-        the first real requests do not pay for memory allocation and kernel selection."""
-        version.batcher.start()
+        """Start its batcher, whose worker first runs the example request at batch size 1 and the largest batch,
+        so the first real requests do not pay for memory allocation and kernel selection."""
         predictor = version.model.predictor
         request, file = predictor.example_request()
         item = predictor.parse(request, file)
-        loop = asyncio.get_running_loop()
-        for size in sorted({1, self.settings.max_batch_size}):
-            await loop.run_in_executor(version.batcher.executor, version.model.predict, [item] * size)
+        await version.batcher.start([[item] * size for size in sorted({1, self.settings.max_batch_size})])
 
     def update_weight_metrics(self, route: ModelRoute) -> None:
         total = sum(route.weights.values()) or 1.0
@@ -198,15 +210,19 @@ class ModelServer:
         if self.draining:
             raise ApiError(503, "draining", "the server is shutting down; retry on another replica",
                            headers={"Retry-After": "1"})
-        parsed_request, file = await self.read_request(route.predictor_class, request)
-        # The version is chosen once the body is in: from here to enqueue nothing awaits, so an admin swap cannot
-        # slip between the choice and the queue of the chosen version.
-        version = route.choose(request.headers.get(CALLER_HEADER))
-        state["version"] = version.name
+        route.arriving += 1  # a batch about to run waits for arriving requests (up to max_wait_ms), no others
         try:
-            item = version.model.predictor.parse(parsed_request, file)
-        except InputError as exc:
-            raise ApiError(422, "invalid_input", str(exc), exc.field) from None
+            parsed_request, file = await self.read_request(route.predictor_class, request)
+            # The version is chosen once the body is in: from here to enqueue nothing awaits, so an admin swap
+            # cannot slip between the choice and the queue of the chosen version.
+            version = route.choose(request.headers.get(CALLER_HEADER))
+            state["version"] = version.name
+            try:
+                item = version.model.predictor.parse(parsed_request, file)
+            except InputError as exc:
+                raise ApiError(422, "invalid_input", str(exc), exc.field) from None
+        finally:
+            route.arriving -= 1
         try:
             future = version.batcher.enqueue(item)
         except Overloaded as exc:
@@ -216,20 +232,26 @@ class ModelServer:
         except Draining:
             raise ApiError(503, "draining", "this model version is being unloaded; retry",
                            headers={"Retry-After": "1"}) from None
+        # The deadline fails the future itself (cheaper than wait_for's extra future and callbacks); a batch skips a
+        # failed future as it skips a cancelled one.
+        deadline = asyncio.get_running_loop().call_later(self.settings.timeout_s, expire, future)
         try:
-            answer = await asyncio.wait_for(future, self.settings.timeout_s)
-        except TimeoutError:
+            answer = await future
+        except DeadlineExceeded:
             raise ApiError(504, "timeout", f"no answer within {self.settings.timeout_s} s (timeout_s); the server "
                            "is overloaded, retry later") from None
         except InferenceFailed as exc:
             raise ApiError(500, "inference_failed", f"the model failed on this batch ({exc})") from None
+        finally:
+            deadline.cancel()
         confidence = version.model.predictor.confidence(answer)
         if confidence is not None:
             self.metrics.confidence.labels(name, version.name).observe(confidence)
-        body = {"model": name, "version": version.name, "request_id": state.get("request_id"),
-                "latency_ms": round((time.perf_counter() - state["arrival"]) * 1000, 3),
-                "prediction": answer.model_dump(mode="json")}
-        return Response(json.dumps(body), media_type="application/json", headers={"X-Model-Version": version.name})
+        envelope = json.dumps({"model": name, "version": version.name, "request_id": state.get("request_id"),
+                               "latency_ms": round((time.perf_counter() - state["arrival"]) * 1000, 3)})
+        # The prediction is serialised by pydantic directly (no dict in between) and spliced into the envelope.
+        body = f'{envelope[:-1]}, "prediction": {answer.model_dump_json()}}}'
+        return Response(body, media_type="application/json", headers={"X-Model-Version": version.name})
 
     # ------------------------------------------------------------------------------------------ admin
 
@@ -450,7 +472,7 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
             server.ready, server.draining = False, True
             versions = [v for r in routes.values() for v in r.versions.values()]
             await asyncio.gather(*(v.batcher.drain() for v in versions), *server.retiring)
-            log("stopped", answered_all=all(v.batcher.queue.empty() for v in versions))
+            log("stopped", answered_all=all(v.batcher.unfinished == 0 for v in versions))
 
     app = FastAPI(title="modelworks model server", version=__import__("modelworks").__version__,
                   lifespan=lifespan, description=__doc__)
@@ -512,8 +534,9 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
     async def get_model(name: str):
         return describe_route(server.route_or_404(name))
 
+    documented: list[APIRoute] = []  # served by Starlette routes, described in the OpenAPI schema
     for model_name, (group, _) in groups.items():
-        register_predict_route(app, server, model_name, type(group[0].predictor))
+        register_predict_route(app, server, model_name, type(group[0].predictor), documented)
 
     @app.post("/v1/models/{name}/predict", include_in_schema=False)
     async def predict_unknown(name: str):
@@ -576,7 +599,7 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
             await retired.batcher.drain()
             return route.describe()
 
-    install_openapi(app, groups)
+    install_openapi(app, groups, documented)
     return app
 
 
@@ -589,7 +612,8 @@ def describe_route(route: ModelRoute) -> dict:
             "postprocessing": spec.get("postprocessing")}
 
 
-def register_predict_route(app: FastAPI, server: ModelServer, name: str, predictor_class: type) -> None:
+def register_predict_route(app: FastAPI, server: ModelServer, name: str, predictor_class: type,
+                           documented: list[APIRoute]) -> None:
     """POST /v1/models/{name}/predict, documented with the predictor's own request and response models."""
     envelope = create_model(
         f"{predictor_class.Response.__name__}Envelope",
@@ -608,23 +632,29 @@ def register_predict_route(app: FastAPI, server: ModelServer, name: str, predict
         415: "Unsupported Content-Type", 422: "Unusable input (e.g. undecodable image, wrong size)",
         503: "Queue full or draining (Retry-After)", 504: "Per-request timeout"}.items()}
 
-    async def predict(request: Request):
+    async def predict(request: Request) -> Response:
         return await server.predict(name, request)
 
-    app.add_api_route(f"/v1/models/{name}/predict", predict, methods=["POST"], response_model=envelope,
-                      tags=["predict"], summary=f"Predict with {name}", responses=errors,
-                      description=f"Send a {CALLER_HEADER} header to stay on one version under an A/B split.",
-                      openapi_extra={"requestBody": {"required": True, "content": content}})
+    # FastAPI documents the route; a plain Starlette route serves it. The route reads its own body (JSON or
+    # multipart), so FastAPI's per-request dependency solving would only add time (about 30 us a request).
+    path = f"/v1/models/{name}/predict"
+    documented.append(APIRoute(path, predict, methods=["POST"], response_model=envelope, tags=["predict"],
+                               summary=f"Predict with {name}", responses=errors,
+                               description=f"Send a {CALLER_HEADER} header to stay on one version under an A/B "
+                                           "split.",
+                               openapi_extra={"requestBody": {"required": True, "content": content}}))
+    app.router.routes.append(Route(path, predict, methods=["POST"]))
 
 
-def install_openapi(app: FastAPI, groups: dict) -> None:
-    """FastAPI documents only bodies it parses itself; the predict routes parse theirs (JSON or multipart), so
-    their request models are added to the schema here."""
+def install_openapi(app: FastAPI, groups: dict, documented: list[APIRoute]) -> None:
+    """FastAPI documents only routes it serves and bodies it parses itself; the predict routes are served by
+    Starlette and parse their own bodies (JSON or multipart), so they and their request models are added here."""
 
     def openapi():
         if app.openapi_schema:
             return app.openapi_schema
-        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=[*app.routes, *documented])
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         for group, _ in groups.values():
             request_model = type(group[0].predictor).Request
@@ -643,6 +673,11 @@ def run_server(models: list, weights: list[float], settings: ServeSettings, load
     import uvicorn
 
     configure_logging(log_level)
+    # The event loop and the inference thread share the GIL. A thread that wants it back (the worker after a graph
+    # run) waits until the holder lets go, at the latest after the switch interval: by default 5 ms, about a whole
+    # batch of a small model, during which the graph sits idle. With 0.1 ms, batching with --threads 1 served 1130-
+    # 1200 instead of 1020-1035 req/s at 32 clients (2 cores, bench/serve.py); with the default threads, no change.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     app = create_app(models, weights, settings, loader, name)
     if not settings.admin_token:
         log("admin API disabled", reason=f"{ADMIN_TOKEN_ENV} is not set")

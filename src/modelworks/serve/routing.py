@@ -41,6 +41,7 @@ class ModelRoute:
         self.versions: dict[str, Version] = {}
         self.weights: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
+        self.arriving = 0  # requests being read and decoded, not yet queued (the batchers wait only for these)
 
     @property
     def task(self) -> str:

@@ -58,8 +58,8 @@ class ImageClassifierPredictor(Predictor):
         self.labels: list[str] = list(spec["labels"])
         self.channels, self.height, self.width = int(pre["channels"]), int(pre["height"]), int(pre["width"])
         self.always_resize = bool(pre["resize"])
-        self.mean = torch.tensor(pre["mean"], dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.tensor(pre["std"], dtype=torch.float32).view(-1, 1, 1)
+        self.mean = np.array(pre["mean"], dtype=np.float32).reshape(-1, 1, 1)
+        self.std = np.array(pre["std"], dtype=np.float32).reshape(-1, 1, 1)
 
     @staticmethod
     def build_spec(channels: int, height: int, width: int, mean: Sequence[float], std: Sequence[float],
@@ -92,15 +92,13 @@ class ImageClassifierPredictor(Predictor):
         Image.fromarray(pixels[..., 0] if self.channels == 1 else pixels).save(buffer, format="PNG")
         return ImageRequest(top_k=min(5, len(self.labels))), buffer.getvalue()
 
-    def parse(self, request: ImageRequest, file: bytes | None = None) -> tuple[torch.Tensor, int]:
+    def parse(self, request: ImageRequest, file: bytes | None = None) -> tuple[np.ndarray, int]:
+        """(uint8 image of the model's size, top_k); the arithmetic is left to `collate`, once per batch."""
         if request.top_k > len(self.labels):
             raise InputError(f"top_k: at most {len(self.labels)}, the number of classes (got {request.top_k})",
                              "top_k")
         data = file if file is not None else decode_base64(request.image)
-        image = self._decode_image(data, request.resize)
-        x = image.float().div_(255)  # the arithmetic of data/augment.py:augment_batch, in its order
-        x = (x - self.mean) / self.std
-        return x, request.top_k
+        return self._decode_image(data, request.resize).numpy(), request.top_k
 
     def _decode_image(self, data: bytes, resize: bool) -> torch.Tensor:
         from torchvision.io import ImageReadMode
@@ -124,15 +122,21 @@ class ImageClassifierPredictor(Predictor):
 
     # ------------------------------------------------------------------------------------------ batches
 
-    def collate(self, items: list[tuple[torch.Tensor, int]]) -> dict[str, np.ndarray]:
-        return {"images": torch.stack([x for x, _ in items]).numpy()}
+    def collate(self, items: list[tuple[np.ndarray, int]]) -> dict[str, np.ndarray]:
+        # Once per batch, in the server's inference thread, and in numpy: PyTorch releases the GIL in every
+        # operation and must win it back from the event loop after each, numpy keeps it for these short steps.
+        # float32 and elementwise, in data/augment.py:augment_batch's order: the values training computes.
+        x = np.stack([image for image, _ in items]).astype(np.float32) / np.float32(255)
+        return {"images": (x - self.mean) / self.std}
 
-    def postprocess(self, outputs: Sequence[np.ndarray], items: list[tuple[torch.Tensor, int]]
+    def postprocess(self, outputs: Sequence[np.ndarray], items: list[tuple[np.ndarray, int]]
                     ) -> list[ClassificationResponse]:
-        logits = torch.from_numpy(np.asarray(outputs[0], dtype=np.float32))
-        probabilities = logits.softmax(dim=1)
+        logits = np.asarray(outputs[0], dtype=np.float32)  # softmax and top-k in numpy too, as in collate
+        exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = exp / exp.sum(axis=1, keepdims=True)
         k_max = max(k for _, k in items)
-        top_p, top_i = probabilities.topk(k_max, dim=1)
+        top_i = np.argsort(-probabilities, axis=1, kind="stable")[:, :k_max]
+        top_p = np.take_along_axis(probabilities, top_i, axis=1)
         responses = []
         for row, (_, k) in enumerate(items):
             scores = [ClassScore(label=self.labels[i], index=i, probability=p)
