@@ -4,6 +4,7 @@ headless Chromium, and a graceful stop that answers the requests in flight."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -96,14 +97,12 @@ def test_real_server_answers_exports_metrics_logs_json_and_drains_on_sigterm(tin
     assert any(line["message"] == "stopped" and line["answered_all"] for line in lines)
 
 
-def test_demo_page_in_headless_chromium(tiny_package, image, tmp_path):
-    if CHROMIUM is None and not os.environ.get("CI"):
-        pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
+@contextlib.contextmanager
+def demo_page(package, tmp_path):
+    """`modelworks serve package` in a real process and its demo page open in headless Chromium, models listed."""
     from playwright.sync_api import sync_playwright
 
-    png = tmp_path / "upload.png"
-    png.write_bytes(image[0])
-    server = ServerProcess(tiny_package)
+    server = ServerProcess(package)
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch_persistent_context(
@@ -112,22 +111,31 @@ def test_demo_page_in_headless_chromium(tiny_package, image, tmp_path):
                 page = browser.new_page()
                 page.goto(server.url + "/")
                 page.wait_for_function("document.querySelectorAll('#model option').length > 0", timeout=20000)
-                assert "tiny: classification, input 1x28x28" in page.inner_text("#model-info")
-                page.set_input_files("#file", str(png))
-                page.wait_for_selector("#results li", timeout=20000)
-                rows = page.locator("#results li").all_inner_texts()
-                latency = page.inner_text("#latency")
-                # a picture of the wrong size: the page shows the server's explanation
-                wrong = tmp_path / "wrong.png"
-                wrong.write_bytes(png_bytes(np.zeros((40, 40, 3), np.uint8)))
-                page.uncheck("#resize")
-                page.set_input_files("#file", str(wrong))
-                page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=20000)
-                error = page.inner_text("#error")
+                yield page
             finally:
                 browser.close()
     finally:
         server.stop()
+
+
+def test_demo_page_in_headless_chromium(tiny_package, image, tmp_path):
+    if CHROMIUM is None and not os.environ.get("CI"):
+        pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
+    png = tmp_path / "upload.png"
+    png.write_bytes(image[0])
+    with demo_page(tiny_package, tmp_path) as page:
+        assert "tiny: classification, input 1x28x28" in page.inner_text("#model-info")
+        page.set_input_files("#file", str(png))
+        page.wait_for_selector("#results li", timeout=20000)
+        rows = page.locator("#results li").all_inner_texts()
+        latency = page.inner_text("#latency")
+        # a picture of the wrong size: the page shows the server's explanation
+        wrong = tmp_path / "wrong.png"
+        wrong.write_bytes(png_bytes(np.zeros((40, 40, 3), np.uint8)))
+        page.uncheck("#resize")
+        page.set_input_files("#file", str(wrong))
+        page.wait_for_function("document.getElementById('error').textContent.length > 0", timeout=20000)
+        error = page.inner_text("#error")
     labels = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
     assert len(rows) == 5
     assert rows[0].split("\n")[0].strip() == labels[image[1]]
@@ -141,33 +149,18 @@ def test_demo_page_draws_detections_in_headless_chromium(tiny_detection_package,
     and draws the returned boxes over the upload on a canvas."""
     if CHROMIUM is None and not os.environ.get("CI"):
         pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
-    from playwright.sync_api import sync_playwright
-
     png = tmp_path / "photo.png"
     png.write_bytes(png_bytes(np.random.default_rng(0).integers(0, 256, (48, 80, 3), np.uint8)))
-    server = ServerProcess(tiny_detection_package)
-    try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch_persistent_context(
-                str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
-            try:
-                page = browser.new_page()
-                page.goto(server.url + "/")
-                page.wait_for_function("document.querySelectorAll('#model option').length > 0", timeout=20000)
-                info = page.inner_text("#model-info")
-                offered = (page.is_visible("#resize-option"), page.is_visible("#score-option"),
-                           page.input_value("#score"))
-                page.fill("#score", "0")  # the tiny model is barely trained: ask for every box
-                page.set_input_files("#file", str(png))
-                page.wait_for_function("document.getElementById('boxes').style.display === 'block'", timeout=20000)
-                rows = page.locator("#results li").all_inner_texts()
-                canvas = page.evaluate("[document.getElementById('boxes').width, "
-                                       "document.getElementById('boxes').height]")
-                error = page.inner_text("#error")
-            finally:
-                browser.close()
-    finally:
-        server.stop()
+    with demo_page(tiny_detection_package, tmp_path) as page:
+        info = page.inner_text("#model-info")
+        offered = (page.is_visible("#resize-option"), page.is_visible("#score-option"), page.input_value("#score"))
+        page.fill("#score", "0")  # the tiny model is barely trained: ask for every box
+        page.set_input_files("#file", str(png))
+        page.wait_for_function("document.getElementById('boxes').style.display === 'block'", timeout=20000)
+        rows = page.locator("#results li").all_inner_texts()
+        canvas = page.evaluate("[document.getElementById('boxes').width, "
+                               "document.getElementById('boxes').height]")
+        error = page.inner_text("#error")
     assert "boxes: detection, input 3x64x64" in info
     assert offered == (False, True, "0.25")
     assert 0 < len(rows) <= 100 and all(row.strip().endswith("%") for row in rows)
