@@ -210,6 +210,33 @@ def run_levels(server: Server, requests: list[bytes], levels, duration_s: float,
     return rows
 
 
+def graph_table(package_dir: Path, manifest: dict, repeats: int = 200) -> list[dict]:
+    """The exported graph alone (ONNX Runtime, no server): median ms per image at batch 1 and 32, on 1 and 2
+    threads. It bounds what batching can gain: a batching server cannot beat 1 / (batched ms per image)."""
+    import onnxruntime as ort
+
+    spec = manifest["predictor"]["inputs"][0]
+    shape = [d for d in spec["shape"][1:]]
+    rows = []
+    for threads in (1, 2):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        session = ort.InferenceSession(str(package_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        for batch in (1, 32):
+            x = np.random.default_rng(0).standard_normal([batch, *shape]).astype(np.float32)
+            for _ in range(20):
+                session.run(None, {spec["name"]: x})
+            times = []
+            for _ in range(repeats if batch == 1 else repeats // 8):
+                tic = time.perf_counter()
+                session.run(None, {spec["name"]: x})
+                times.append((time.perf_counter() - tic) * 1000 / batch)
+            rows.append({"threads": threads, "batch": batch, "ms_per_image": round(float(np.median(times)), 3)})
+            print(f"  graph alone, {threads} thread(s), batch {batch:>2}: {rows[-1]['ms_per_image']:.3f} ms/image",
+                  flush=True)
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--package", required=True, help="a model package (modelworks export RUN --quantize int8)")
@@ -220,6 +247,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, help="runtime threads in the server (default: all)")
     parser.add_argument("--overload-clients", type=int, default=256)
     parser.add_argument("--overload-queue", type=int, default=16)
+    parser.add_argument("--graph-only", action="store_true", help="only time the exported graph alone, no server")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     args = parser.parse_args()
 
@@ -230,6 +258,10 @@ def main() -> int:
     requests = encode_requests(manifest, package.name)
     results = {"package": str(args.package), "model": package.name, "version": package.version,
                "duration_s": args.duration_s, "cpu_count": os.cpu_count(), "configs": {}}
+    print("the exported graph alone (ONNX Runtime, median):", flush=True)
+    results["graph"] = graph_table(Path(args.package), manifest)
+    if args.graph_only:
+        return 0
 
     configs = {"batching": ("onnx", args.max_batch_size, args.max_wait_ms, args.threads),
                "no batching (batch size 1)": ("onnx", 1, 0.0, args.threads)}
