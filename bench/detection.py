@@ -32,6 +32,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+TIMING_IMAGES = 50  # both sides time batch-1 inference on the first 50 files of the evaluated split
 BCCD = ROOT.parent / "shared" / "data" / "bccd"
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -59,6 +60,11 @@ def yolo_tree(splits: dict[str, formats.DetectionSet], folder: Path) -> Path:
     spec = {"path": str(folder), **{s: f"images/{s}" for s in splits}, "names": {i: n for i, n in enumerate(names)}}
     (folder / "data.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     return folder / "data.yaml"
+
+
+def timing_files(split: formats.DetectionSet) -> list[Path]:
+    """The files both sides time: the first TIMING_IMAGES of the split, in the order yolo_tree numbers them."""
+    return [record.image for record in split.records[:TIMING_IMAGES]]
 
 
 # ---------------------------------------------------------------------------------------------- our rows
@@ -89,9 +95,28 @@ def probe_images_per_s(recipe: str, overrides: list[str], device: str, threads: 
     return sum(rates) / len(rates)
 
 
+def package_ms_per_image(package: Path, images: list[Path], threads: int) -> float:
+    """End-to-end milliseconds per image at batch 1 the way `modelworks predict` and `serve` answer: file bytes
+    -> decode, letterbox -> ONNX Runtime -> decode, NMS -> boxes in the image's pixels; after one warm-up."""
+    from modelworks.inference import open_model
+
+    model = open_model(package, "onnx", threads)
+    request = model.predictor.Request()
+
+    def answer(path: Path):
+        return model.predict([model.predictor.parse(request, path.read_bytes())])
+
+    answer(images[0])
+    tic = time.perf_counter()
+    for path in images:
+        answer(path)
+    return 1000 * (time.perf_counter() - tic) / len(images)
+
+
 def our_row(label: str, recipe: str, overrides: list[str], budget_s: float, device: str, threads: int,
-            eval_split: str, train_images: int) -> dict:
-    """Train within the budget (epochs scaled from a probe of the recipe's speed), then evaluate."""
+            eval_split: str, train_images: int, timing_images: list[Path]) -> dict:
+    """Train within the budget (epochs scaled from a probe of the recipe's speed), evaluate, export the ONNX
+    package and time it end to end on `timing_images` (the files the peer's row times)."""
     name = f"bench-{label}-{time.strftime('%Y%m%d-%H%M%S')}"
     rate = probe_images_per_s(recipe, overrides, device, threads, f"probe-{name}", train_images)
     # Leave ~10% of the budget for start-up, validation passes and checkpoints.
@@ -109,11 +134,16 @@ def our_row(label: str, recipe: str, overrides: list[str], budget_s: float, devi
     if proc.returncode:
         return {"row": label, "error": (proc.stdout + proc.stderr)[-2000:]}
     metrics = json.loads((run / "evaluation" / f"{eval_split}.json").read_text())
+    proc = modelworks(["export", str(run), "--format", "onnx", "--force"], threads, 1200)
+    if proc.returncode:
+        return {"row": label, "error": (proc.stdout + proc.stderr)[-2000:]}
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     rates = [r["train/samples_per_s"] for r in rows if "train/samples_per_s" in r][1:]
     return {"row": label, "map": metrics[f"{eval_split}/map"], "map50": metrics[f"{eval_split}/map50"],
             "train_s": round(train_s, 1), "train_images_per_s": round(sum(rates) / max(len(rates), 1), 1),
-            "ms_per_image_batch1": round(metrics[f"{eval_split}/ms_per_image_batch1"], 2), "run": str(run)}
+            "ms_per_image_batch1": round(package_ms_per_image(run / "package", timing_images, threads), 2),
+            # evaluate's own figure: eager PyTorch on an already-decoded tensor, for reference
+            "ms_per_image_batch1_eager": round(metrics[f"{eval_split}/ms_per_image_batch1"], 2), "run": str(run)}
 
 
 # ---------------------------------------------------------------------------------------------- the peer
@@ -123,12 +153,14 @@ PEER_SCRIPT = textwrap.dedent("""
     import json, sys, time, glob
     import torch
     from ultralytics import YOLO
-    data, imgsz, budget_s, threads, device, split, out = sys.argv[1:8]
-    threads, budget_s, imgsz = int(threads), float(budget_s), int(imgsz)
+    data, imgsz, budget_s, threads, device, split, out, timing_images = sys.argv[1:9]
+    threads, budget_s, imgsz, timing_images = int(threads), float(budget_s), int(imgsz), int(timing_images)
     torch.set_num_threads(threads)
+    # ultralytics resets torch to its NUM_THREADS (cpu_count - 1) in every select_device call (training,
+    # validation, prediction): give it our count instead.
+    import ultralytics.utils.torch_utils
+    ultralytics.utils.torch_utils.NUM_THREADS = threads
     model = YOLO("yolov8n.yaml")
-    # ultralytics sets torch to cpu_count - 1 threads when it loads; pin the same count as ours at train start.
-    model.add_callback("on_pretrain_routine_start", lambda trainer: torch.set_num_threads(threads))
     seen = {"images": 0, "seconds": 0.0}
     def on_epoch_start(trainer):
         seen["tic"] = time.perf_counter()
@@ -144,7 +176,7 @@ PEER_SCRIPT = textwrap.dedent("""
     train_s = time.perf_counter() - tic
     metrics = model.val(data=data, imgsz=imgsz, split=split, batch=32, device=device, plots=False, verbose=False)
     spec = __import__("yaml").safe_load(open(data))
-    images = sorted(glob.glob(f"{spec['path']}/images/{split}/*"))[:50]
+    images = sorted(glob.glob(f"{spec['path']}/images/{split}/*"))[:timing_images]
     model.predict(images[0], imgsz=imgsz, device=device, verbose=False)  # warm-up
     tic = time.perf_counter()
     for path in images:
@@ -174,7 +206,8 @@ def peer_row(label: str, data_yaml: Path, imgsz: int, budget_s: float, device: s
     script.write_text(PEER_SCRIPT)
     env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "YOLO_CONFIG_DIR": str(out)}
     proc = subprocess.run([str(peer_python()), str(script), str(data_yaml), str(imgsz), str(budget_s), str(threads),
-                           device if device != "cuda" else "0", split, str(out)], capture_output=True, text=True,
+                           device if device != "cuda" else "0", split, str(out), str(TIMING_IMAGES)],
+                          capture_output=True, text=True,
                           env=env, timeout=budget_s * 3, cwd=out)
     if proc.returncode or not (out / "peer.json").exists():
         return {"row": label, "error": (proc.stdout + proc.stderr)[-2000:]}
@@ -236,7 +269,7 @@ def main() -> None:
         with held(args.lock):
             rows.append(our_row(label.split(",")[0].replace(" ", "-").replace("(", "").replace(")", ""), recipe,
                                 overrides, args.budget_s, args.device, args.threads, "val",
-                                len(scene_splits["train"])))
+                                len(scene_splits["train"]), timing_files(scene_splits["val"])))
         rows[-1]["row"] = label
         print_table(rows[-1:])
     if not args.skip_peer:
@@ -247,14 +280,13 @@ def main() -> None:
         rows[-1]["row"] = "ultralytics YOLOv8n, fmnist-scenes"
         print_table(rows[-1:])
     if not args.skip_bccd and BCCD.is_dir():
+        bccd = {s: formats.read_voc(BCCD, s, ["RBC", "WBC", "Platelets"]) for s in ("train", "val", "test")}
         with held(args.lock):
             rows.append(our_row("bccd", "bccd", [f"data.source=voc:{BCCD}"], args.budget_s, args.device,
-                                args.threads, "test", len(formats.voc_split_ids(BCCD, "train"))))
+                                args.threads, "test", len(bccd["train"].records), timing_files(bccd["test"])))
         rows[-1]["row"] = "ours anchor-free-n, BCCD (test)"
         print_table(rows[-1:])
         if not args.skip_peer:
-            classes = ["RBC", "WBC", "Platelets"]
-            bccd = {s: formats.read_voc(BCCD, s, classes) for s in ("train", "val", "test")}
             data_yaml = yolo_tree(bccd, RESULTS / "yolo-bccd")
             with held(args.lock):
                 rows.append(peer_row("peer-yolov8n-bccd", data_yaml, 320, args.budget_s, args.device,

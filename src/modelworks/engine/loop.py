@@ -198,7 +198,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
             epoch, offset = divmod(step, steps_per_epoch)
             indices = train_indices(len(splits.train), t.batch_size, t.seed, epoch, offset, rank, world)
             for raw_batch in fetch(splits.train, indices, device, t.num_workers, splits.collate_fn):
-                batch = task.prepare_batch(raw_batch, augment_generator(device, t.seed, step, rank))
+                batch = task.prepare_batch(raw_batch, augment_generator(device, t.seed, step, rank),
+                                           progress=step / total_steps)
                 parts = split_batch(batch, micro_batches)
                 grad_norm = None
                 for i, part in enumerate(parts):

@@ -125,8 +125,10 @@ class Task:
     def build_model(self) -> nn.Module:
         raise NotImplementedError
 
-    def prepare_batch(self, batch: Any, augment: torch.Generator | None) -> Any:
-        """Turn a raw device batch into model inputs; augment it when a generator is given (training)."""
+    def prepare_batch(self, batch: Any, augment: torch.Generator | None, progress: float = 0.0) -> Any:
+        """Turn a raw device batch into model inputs; augment it when a generator is given (training).
+        `progress`: the fraction of training done at this step, for augmentation that changes over the run
+        (detection turns mosaic off for the last part)."""
         return batch
 
     def step(self, model: nn.Module, batch: Any) -> StepOutput:

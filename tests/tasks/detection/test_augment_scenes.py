@@ -38,7 +38,11 @@ def bright_extent(image: torch.Tensor) -> torch.Tensor:
     DetectionAugmentConfig(hflip=True, scale=(1.0, 1.0), translate=0.0),
     DetectionAugmentConfig(hflip=True, scale=(0.6, 1.4), translate=0.2, min_visible=0.99),
     DetectionAugmentConfig(hflip=False, scale=(1.0, 1.0), translate=0.0, mosaic=1.0, min_visible=0.99),
-], ids=["flip", "zoom-shift", "mosaic"])
+    DetectionAugmentConfig(hflip=True, scale=(0.7, 1.3), translate=0.1, mosaic=1.0, mosaic_scale=1.0,
+                           min_visible=0.99),
+    DetectionAugmentConfig(hflip=False, scale=(0.8, 1.2), translate=0.1, mosaic=0.5, mosaic_scale=0.75,
+                           min_visible=0.99),
+], ids=["flip", "zoom-shift", "mosaic", "mosaic-full-scale-zoom", "mosaic-some"])
 def test_boxes_follow_their_objects(cfg):
     x, boxes, labels = squares_batch()
     g = torch.Generator().manual_seed(1)
@@ -52,6 +56,27 @@ def test_boxes_follow_their_objects(cfg):
             torch.testing.assert_close(extent, box, atol=1.5, rtol=0)  # bilinear resampling blurs edges by < 1 px
             kept += 1
     assert kept >= len(out) * 0.5
+
+
+@pytest.mark.parametrize("mosaic_scale", [0.5, 1.0])
+def test_mosaic_brings_in_objects_of_other_images(mosaic_scale):
+    x, boxes, labels = squares_batch()  # one square per image
+    cfg = DetectionAugmentConfig(hflip=False, scale=(1.0, 1.0), translate=0.0, mosaic=1.0,
+                                 mosaic_scale=mosaic_scale, min_visible=0.5)
+    _, out_boxes, out_labels = augment_detection_batch(x, boxes, labels, cfg, torch.Generator().manual_seed(2))
+    per_image = (out_labels >= 0).sum(1)
+    assert out_labels.shape[1] == 4 * labels.shape[1] and per_image.max() >= 2
+    if mosaic_scale == 0.5:  # the four fit in the canvas: a window off its middle still shows two or more
+        assert per_image.min() >= 2
+
+
+def test_mosaic_closes_for_the_last_part_of_training():
+    x, boxes, labels = squares_batch()
+    cfg = DetectionAugmentConfig(mosaic=1.0, close_mosaic=0.25)
+    early = augment_detection_batch(x, boxes, labels, cfg, torch.Generator().manual_seed(0), progress=0.74)
+    late = augment_detection_batch(x, boxes, labels, cfg, torch.Generator().manual_seed(0), progress=0.75)
+    assert early[2].shape[1] == 4 * labels.shape[1] and late[2].shape[1] == labels.shape[1]
+    assert (late[2] >= 0).sum() >= len(x) // 2  # whole images: most single squares survive the zoom
 
 
 def test_augmentation_is_a_function_of_the_generator():

@@ -3,8 +3,9 @@
 Geometry is one affine map per image (zoom about a random point, translation, horizontal flip), applied to the
 pixels with grid_sample and to the boxes exactly: an axis-aligned map sends a box's corners to the new box's
 corners. Boxes are then clipped to the image; a box that keeps less than `min_visible` of its area, or
-becomes thinner than 2 pixels, loses its label (-1, like padding). Mosaic (Bochkovskiy et al., YOLOv4) puts
-four images of the batch in the quadrants around a random centre, each at half scale. Colour jitter reuses
+becomes thinner than 2 pixels, loses its label (-1, like padding). Mosaic (Bochkovskiy et al., YOLOv4) tiles
+four images of the batch 2 x 2 and cuts an image-sized window around a random point near the middle; the window
+and the zoom are one affine map, so a mosaic costs one resampling like any other image. Colour jitter reuses
 the classification augmentation. All randomness comes from the step's generator, so resumed runs repeat it.
 """
 
@@ -25,6 +26,12 @@ class DetectionAugmentConfig:
     scale: tuple[float, float] = (0.5, 1.5)  # zoom factor range; [1, 1] disables
     translate: float = 0.1  # shift by up to this fraction of the image size, each axis
     mosaic: float = 0.0  # probability that an image is replaced by a 2x2 mosaic of four batch images
+    # Each image's scale in a mosaic: 0.5 fits the four whole (objects shrink by half); 1.0 is YOLOv8's (objects
+    # keep their size; the window shows the parts of the four nearest its centre).
+    mosaic_scale: float = 0.5
+    # Mosaic stops for this last fraction of training (YOLOv8's close_mosaic): the model ends on whole images
+    # like the ones it is evaluated on.
+    close_mosaic: float = 0.0
     brightness: float = 0.0  # colour jitter factors drawn from [1 - x, 1 + x]
     contrast: float = 0.0
     saturation: float = 0.0
@@ -35,23 +42,31 @@ class DetectionAugmentConfig:
             raise ValueError(f"data.augment.scale: expected [low, high] with 0 < low <= high (got {self.scale})")
         if not 0 <= self.mosaic <= 1:
             raise ValueError(f"data.augment.mosaic: a probability in [0, 1] (got {self.mosaic})")
+        if not 0.5 <= self.mosaic_scale <= 1:
+            raise ValueError(f"data.augment.mosaic_scale: expected a scale in [0.5, 1] (got {self.mosaic_scale})")
+        if not 0 <= self.close_mosaic <= 1:
+            raise ValueError(f"data.augment.close_mosaic: a fraction of training in [0, 1] (got {self.close_mosaic})")
 
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator, device) -> torch.Tensor:
     return torch.rand(n, generator=g, device=device) * (high - low) + low
 
 
-def affine_images(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, fill: float) -> torch.Tensor:
+def affine_images(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, fill: float,
+                  out_size: tuple[int, int] | None = None) -> torch.Tensor:
     """Output pixel p shows input pixel (p - shift) / scale (continuous pixel coordinates, align_corners=False).
-    x: float [B, C, H, W]; scale [B]; shift [B, 2] in pixels (x, y)."""
+    x: float [B, C, H, W]; scale [B]; shift [B, 2] in pixels (x, y); out_size (H, W), default the input's."""
     B, C, H, W = x.shape
-    size = torch.tensor([W, H], device=x.device, dtype=x.dtype)
-    # In normalised coordinates n = 2p / size - 1: n_in = n_out / s + (1 - 2 shift / size) / s - 1.
-    offset = (1 - 2 * shift / size) / scale[:, None] - 1  # B, 2
+    out_h, out_w = out_size or (H, W)
+    size_in = torch.tensor([W, H], device=x.device, dtype=x.dtype)
+    size_out = torch.tensor([out_w, out_h], device=x.device, dtype=x.dtype)
+    # Normalised coordinates n = 2p / size - 1 on each side: n_in = n_out * size_out / (s size_in)
+    # + (size_out - 2 shift) / (s size_in) - 1.
+    ratio = size_out / (scale[:, None] * size_in)  # B, 2
     theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
-    theta[:, :, 2] = offset
-    grid = F.affine_grid(theta, [B, C, H, W], align_corners=False)
+    theta[:, 0, 0], theta[:, 1, 1] = ratio[:, 0], ratio[:, 1]
+    theta[:, :, 2] = (size_out - 2 * shift) / (scale[:, None] * size_in) - 1
+    grid = F.affine_grid(theta, [B, C, out_h, out_w], align_corners=False)
     return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
 
 
@@ -66,63 +81,58 @@ def clip_boxes(boxes: torch.Tensor, labels: torch.Tensor, areas_before: torch.Te
     return boxes * keep[..., None], torch.where(keep, labels, -1)
 
 
-def mosaic(x: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, p: float, min_visible: float,
-           g: torch.Generator):
-    """Replace each image, with probability p, by a mosaic of itself and the next three images of the batch,
-    each at half scale in one quadrant around a centre drawn from the middle half of the canvas."""
+def mosaic_canvas(x: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, p: float, scale: float,
+                  g: torch.Generator):
+    """Each image, with probability p, becomes a 2 x 2 canvas of itself and the next three images of the batch,
+    each resized by `scale`; the others sit in the top-left corner of an equally large grey canvas. Returns the
+    canvases [B, C, 2sH, 2sW], their boxes [B, 4M, 4] (canvas pixels) and labels [B, 4M], and where the H x W
+    output window starts in each canvas [B, 2]: centred on a random point of the canvas's middle half for a
+    mosaic (so each quadrant shows the part of its image nearest that point), at the origin otherwise."""
     B, C, H, W = x.shape
     device = x.device
+    h, w = round(scale * H), round(scale * W)
+    tiles = x if (h, w) == (H, W) else F.interpolate(x, size=(h, w), mode="bilinear", antialias=True,
+                                                     align_corners=False)
+    nxt = [(torch.arange(B, device=device) + q) % B for q in range(4)]  # quadrant q shows image b + q
+    mosaics = torch.cat([torch.cat([tiles, tiles[nxt[1]]], -1), torch.cat([tiles[nxt[2]], tiles[nxt[3]]], -1)], -2)
+    plain = torch.full_like(mosaics, FILL / 255)
+    plain[..., :H, :W] = x
     use = torch.rand(B, generator=g, device=device) < p
-    centre = torch.stack([_uniform(B, 0.25 * W, 0.75 * W, g, device), _uniform(B, 0.25 * H, 0.75 * H, g, device)], 1)
-    out = torch.full_like(x, FILL / 255)
-    all_boxes, all_labels = [], []
-    half = torch.full((B,), 0.5, device=device)
-    size = torch.tensor([W, H], device=device, dtype=x.dtype)
-    for q, (qx, qy) in enumerate(((0, 0), (1, 0), (0, 1), (1, 1))):
-        source = (torch.arange(B, device=device) + q) % B
-        # Quadrant q's image ends at the centre on its inner sides: top-left image's bottom-right corner sits
-        # on the centre, and so on.
-        corner = torch.tensor([qx, qy], device=device, dtype=x.dtype)
-        shift = centre - (1 - corner) * size * 0.5  # B, 2: where the half-size image's origin lands
-        placed = affine_images(x[source], half, shift, FILL / 255)
-        lo = torch.where(corner.bool(), centre, torch.zeros_like(centre))  # B, 2: the quadrant's extent
-        hi = torch.where(corner.bool(), size.expand(B, 2), centre)
-        cols = torch.arange(W, device=device) + 0.5
-        rows = torch.arange(H, device=device) + 0.5
-        inside = (((cols >= lo[:, :1]) & (cols < hi[:, :1]))[:, None, :]
-                  & ((rows >= lo[:, 1:]) & (rows < hi[:, 1:]))[:, :, None])  # B, H, W
-        out = torch.where(inside[:, None], placed, out)
-        b = boxes[source] * 0.5 + shift.repeat(1, 2)[:, None, :]
-        clipped = torch.stack([torch.maximum(b[..., 0], lo[:, None, 0]), torch.maximum(b[..., 1], lo[:, None, 1]),
-                               torch.minimum(b[..., 2], hi[:, None, 0]), torch.minimum(b[..., 3], hi[:, None, 1])], -1)
-        area = (b[..., 2:] - b[..., :2]).prod(-1)
-        wh = clipped[..., 2:] - clipped[..., :2]
-        keep = (labels[source] >= 0) & (wh > 2).all(-1) & (wh.clamp(min=0).prod(-1) >= min_visible * area)
-        all_boxes.append(clipped * keep[..., None])
-        all_labels.append(torch.where(keep, labels[source], -1))
-    mixed_boxes, mixed_labels = torch.cat(all_boxes, 1), torch.cat(all_labels, 1)  # B, 4M
+    canvas = torch.where(use[:, None, None, None], mosaics, plain)
+
+    resize = torch.tensor([w / W, h / H] * 2, device=device, dtype=boxes.dtype)
+    offsets = [torch.tensor([qx * w, qy * h] * 2, device=device, dtype=boxes.dtype)
+               for qx, qy in ((0, 0), (1, 0), (0, 1), (1, 1))]
     M = boxes.shape[1]
-    pad = torch.full((B, 3 * M), -1, dtype=labels.dtype, device=device)
-    x = torch.where(use[:, None, None, None], out, x)
-    boxes = torch.where(use[:, None, None], mixed_boxes, torch.cat([boxes, torch.zeros_like(mixed_boxes[:, M:])], 1))
-    labels = torch.where(use[:, None], mixed_labels, torch.cat([labels, pad], 1))
-    return x, boxes, labels
+    mosaic_boxes = torch.cat([boxes[nxt[q]] * resize + offsets[q] for q in range(4)], 1)
+    mosaic_labels = torch.cat([labels[nxt[q]] for q in range(4)], 1)
+    boxes = torch.where(use[:, None, None], mosaic_boxes, torch.cat([boxes, boxes.new_zeros(B, 3 * M, 4)], 1))
+    labels = torch.where(use[:, None], mosaic_labels, torch.cat([labels, labels.new_full((B, 3 * M), -1)], 1))
+
+    centre = torch.stack([_uniform(B, 0.5 * w, 1.5 * w, g, device), _uniform(B, 0.5 * h, 1.5 * h, g, device)], 1)
+    origin = (centre - torch.tensor([W / 2, H / 2], device=device)) * use[:, None]
+    return canvas, boxes, labels, origin
 
 
 def augment_detection_batch(x: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
-                            cfg: DetectionAugmentConfig, g: torch.Generator):
+                            cfg: DetectionAugmentConfig, g: torch.Generator, progress: float = 0.0):
     """x: float images in [0, 1] [B, C, H, W]; boxes xyxy pixels [B, M, 4]; labels [B, M] (-1 padding).
-    Returns the augmented triple; the number of box slots M may grow (mosaic) and dropped boxes get label -1."""
+    `progress`: the fraction of training done (mosaic stops past 1 - close_mosaic). Returns the augmented
+    triple; the number of box slots M may grow (mosaic) and dropped boxes get label -1."""
     B, C, H, W = x.shape
     device = x.device
-    if cfg.mosaic > 0:
-        x, boxes, labels = mosaic(x, boxes, labels, cfg.mosaic, cfg.min_visible, g)
-    if cfg.scale != (1.0, 1.0) or cfg.translate > 0:
+    source, origin = x, torch.zeros(B, 2, device=device)
+    use_mosaic = cfg.mosaic > 0 and progress < 1 - cfg.close_mosaic
+    if use_mosaic:
+        source, boxes, labels, origin = mosaic_canvas(x, boxes, labels, cfg.mosaic, cfg.mosaic_scale, g)
+    if use_mosaic or cfg.scale != (1.0, 1.0) or cfg.translate > 0:
+        # One resampling for the mosaic window and the zoom: output p = s (q - origin) + shift for a source
+        # pixel q, the zoom about the window's centre and the shift drawn here.
         s = _uniform(B, cfg.scale[0], cfg.scale[1], g, device)
         size = torch.tensor([W, H], device=device, dtype=x.dtype)
         jitter = (torch.rand(B, 2, generator=g, device=device) * 2 - 1) * cfg.translate * size
-        shift = (1 - s[:, None]) * size / 2 + jitter  # zoom about the centre, then shift
-        x = affine_images(x, s, shift, FILL / 255)
+        shift = (1 - s[:, None]) * size / 2 + jitter - s[:, None] * origin
+        x = affine_images(source, s, shift, FILL / 255, (H, W))
         areas = (boxes[..., 2:] - boxes[..., :2]).prod(-1) * s[:, None] ** 2
         boxes = boxes * s[:, None, None] + shift.repeat(1, 2)[:, None, :]
         boxes, labels = clip_boxes(boxes, labels, areas, H, W, cfg.min_visible)

@@ -141,7 +141,7 @@ class ClassificationTask(Task):
         train_idx, val_idx = image_data.split_indices(len(samples), data.val_fraction, data.split_seed)
         return Splits(make([samples[i] for i in train_idx]), make([samples[i] for i in val_idx]))
 
-    def prepare_batch(self, batch, augment: torch.Generator | None):
+    def prepare_batch(self, batch, augment: torch.Generator | None, progress: float = 0.0):
         images, labels = batch
         if self.mean.device != images.device:
             self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)

@@ -213,11 +213,11 @@ class DetectionTask(Task):
     def num_classes(self) -> int:
         return len(self.class_names())
 
-    def prepare_batch(self, batch: dict, augment: torch.Generator | None) -> dict:
+    def prepare_batch(self, batch: dict, augment: torch.Generator | None, progress: float = 0.0) -> dict:
         x = batch["images"].float() / 255
         boxes, labels = batch["boxes"].float(), batch["labels"]
         if augment is not None:
-            x, boxes, labels = augment_detection_batch(x, boxes, labels, self.cfg.data.augment, augment)
+            x, boxes, labels = augment_detection_batch(x, boxes, labels, self.cfg.data.augment, augment, progress)
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return {**batch, "images": x, "boxes": boxes, "labels": labels}
