@@ -59,16 +59,18 @@ def model_with(value: float) -> nn.Module:
     return model
 
 
-def test_ema_averages_parameters_and_copies_buffers():
+def test_ema_averages_parameters_and_statistics_and_copies_counters():
     model = model_with(0.0)
     ema = EMA(model, decay=0.5, warmup_steps=0)
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(1.0)
         model[1].running_mean.fill_(3.0)
+        model[1].num_batches_tracked.fill_(7)
     ema.update(model)
     assert all(torch.allclose(p, torch.full_like(p, 0.5)) for p in ema.module.parameters())
-    assert torch.equal(ema.module[1].running_mean, torch.full((2,), 3.0))
+    assert torch.equal(ema.module[1].running_mean, torch.full((2,), 1.5))  # 0 halfway to 3
+    assert ema.module[1].num_batches_tracked.item() == 7
     ema.update(model)
     assert all(torch.allclose(p, torch.full_like(p, 0.75)) for p in ema.module.parameters())
     assert not any(p.requires_grad for p in ema.module.parameters())

