@@ -7,7 +7,9 @@
 
 Rows: each trains within the same wall budget (default 600 s) on the same split and is scored by COCO
 mAP@[.5:.95] and mAP@.5 on the same validation images (fmnist-scenes: its val split, 500 scenes of 160x160;
-BCCD: its test split, 72 images), plus training images/s and end-to-end inference ms/image at batch 1.
+BCCD: its test split, 72 images), plus training images/s and end-to-end inference ms/image at batch 1 on the
+split's first 50 files (ours: the exported ONNX package, file bytes to boxes, as `modelworks predict` runs it;
+the peer: `model.predict(path)`).
 Ours run as a user runs them (`modelworks train` then `modelworks evaluate --split val|test`); the recipe's
 epochs are scaled to the budget from a short timed probe, so the row stops inside it. The peer is trained from
 `yolov8n.yaml` (no pretrained weights) with its time budget (`time=` hours), fully offline (YOLO_OFFLINE=1,
