@@ -11,6 +11,7 @@ the classification augmentation. All randomness comes from the step's generator,
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -90,7 +91,7 @@ def mosaic_canvas(x: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, p:
     mosaic (so each quadrant shows the part of its image nearest that point), at the origin otherwise."""
     B, C, H, W = x.shape
     device = x.device
-    h, w = round(scale * H), round(scale * W)
+    h, w = math.ceil(scale * H), math.ceil(scale * W)  # ceil: two tiles always cover an odd-sized image
     tiles = x if (h, w) == (H, W) else F.interpolate(x, size=(h, w), mode="bilinear", antialias=True,
                                                      align_corners=False)
     nxt = [(torch.arange(B, device=device) + q) % B for q in range(4)]  # quadrant q shows image b + q
