@@ -5,13 +5,13 @@ pixels with grid_sample and to the boxes exactly: an axis-aligned map sends a bo
 corners. Boxes are then clipped to the image; a box that keeps less than `min_visible` of its area, or
 becomes thinner than 2 pixels, loses its label (-1, like padding). Mosaic (Bochkovskiy et al., YOLOv4) tiles
 four images of the batch 2 x 2 and cuts an image-sized window around a random point near the middle; the window
-and the zoom are one affine map, so a mosaic costs one resampling like any other image. Colour jitter reuses
+and the zoom are one affine map, and each tile is resampled straight into the output (four resamplings of an
+image's size, no tiling built). Colour jitter reuses
 the classification augmentation. All randomness comes from the step's generator, so resumed runs repeat it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -53,22 +53,26 @@ def _uniform(n: int, low: float, high: float, g: torch.Generator, device) -> tor
     return torch.rand(n, generator=g, device=device) * (high - low) + low
 
 
-def affine_images(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, fill: float,
-                  out_size: tuple[int, int] | None = None) -> torch.Tensor:
-    """Output pixel p shows input pixel (p - shift) / scale (continuous pixel coordinates, align_corners=False).
-    x: float [B, C, H, W]; scale [B]; shift [B, 2] in pixels (x, y); out_size (H, W), default the input's."""
-    B, C, H, W = x.shape
-    out_h, out_w = out_size or (H, W)
-    size_in = torch.tensor([W, H], device=x.device, dtype=x.dtype)
-    size_out = torch.tensor([out_w, out_h], device=x.device, dtype=x.dtype)
-    # Normalised coordinates n = 2p / size - 1 on each side: n_in = n_out * size_out / (s size_in)
-    # + (size_out - 2 shift) / (s size_in) - 1.
-    ratio = size_out / (scale[:, None] * size_in)  # B, 2
-    theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)
-    theta[:, 0, 0], theta[:, 1, 1] = ratio[:, 0], ratio[:, 1]
-    theta[:, :, 2] = (size_out - 2 * shift) / (scale[:, None] * size_in) - 1
-    grid = F.affine_grid(theta, [B, C, out_h, out_w], align_corners=False)
-    return F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+def _affine_grid(scale: torch.Tensor, shift: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """grid_sample's grid for: output pixel p shows input pixel (p - shift) / scale (continuous pixel coordinates,
+    align_corners=False). scale [B]; shift [B, 2] in pixels (x, y); shape (B, C, H, W) of input and output."""
+    B, C, H, W = shape
+    size = torch.tensor([W, H], device=shift.device, dtype=shift.dtype)
+    # In normalised coordinates n = 2p / size - 1: n_in = n_out / s + (1 - 2 shift / size) / s - 1.
+    theta = torch.zeros(B, 2, 3, device=shift.device, dtype=shift.dtype)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 / scale
+    theta[:, :, 2] = (1 - 2 * shift / size) / scale[:, None] - 1
+    return F.affine_grid(theta, [B, C, H, W], align_corners=False)
+
+
+def _sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def affine_images(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, fill: float) -> torch.Tensor:
+    """Output pixel p shows input pixel (p - shift) / scale; `fill` outside the input.
+    x: float [B, C, H, W]; scale [B]; shift [B, 2] in pixels (x, y)."""
+    return _sample(x - fill, _affine_grid(scale, shift, x.shape)) + fill
 
 
 def clip_boxes(boxes: torch.Tensor, labels: torch.Tensor, areas_before: torch.Tensor, H: int, W: int,
@@ -82,37 +86,50 @@ def clip_boxes(boxes: torch.Tensor, labels: torch.Tensor, areas_before: torch.Te
     return boxes * keep[..., None], torch.where(keep, labels, -1)
 
 
-def mosaic_canvas(x: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor, p: float, scale: float,
-                  g: torch.Generator):
-    """Each image, with probability p, becomes a 2 x 2 canvas of itself and the next three images of the batch,
-    each resized by `scale`; the others sit in the top-left corner of an equally large grey canvas. Returns the
-    canvases [B, C, 2sH, 2sW], their boxes [B, 4M, 4] (canvas pixels) and labels [B, 4M], and where the H x W
-    output window starts in each canvas [B, 2]: centred on a random point of the canvas's middle half for a
-    mosaic (so each quadrant shows the part of its image nearest that point), at the origin otherwise."""
-    B, C, H, W = x.shape
-    device = x.device
-    h, w = math.ceil(scale * H), math.ceil(scale * W)  # ceil: two tiles always cover an odd-sized image
-    tiles = x if (h, w) == (H, W) else F.interpolate(x, size=(h, w), mode="bilinear", antialias=True,
-                                                     align_corners=False)
-    nxt = [(torch.arange(B, device=device) + q) % B for q in range(4)]  # quadrant q shows image b + q
-    mosaics = torch.cat([torch.cat([tiles, tiles[nxt[1]]], -1), torch.cat([tiles[nxt[2]], tiles[nxt[3]]], -1)], -2)
-    plain = torch.full_like(mosaics, FILL / 255)
-    plain[..., :H, :W] = x
-    use = torch.rand(B, generator=g, device=device) < p
-    canvas = torch.where(use[:, None, None, None], mosaics, plain)
+QUADRANTS = ((0, 0), (1, 0), (0, 1), (1, 1))  # tile q of a mosaic (x, y) shows batch image b + q
 
-    resize = torch.tensor([w / W, h / H] * 2, device=device, dtype=boxes.dtype)
-    offsets = [torch.tensor([qx * w, qy * h] * 2, device=device, dtype=boxes.dtype)
-               for qx, qy in ((0, 0), (1, 0), (0, 1), (1, 1))]
-    M = boxes.shape[1]
-    mosaic_boxes = torch.cat([boxes[nxt[q]] * resize + offsets[q] for q in range(4)], 1)
-    mosaic_labels = torch.cat([labels[nxt[q]] for q in range(4)], 1)
+
+def mosaic_layout(boxes: torch.Tensor, labels: torch.Tensor, p: float, scale: float, H: int, W: int,
+                  g: torch.Generator):
+    """Where mosaic puts things. Each image, with probability p (`use`), becomes a 2 x 2 tiling of itself and the
+    next three images of the batch, each resized by `scale`; an H x W window of the tiling, centred on a random
+    point of its middle half, is the new image (each tile shows its part nearest that point). Returns the boxes
+    [B, 4M, 4] and labels [B, 4M] in tiling pixels (the unused keep theirs, padded), where each window starts in
+    its tiling [B, 2] (the origin for the unused), and `use` [B]."""
+    B, M = labels.shape
+    device = boxes.device
+    use = torch.rand(B, generator=g, device=device) < p
+    tile = (scale * W, scale * H)
+    mosaic_boxes = torch.cat([boxes[(torch.arange(B, device=device) + q) % B] * scale
+                              + torch.tensor([qx * tile[0], qy * tile[1]] * 2, device=device, dtype=boxes.dtype)
+                              for q, (qx, qy) in enumerate(QUADRANTS)], 1)
+    mosaic_labels = torch.cat([labels[(torch.arange(B, device=device) + q) % B] for q in range(4)], 1)
     boxes = torch.where(use[:, None, None], mosaic_boxes, torch.cat([boxes, boxes.new_zeros(B, 3 * M, 4)], 1))
     labels = torch.where(use[:, None], mosaic_labels, torch.cat([labels, labels.new_full((B, 3 * M), -1)], 1))
-
-    centre = torch.stack([_uniform(B, 0.5 * w, 1.5 * w, g, device), _uniform(B, 0.5 * h, 1.5 * h, g, device)], 1)
+    centre = torch.stack([_uniform(B, 0.5 * tile[0], 1.5 * tile[0], g, device),
+                          _uniform(B, 0.5 * tile[1], 1.5 * tile[1], g, device)], 1)
     origin = (centre - torch.tensor([W / 2, H / 2], device=device)) * use[:, None]
-    return canvas, boxes, labels, origin
+    return boxes, labels, origin, use
+
+
+def mosaic_images(x: torch.Tensor, use: torch.Tensor, scale: float, zoom: torch.Tensor, shift: torch.Tensor,
+                  fill: float) -> torch.Tensor:
+    """The images of `mosaic_layout` under the map output p = zoom * t + shift of tiling pixels t (shift already
+    holds the window's origin), without building the tiling: each tile is resampled straight into the output,
+    zero (relative to `fill`) outside itself, and the four are summed, since tiles do not overlap. Unused images
+    are only zoomed and shifted."""
+    B = len(x)
+    tile_zoom = zoom * torch.where(use, scale, 1.0)  # output pixels per source pixel
+    source = x - fill
+    grid = _affine_grid(tile_zoom, shift, x.shape)
+    out = _sample(source, grid)  # tile 0: the image itself
+    for q, (qx, qy) in enumerate(QUADRANTS[1:], start=1):
+        # Tile q's map is tile 0's moved by the tile's origin, (qx, qy) tiles: 2 (qx, qy) in normalised source
+        # coordinates (an image spans [-1, 1]). Unused images sample outside [-1, 1], which gives zero.
+        step = torch.tensor([2.0 * qx, 2.0 * qy], device=x.device, dtype=x.dtype)
+        tile_grid = torch.where(use[:, None, None, None], grid - step, 2.0)
+        out = out + _sample(source[(torch.arange(B, device=x.device) + q) % B], tile_grid)
+    return out + fill
 
 
 def augment_detection_batch(x: torch.Tensor, boxes: torch.Tensor, labels: torch.Tensor,
@@ -122,18 +139,19 @@ def augment_detection_batch(x: torch.Tensor, boxes: torch.Tensor, labels: torch.
     triple; the number of box slots M may grow (mosaic) and dropped boxes get label -1."""
     B, C, H, W = x.shape
     device = x.device
-    source, origin = x, torch.zeros(B, 2, device=device)
+    origin = torch.zeros(B, 2, device=device)
     use_mosaic = cfg.mosaic > 0 and progress < 1 - cfg.close_mosaic
     if use_mosaic:
-        source, boxes, labels, origin = mosaic_canvas(x, boxes, labels, cfg.mosaic, cfg.mosaic_scale, g)
+        boxes, labels, origin, use = mosaic_layout(boxes, labels, cfg.mosaic, cfg.mosaic_scale, H, W, g)
     if use_mosaic or cfg.scale != (1.0, 1.0) or cfg.translate > 0:
-        # One resampling for the mosaic window and the zoom: output p = s (q - origin) + shift for a source
-        # pixel q, the zoom about the window's centre and the shift drawn here.
+        # One map for the mosaic window and the zoom: output p = s (t - origin) + shift for a tiling pixel t
+        # (an image pixel without mosaic), the zoom about the window's centre and the shift drawn here.
         s = _uniform(B, cfg.scale[0], cfg.scale[1], g, device)
         size = torch.tensor([W, H], device=device, dtype=x.dtype)
         jitter = (torch.rand(B, 2, generator=g, device=device) * 2 - 1) * cfg.translate * size
         shift = (1 - s[:, None]) * size / 2 + jitter - s[:, None] * origin
-        x = affine_images(source, s, shift, FILL / 255, (H, W))
+        x = (mosaic_images(x, use, cfg.mosaic_scale, s, shift, FILL / 255) if use_mosaic else
+             affine_images(x, s, shift, FILL / 255))
         areas = (boxes[..., 2:] - boxes[..., :2]).prod(-1) * s[:, None] ** 2
         boxes = boxes * s[:, None, None] + shift.repeat(1, 2)[:, None, :]
         boxes, labels = clip_boxes(boxes, labels, areas, H, W, cfg.min_visible)
