@@ -157,7 +157,8 @@ def test_a_grayscale_image_is_served_as_rgb():
     predictor = DetectionPredictor(DetectionPredictor.build_spec(["a"], 64, {"name": "yolov1"}, 0.25, 0.6, 10))
     item = predictor.parse(predictor.Request(), png_bytes(np.full((32, 16), 90, np.uint8)))
     assert item.image.shape == (3, 64, 64) and (item.width, item.height) == (16, 32)
-    assert (item.image[:, :, :32] == 90 / 255).all() and (item.image[:, :, 32:] == 114 / 255).all()
+    image = predictor.collate([item])["images"][0]
+    assert (image[:, :, :32] == 90 / 255).all() and (image[:, :, 32:] == 114 / 255).all()
 
 
 # ---------------------------------------------------------------------------------------------- packages

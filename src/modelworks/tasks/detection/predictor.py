@@ -63,7 +63,7 @@ class DetectionResponse(BaseModel):
 
 @dataclass
 class DetectionItem:
-    image: torch.Tensor  # float [3, S, S] in [0, 1], letterboxed
+    image: np.ndarray  # uint8 [3, S, S], letterboxed (scaled to [0, 1] per batch, in collate)
     scale: float  # letterbox pixels per original pixel
     width: int  # the original image's size
     height: int
@@ -123,7 +123,7 @@ class DetectionPredictor(Predictor):
         _, height, width = image.shape
         canvas, scale = letterbox(image, self.image_size)
         return DetectionItem(
-            canvas.float().div_(255), scale, width, height,
+            canvas.numpy(), scale, width, height,
             self._option(request.score_threshold, "score_threshold"),
             self._option(request.iou_threshold, "iou_threshold"),
             int(self._option(request.max_detections, "max_detections")))
@@ -134,7 +134,9 @@ class DetectionPredictor(Predictor):
     # ------------------------------------------------------------------------------------------ batches
 
     def collate(self, items: list[DetectionItem]) -> dict[str, np.ndarray]:
-        return {"images": torch.stack([item.image for item in items]).numpy()}
+        # Once per batch in the server's inference thread, in numpy (as classification's collate, which says
+        # why), float32 like DetectionTask.prepare_batch: the values evaluation computes.
+        return {"images": np.stack([item.image for item in items]).astype(np.float32) / np.float32(255)}
 
     def postprocess(self, outputs: Sequence[np.ndarray], items: list[DetectionItem]) -> list[DetectionResponse]:
         raw = torch.from_numpy(np.asarray(outputs[0], dtype=np.float32))
