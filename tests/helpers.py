@@ -131,3 +131,55 @@ def fashion_test_images(folder: Path, n: int = 8):
 
     arrays = load_fashion_mnist(folder, "test", download=False)
     return arrays.images[:n, 0].numpy(), arrays.labels[:n].numpy()
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 8-bit grayscale PNG of `width` x `height` zero pixels: a few hundred KB that decodes to
+    width x height bytes (20000 x 20000: 400 MB). Rows are streamed through zlib, never held whole."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter byte 0, then the row
+    idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+
+
+def gif_canvas_bomb(width: int, height: int) -> bytes:
+    """A GIF of a few dozen bytes whose logical screen is `width` x `height` (one 1x1 frame): decoders that size
+    their output by the screen allocate width x height x 3 bytes for nothing."""
+    import struct
+
+    screen = b"GIF89a" + struct.pack("<HH", width, height) + b"\x80\x00\x00" + b"\x00\x00\x00\xff\xff\xff"
+    frame = b"\x2c" + struct.pack("<HHHH", 0, 0, 1, 1) + b"\x00" + b"\x02\x02\x44\x01\x00"
+    return screen + frame + b"\x3b"
+
+
+def gif_frames(n: int, size: int = 8) -> bytes:
+    """An animated GIF of `n` frames of `size` x `size` pixels."""
+    import io
+
+    from PIL import Image
+
+    frames = [Image.new("RGB", (size, size), (i * 60 % 256, 0, 0)) for i in range(n)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    return buffer.getvalue()
+
+
+def image_file(pixels, format: str) -> bytes:
+    """`pixels` (uint8 [H, W] or [H, W, 3]) saved in `format` (PNG, GIF, WEBP, JPEG)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=format, **({"lossless": True} if format == "WEBP" else {}))
+    return buffer.getvalue()

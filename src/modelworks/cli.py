@@ -70,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--threads", type=int, help="CPU threads for the runtime (default: all)")
     predict.add_argument("--save-images", metavar="DIR",
                          help="also write each input with its prediction drawn on it (detection: boxes) as PNG")
+    predict.add_argument("--max-image-pixels", type=int, metavar="N",
+                         help="largest image (width x height) to decode, read from its header first; larger files "
+                              "are skipped (default: 64x the model's input, at least 16 megapixels)")
 
     serve = verbs.add_parser("serve", help="HTTP API, demo page and metrics for one or two packages (A/B)",
                              description="Serve model packages over HTTP. Two packages are two versions of one "
@@ -87,8 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
                             "request); a lone request does not wait")
     serve.add_argument("--max-queue", type=int, default=256,
                        help="requests waiting per model version; more are answered 503 with Retry-After")
-    serve.add_argument("--timeout-s", type=float, default=10.0, help="per-request deadline; past it 504")
+    serve.add_argument("--timeout-s", type=float, default=10.0,
+                       help="per-request deadline from arrival (reading the body and decoding included); past it "
+                            "504, or 408 while the body is still arriving")
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get 413")
+    serve.add_argument("--max-header-bytes", type=int, default=32 * 1024,
+                       help="request line and headers together; larger get 431 and the connection is closed")
+    serve.add_argument("--max-image-pixels", type=int, metavar="N",
+                       help="largest image (width x height) a request may declare, read from the file's header "
+                            "before decoding; larger get 413 (default: 64x the model's input, at least 16 "
+                            "megapixels)")
+    serve.add_argument("--decode-threads", type=int, default=2,
+                       help="threads decoding request files off the event loop (bounds decoding memory too)")
     serve.add_argument("--drain-s", type=float, default=15.0,
                        help="on SIGTERM/Ctrl-C, how long in-flight requests may take to finish")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -210,7 +223,10 @@ def run_predict(args: argparse.Namespace) -> int:
     from .export.batch import predict_files
     from .inference import open_model
 
+    if args.max_image_pixels is not None and args.max_image_pixels <= 0:
+        raise ConfigError(f"--max-image-pixels: must be > 0 (got {args.max_image_pixels})")
     model = open_model(args.package, args.runtime, args.threads)
+    model.predictor.limit_inputs(max_image_pixels=args.max_image_pixels)
     out = Path(args.out) if args.out else None
     save_images = Path(args.save_images) if args.save_images else None
     result = predict_files(model, args.inputs, out, args.batch_size, parse_options(args.options),
@@ -230,7 +246,8 @@ def run_serve(args: argparse.Namespace) -> int:
     weights = parse_split(args.split, len(args.packages))
     settings = ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_bytes=args.max_body_bytes,
-                             drain_s=args.drain_s)
+                             max_header_bytes=args.max_header_bytes, max_image_pixels=args.max_image_pixels,
+                             decode_threads=args.decode_threads, drain_s=args.drain_s)
     models = [open_model(p, args.runtime, args.threads) for p in args.packages]
     loader = lambda path: open_model(path, args.runtime, args.threads)  # noqa: E731  the admin API's loads
     run_server(models, weights, settings, loader, host=args.host, port=args.port, name=args.name,

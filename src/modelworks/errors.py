@@ -31,3 +31,8 @@ class InputError(ModelworksError):
     def __init__(self, message: str, field: str | None = None):
         super().__init__(message)
         self.field = field
+
+
+class InputTooLarge(InputError):
+    """An input is over a size limit of the server's (an image's pixel count): refused before it is decoded.
+    Served as 413; the message says the limit and the flag that sets it."""

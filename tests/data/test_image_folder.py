@@ -77,7 +77,7 @@ def test_corrupt_image_names_its_path(tree, content):
     samples, _ = image_data.scan_image_folder(tree)
     dataset = image_data.ImageFolderFiles(samples, image_size=16, channels=3)
     index = samples.index((str(bad), 1))
-    with pytest.raises(DataError, match=rf"{bad}: cannot be decoded as an image .*; remove or replace the file"):
+    with pytest.raises(DataError, match=rf"{bad}: cannot be decoded as PNG, JPEG, GIF or WebP .*; remove or replace the file"):
         dataset[index]
 
 

@@ -198,11 +198,16 @@ def test_concurrent_requests_are_batched(tiny_package, images):
     assert batches <= 2
 
 
-async def post_arriving_slowly(client, image: bytes, delay_s: float) -> httpx.Response:
-    """A request whose body takes `delay_s` to arrive: while it is being read, a batch waits for it (up to
-    max_wait_ms)."""
+async def post_arriving_slowly(client, image: bytes, delay_s: float, stall: bool = False) -> httpx.Response:
+    """A request whose body takes `delay_s` to arrive, a byte of leading JSON whitespace every 2 ms (while bytes keep
+    coming, a batch waits for it, up to max_wait_ms); with `stall`, one byte and then nothing until `delay_s`."""
     async def chunks():
-        await asyncio.sleep(delay_s)
+        start = asyncio.get_running_loop().time()
+        yield b" "
+        while asyncio.get_running_loop().time() - start < delay_s:
+            await asyncio.sleep(delay_s if stall else 0.002)
+            if not stall:
+                yield b" "
         yield json.dumps(json_body(image)).encode()
 
     return await client.post("/v1/models/tiny/predict", content=chunks(), headers={"Content-Type": "application/json"})
@@ -231,12 +236,13 @@ def test_a_full_queue_answers_503_with_retry_after_and_loses_no_accepted_request
 
 
 def test_a_batch_waits_only_for_arriving_requests_and_a_request_past_its_deadline_gets_504(tiny_package, images):
-    app = app_for(tiny_package, max_batch_size=8, max_wait_ms=2000, timeout_s=0.2)
+    app = app_for(tiny_package, max_batch_size=8, max_wait_ms=2000, timeout_s=0.3)
 
     async def body(client):
         alone = await client.post("/v1/models/tiny/predict", json=json_body(images[0][0]))
-        # Now a request still arriving makes the next batch wait for it, past the deadline of the one queued.
-        slow = asyncio.create_task(post_arriving_slowly(client, images[0][1], 0.5))
+        # Now a request still arriving makes the next batch wait for it, past the deadline of the one queued; its
+        # own body takes longer than timeout_s, which covers reading it.
+        slow = asyncio.create_task(post_arriving_slowly(client, images[0][1], 0.6))
         await asyncio.sleep(0.05)
         queued = await client.post("/v1/models/tiny/predict", json=json_body(images[0][0]))
         return alone, queued, await slow
@@ -244,8 +250,29 @@ def test_a_batch_waits_only_for_arriving_requests_and_a_request_past_its_deadlin
     alone, queued, slow = asyncio.run(with_app(app, body))
     assert alone.status_code == 200 and alone.json()["latency_ms"] < 1000  # nothing else arriving: no wait
     assert queued.status_code == 504
-    assert re.search(r"no answer within 0.2 s \(timeout_s\)", queued.json()["error"]["message"])
-    assert slow.status_code == 200 and slow.json()["prediction"]["label"] == LABELS[images[1][1]]
+    assert re.search(r"no answer within 0.3 s \(timeout_s\)", queued.json()["error"]["message"])
+    assert slow.status_code == 408 and slow.json()["error"]["code"] == "body_timeout"
+    assert "not received within 0.3 s" in slow.json()["error"]["message"]
+
+
+def test_a_stalled_upload_does_not_hold_batches(tiny_package, images):
+    """A body that stops receiving bytes is not 'arriving': batches stop waiting for it (they waited the whole
+    max_wait_ms for every such connection before)."""
+    app = app_for(tiny_package, max_batch_size=8, max_wait_ms=1000, timeout_s=5)
+
+    async def body(client):
+        stalled = [asyncio.create_task(post_arriving_slowly(client, images[0][1], 1.5, stall=True))
+                   for _ in range(5)]
+        await asyncio.sleep(0.1)
+        answers = []
+        for _ in range(5):
+            answers.append(await client.post("/v1/models/tiny/predict", json=json_body(images[0][0])))
+        return answers, await asyncio.gather(*stalled)
+
+    answers, stalled = asyncio.run(with_app(app, body))
+    assert all(a.status_code == 200 for a in answers) and all(s.status_code == 200 for s in stalled)
+    # Each would wait max_wait_ms (1000 ms) for the stalled bodies if they counted as arriving.
+    assert max(a.json()["latency_ms"] for a in answers) < 300, [a.json()["latency_ms"] for a in answers]
 
 
 # ---------------------------------------------------------------------------------------------- A/B

@@ -97,6 +97,66 @@ def test_real_server_answers_exports_metrics_logs_json_and_drains_on_sigterm(tin
     assert any(line["message"] == "stopped" and line["answered_all"] for line in lines)
 
 
+def server_pid_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def raw_exchange(port: int, head: bytes, chunks=(), pause_s: float = 0.0, read_timeout_s: float = 10) -> bytes:
+    """Send `head`, then each of `chunks` (pausing `pause_s` before each), and read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout_s) as sock:
+        try:
+            sock.sendall(head)
+            for chunk in chunks:
+                time.sleep(pause_s)
+                sock.sendall(chunk)
+        except (BrokenPipeError, ConnectionResetError):  # the server refused and closed while we were sending
+            pass
+        answer = b""
+        try:
+            while data := sock.recv(65536):
+                answer += data
+        except ConnectionResetError:
+            pass
+        return answer
+
+
+def test_request_heads_are_bounded_in_size_and_time(tiny_package, image):
+    """uvicorn's httptools protocol buffered a 100 MB header (+380 MB) and waited forever for a head that never
+    ended; the protocol now answers 431 past --max-header-bytes and 408 past --timeout-s, closing the connection."""
+    server = ServerProcess(tiny_package, "--max-header-bytes", "8192", "--timeout-s", "1.5", "--log-level",
+                           "warning")
+    try:
+        before = server_pid_rss_mb(server.process.pid)
+        # 20 MB of X-Caller-Id, sent in 1 MB pieces: refused once 8 KB have arrived without the head's end.
+        head = b"POST /v1/models/tiny/predict HTTP/1.1\r\nHost: x\r\nX-Caller-Id: "
+        answer = raw_exchange(server.port, head, [b"u" * (1 << 20)] * 20)
+        assert answer.startswith(b"HTTP/1.1 431 "), answer[:200]
+        error = json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "headers_too_large" and "limit of 8192 bytes" in error["message"]
+        assert server_pid_rss_mb(server.process.pid) - before < 30
+        # A head that starts and stalls: 408 after --timeout-s.
+        tic = time.time()
+        answer = raw_exchange(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"header_timeout" in answer
+        assert 1.3 < time.time() - tic < 5
+        # A body that stalls: 408 from the app once --timeout-s has passed since its head arrived.
+        body = json.dumps({"image": base64.b64encode(image[0]).decode()}).encode()
+        head = (b"POST /v1/models/tiny/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % len(body))
+        answer = raw_exchange(server.port, head + body[:100])
+        assert answer.startswith(b"HTTP/1.1 408 ") and b"body_timeout" in answer, answer[:300]
+        # Ordinary requests with ordinary headers are untouched.
+        response = httpx.post(f"{server.url}/v1/models/tiny/predict", content=body, timeout=10,
+                              headers={"Content-Type": "application/json", "X-Caller-Id": "user-1",
+                                       "User-Agent": "a" * 2000})
+        assert response.status_code == 200, response.text
+    finally:
+        server.stop()
+
+
 @contextlib.contextmanager
 def demo_page(package, tmp_path):
     """`modelworks serve package` in a real process and its demo page open in headless Chromium, models listed."""

@@ -2,7 +2,7 @@
 
 Small data sets are held whole as uint8 tensors on the training device (`InMemoryImages`), so a batch is one
 index operation and augmentation runs batched on the device. ImageFolder trees are decoded per image by
-torchvision.io in DataLoader workers and resized to a fixed size; their augmentation still runs batched.
+data/image_files.read_image in DataLoader workers and resized to a fixed size; their augmentation still runs batched.
 
 Downloads use torchvision's checksummed downloaders. Offline, a clear error says which files are missing,
 where they were looked for, and how to provide them.
@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import DataError
+from ..errors import DataError, InputError
 from .idx import read_idx
+from .image_files import IMAGE_SUFFIXES as FILE_SUFFIXES
 
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
@@ -166,8 +167,9 @@ def _download_with_torchvision(name: str, root: Path) -> None:
 
 
 class ImageFolderFiles(Dataset):
-    """An ImageFolder tree (one sub-folder per class), decoded by torchvision.io and resized to a fixed size.
-    Yields uint8 [C, H, W] so batches augment on the device like the in-memory sets."""
+    """An ImageFolder tree (one sub-folder per class), decoded by data/image_files.read_image (the serving
+    predictors' decoder, with the same pixel limit) and resized to a fixed size. Yields uint8 [C, H, W] so batches
+    augment on the device like the in-memory sets."""
 
     def __init__(self, samples: list[tuple[str, int]], image_size: int, channels: int):
         self.samples = samples
@@ -178,20 +180,21 @@ class ImageFolderFiles(Dataset):
         return len(self.samples)
 
     def __getitem__(self, i: int):
-        from torchvision.io import ImageReadMode, decode_image
         from torchvision.transforms.v2 import functional as TF
 
+        from .image_files import default_max_pixels, read_image
+
         path, label = self.samples[i]
-        mode = ImageReadMode.RGB if self.channels == 3 else ImageReadMode.GRAY
         try:
-            image = decode_image(path, mode=mode)
-        except (RuntimeError, OSError) as exc:
-            raise DataError(f"{path}: cannot be decoded as an image ({exc}); remove or replace the file") from None
+            image = read_image(Path(path), self.channels, default_max_pixels(self.image_size ** 2), where=path,
+                               field=None, fix="remove or replace the file")
+        except InputError as exc:  # the reader's words, as a data error: training stops with the file named
+            raise DataError(str(exc)) from None
         image = TF.resize(image, [self.image_size, self.image_size], antialias=True)
         return image, torch.tensor(label)
 
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp"}  # what torchvision.io.decode_image reads
+IMAGE_SUFFIXES = set(FILE_SUFFIXES)  # what data/image_files.read_image reads
 
 
 def scan_image_folder(folder: Path, classes: list[str] | None = None) -> tuple[list[tuple[str, int]], list[str]]:

@@ -19,35 +19,39 @@ import asyncio
 import gc
 import json
 import logging
+import math
 import os
 import re
 import secrets
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Annotated, Callable
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.routing import APIRoute
-from pydantic import BaseModel, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
-from ..errors import ConfigError, InputError, ModelworksError
+from ..errors import ConfigError, InputError, InputTooLarge, ModelworksError
 from .batching import Batcher, Draining, InferenceFailed, Overloaded
+from .http import httptools_protocol
 from .logs import configure_logging, log
 from .metrics import Metrics
 from .routing import ModelRoute, Version
 
 ADMIN_TOKEN_ENV = "MODELWORKS_ADMIN_TOKEN"
 CALLER_HEADER = "x-caller-id"
+MAX_CALLER_ID = 256  # characters: a user or session id, hashed for A/B stickiness; anything longer is not an id
 STATIC = Path(__file__).with_name("static")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SWITCH_INTERVAL_S = 1e-4  # see run_server
@@ -59,15 +63,21 @@ class ServeSettings:
     max_batch_size: int = 32  # 1 turns dynamic batching off
     max_wait_ms: float = 2.0  # longest a batch waits for requests still arriving (its oldest's wait); 0: never
     max_queue: int = 256  # waiting requests per version before 503
-    timeout_s: float = 10.0  # per request, arrival to answer; then 504
+    timeout_s: float = 10.0  # per request, arrival to answer (body read and decoding included); then 408 or 504
     max_body_bytes: int = 4 * 1024 * 1024  # larger bodies get 413 before they are read
+    max_header_bytes: int = 32 * 1024  # request line and headers together; larger get 431 while still arriving
+    max_image_pixels: int | None = None  # width x height an image may declare; None: each predictor's default
+    decode_threads: int = 2  # threads that decode requests' files, off the event loop
     drain_s: float = 15.0  # graceful shutdown: time in-flight requests get to finish
     admin_token: str | None = None  # None: read MODELWORKS_ADMIN_TOKEN; empty: admin API disabled
 
     def __post_init__(self):
         problems = [f"{name}: must be > 0 (got {getattr(self, name)})"
-                    for name in ("max_batch_size", "max_queue", "timeout_s", "max_body_bytes", "drain_s")
+                    for name in ("max_batch_size", "max_queue", "timeout_s", "max_body_bytes", "max_header_bytes",
+                                 "decode_threads", "drain_s")
                     if getattr(self, name) <= 0]
+        if self.max_image_pixels is not None and self.max_image_pixels <= 0:
+            problems.append(f"max_image_pixels: must be > 0 (got {self.max_image_pixels})")
         if self.max_wait_ms < 0:
             problems.append(f"max_wait_ms: must be >= 0 (got {self.max_wait_ms})")
         if problems:
@@ -78,6 +88,10 @@ class ServeSettings:
 
 class DeadlineExceeded(Exception):
     """A request's timeout_s passed before its batch answered."""
+
+
+class BodyTimeout(Exception):
+    """A request's body did not arrive within timeout_s of its headers."""
 
 
 def expire(future: asyncio.Future) -> None:
@@ -117,6 +131,18 @@ def describe_validation_error(exc: ValidationError | RequestValidationError, fie
     return "; ".join(lines), first_field
 
 
+def form_value(model: type[BaseModel], key: str, text: str):
+    """A multipart text field as the JSON value it spells (`3` -> 3, `true` -> True, `0.5` -> 0.5) unless the field
+    is text, else the text itself: forms carry only text, and the request models are strict."""
+    field = model.model_fields.get(key)
+    if field is not None and field.annotation in (str, str | None):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 # ---------------------------------------------------------------------------------------------- server state
 
 
@@ -132,13 +158,22 @@ class ModelServer:
         self.draining = False
         self.admin_lock = asyncio.Lock()
         self.retiring: set[asyncio.Task] = set()  # drains of replaced versions, kept referenced until done
+        # Requests' files are decoded here, not on the event loop: a large image must not stall other requests'
+        # reads, the probes or the answers. The pool's size also bounds how many decodes hold memory at once.
+        self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
 
     def new_version(self, name: str, model) -> Version:
         s = self.settings
         route = self.routes[name]
+        model.predictor.limit_inputs(max_image_pixels=s.max_image_pixels)
         batcher = Batcher(model, s.max_batch_size, s.max_wait_ms, s.max_queue, self.metrics, (name, model.version),
-                          arriving=lambda: route.arriving)
+                          arriving=route.arriving_now)
         return Version(model, batcher)
+
+    @property
+    def servable(self) -> bool:
+        """Every model has a loaded version with traffic: what /readyz promises a load balancer."""
+        return all(route.versions and sum(route.weights.values()) > 0 for route in self.routes.values())
 
     async def start_version(self, version: Version) -> None:
         """Start its batcher, whose worker first runs the example request at batch size 1 and the largest batch,
@@ -176,7 +211,7 @@ class ModelServer:
                                        f"{predictor.file_field!r}", key)
                     file = await value.read()
                 else:
-                    values[key] = value
+                    values[key] = form_value(predictor.Request, key, value)
             if file is None and predictor.file_field not in values:
                 raise ApiError(422, "invalid_input", f"{predictor.file_field}: missing; add the file as the "
                                f"multipart field {predictor.file_field!r}", predictor.file_field)
@@ -210,19 +245,22 @@ class ModelServer:
         if self.draining:
             raise ApiError(503, "draining", "the server is shutting down; retry on another replica",
                            headers={"Retry-After": "1"})
-        route.arriving += 1  # a batch about to run waits for arriving requests (up to max_wait_ms), no others
+        timeout_s = self.settings.timeout_s
+        remaining_s = lambda: timeout_s - (time.perf_counter() - state["arrival"])  # noqa: E731
+        # The deadline runs from the request's arrival: reading the body, decoding and the batch all count.
+        key = id(state)
+        route.arriving[key] = state  # a batch about to run waits for arriving requests (up to max_wait_ms)
         try:
-            parsed_request, file = await self.read_request(route.predictor_class, request)
-            # The version is chosen once the body is in: from here to enqueue nothing awaits, so an admin swap
-            # cannot slip between the choice and the queue of the chosen version.
-            version = route.choose(request.headers.get(CALLER_HEADER))
-            state["version"] = version.name
-            try:
-                item = version.model.predictor.parse(parsed_request, file)
-            except InputError as exc:
-                raise ApiError(422, "invalid_input", str(exc), exc.field) from None
+            async with asyncio.timeout(remaining_s()):
+                parsed_request, file = await self.read_request(route.predictor_class, request)
+                item, version = await self.parse(route, state, parsed_request, file)
+        except TimeoutError:
+            if not state["body_done"]:
+                raise BodyTimeout() from None  # answered 408 by the middleware, as for any route
+            raise ApiError(504, "timeout", f"not decoded within {timeout_s} s (timeout_s) of arrival; the server is "
+                           "overloaded, retry later") from None
         finally:
-            route.arriving -= 1
+            route.arriving.pop(key, None)
         try:
             future = version.batcher.enqueue(item)
         except Overloaded as exc:
@@ -234,14 +272,14 @@ class ModelServer:
                            headers={"Retry-After": "1"}) from None
         # The deadline fails the future itself (cheaper than wait_for's extra future and callbacks); a batch skips a
         # failed future as it skips a cancelled one.
-        deadline = asyncio.get_running_loop().call_later(self.settings.timeout_s, expire, future)
+        deadline = asyncio.get_running_loop().call_later(max(0.0, remaining_s()), expire, future)
         try:
             answer = await future
         except DeadlineExceeded:
-            raise ApiError(504, "timeout", f"no answer within {self.settings.timeout_s} s (timeout_s); the server "
+            raise ApiError(504, "timeout", f"no answer within {timeout_s} s (timeout_s); the server "
                            "is overloaded, retry later") from None
         except InferenceFailed as exc:
-            raise ApiError(500, "inference_failed", f"the model failed on this batch ({exc})") from None
+            raise ApiError(500, "inference_failed", f"the model failed on this input ({exc})") from None
         finally:
             deadline.cancel()
         confidence = version.model.predictor.confidence(answer)
@@ -253,6 +291,26 @@ class ModelServer:
         body = f'{envelope[:-1]}, "prediction": {answer.model_dump_json()}}}'
         return Response(body, media_type="application/json", headers={"X-Model-Version": version.name})
 
+    async def parse(self, route: ModelRoute, state: dict, request, file: bytes | None) -> tuple[object, Version]:
+        """(item, version): the request decoded in the decode pool by the predictor of the version it is routed to.
+        A version swapped out or unloaded while its request decoded is chosen again (an admin swap between the
+        choice and the queue would otherwise answer 503)."""
+        state["body_at"] = math.inf  # decoding: a batch about to run should wait for it
+        caller = state.get("caller")
+        loop = asyncio.get_running_loop()
+        for _ in range(2):
+            version = route.choose(caller)
+            state["version"] = version.name
+            try:
+                item = await loop.run_in_executor(self.decoder, version.model.predictor.parse, request, file)
+            except InputTooLarge as exc:
+                raise ApiError(413, "input_too_large", str(exc), exc.field) from None
+            except InputError as exc:
+                raise ApiError(422, "invalid_input", str(exc), exc.field) from None
+            if route.versions.get(version.name) is version:
+                break
+        return item, version
+
     # ------------------------------------------------------------------------------------------ admin
 
     def check_admin(self, authorization: str | None) -> None:
@@ -260,8 +318,11 @@ class ModelServer:
         if not token:
             raise ApiError(403, "admin_disabled", f"the admin API is disabled; start the server with "
                            f"{ADMIN_TOKEN_ENV} set to a secret to enable it")
-        supplied = (authorization or "").removeprefix("Bearer ").strip()
-        if not secrets.compare_digest(supplied.encode(), token.encode()):
+        scheme, _, supplied = (authorization or "").partition(" ")
+        # The scheme is required (RFC 6750; case-insensitive, as RFC 9110 says of schemes): a bare token is refused
+        # like a wrong one, so a client that forgot the prefix learns it here and not behind a proxy that insists.
+        if scheme.lower() != "bearer" or not secrets.compare_digest(supplied.strip().encode("utf-8", "replace"),
+                                                                     token.encode()):
             raise ApiError(401, "unauthorized", f"Authorization: expected 'Bearer <token>' with the token in "
                            f"{ADMIN_TOKEN_ENV}", headers={"WWW-Authenticate": "Bearer"})
 
@@ -278,11 +339,21 @@ class ModelServer:
             model = await asyncio.to_thread(self.loader, package)
         except ModelworksError as exc:
             raise ApiError(422, "invalid_package", str(exc), "package") from None
+        except Exception as exc:  # a runtime refusing a graph (ONNX Runtime, TorchScript): still the package's fault
+            raise ApiError(422, "invalid_package", f"package: {package} cannot be loaded ({type(exc).__name__}: "
+                           f"{str(exc).splitlines()[0][:300] if str(exc) else ''}); export it again", "package") from None
         if model.package.task != route.task or type(model.predictor) is not route.predictor_class:
             raise ApiError(422, "invalid_package", f"package: a {model.package.task!r} model cannot be a version "
                            f"of {route.name!r}, a {route.task!r} model", "package")
         version = self.new_version(route.name, model)
-        await self.start_version(version)  # warmed up before it takes traffic
+        try:
+            await self.start_version(version)  # warmed up before it takes traffic
+        except Exception as exc:
+            if version.name not in route.versions:
+                self.metrics.forget_version(route.name, version.name)
+            raise ApiError(422, "invalid_package", f"package: {package} fails on the example request "
+                           f"({type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}); export "
+                           "it again", "package") from None
         old = route.versions.get(version.name)
         route.versions[version.name] = version  # the swap: one assignment, between two requests
         weights = dict(route.weights)
@@ -305,8 +376,11 @@ class ModelServer:
         if unknown:
             raise ApiError(422, "invalid_input", f"weights: unknown versions {unknown}; loaded: "
                            f"{', '.join(route.versions)}", "weights")
-        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ApiError(422, "invalid_input", f"weights: must be >= 0 and not all 0 (got {weights})", "weights")
+        # Checked before anything changes. NaN passes `w < 0` and json.dumps writes it: once applied, every
+        # route.choose() failed. Weights are also summed, so one infinity would make the rest meaningless.
+        if not all(math.isfinite(w) and w >= 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ApiError(422, "invalid_input", f"weights: each must be a finite number >= 0, and not all 0 (got "
+                           f"{ {v: str(w) for v, w in weights.items()} })", "weights")
         route.set_weights(weights)
         self.update_weight_metrics(route)
         log("traffic split", model=route.name, weights=route.weights)
@@ -336,7 +410,9 @@ class RequestContext:
         supplied = headers.get(b"x-request-id", b"").decode("latin-1")
         request_id = supplied if NAME_PATTERN.match(supplied) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
-        state.update(request_id=request_id, arrival=arrival)
+        caller = headers.get(CALLER_HEADER.encode())
+        state.update(request_id=request_id, arrival=arrival, body_at=arrival, body_done=False,
+                     caller=caller.decode("latin-1") if caller else None)
         status, started = 500, False
 
         async def send_with_id(message):
@@ -346,39 +422,65 @@ class RequestContext:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
-        limit = self.server.settings.max_body_bytes
-        received = 0
+        settings = self.server.settings
+        limit, received = settings.max_body_bytes, 0
 
         async def limited_receive():
+            """The body, within its size limit and the request's timeout; once it is complete, receive() waits for
+            a disconnect, untimed."""
             nonlocal received
-            message = await receive()
+            if state["body_done"]:
+                return await receive()
+            try:
+                async with asyncio.timeout(settings.timeout_s - (time.perf_counter() - arrival)):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout() from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                state["body_at"] = time.perf_counter()
                 if received > limit:
                     raise BodyTooLarge()
+                state["body_done"] = not message.get("more_body", False)
+            else:
+                state["body_done"] = True
             return message
 
         try:
             length = headers.get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > limit):
+            if caller is not None and len(caller) > MAX_CALLER_ID:
+                await self.refuse(send_with_id, state, 400, "invalid_header", f"{CALLER_HEADER}: longer than "
+                                  f"{MAX_CALLER_ID} characters (got {len(caller)}); send a user or session id")
+            elif length is not None and (not length.isdigit() or int(length) > limit):
                 await self.too_large(send_with_id, state, limit, length)
             else:
                 await self.app(scope, limited_receive, send_with_id)
         except BodyTooLarge:  # a chunked body that passed no Content-Length
             if not started:
                 await self.too_large(send_with_id, state, limit, None)
+        except BodyTimeout:
+            if not started:
+                await self.refuse(send_with_id, state, 408, "body_timeout", f"body: not received within "
+                                  f"{settings.timeout_s} s (timeout_s); send the whole body promptly")
         finally:
             self.record(scope, state, status, time.perf_counter() - arrival)
 
-    @staticmethod
-    async def too_large(send, state: dict, limit: int, length: bytes | None) -> None:
-        state["error"] = "body_too_large"
+    @classmethod
+    async def too_large(cls, send, state: dict, limit: int, length: bytes | None) -> None:
         got = f" (got {length.decode('latin-1')} bytes)" if length else ""
-        body = json.dumps({"error": {"code": "body_too_large", "message": f"body: larger than the limit of {limit} "
-                                     f"bytes{got}; send a smaller file (the server's --max-body-bytes)",
-                                     "field": None}, "request_id": state.get("request_id")}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await cls.refuse(send, state, 413, "body_too_large", f"body: larger than the limit of {limit} bytes{got}; "
+                         "send a smaller file (the server's --max-body-bytes)")
+
+    @staticmethod
+    async def refuse(send, state: dict, status: int, code: str, message: str) -> None:
+        """An error answered before (or instead of) the app; the connection is closed, since the rest of the body
+        may still be on its way."""
+        state["error"] = code
+        body = json.dumps({"error": {"code": code, "message": message, "field": None},
+                           "request_id": state.get("request_id")}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body})
 
     def record(self, scope, state: dict, status: int, seconds: float) -> None:
@@ -404,16 +506,26 @@ class RequestContext:
 # ---------------------------------------------------------------------------------------------- the app
 
 
+Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
 class LoadVersionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     package: str = Field(description="Path of a model package on the server's disk.")
-    weight: float = Field(0.0, ge=0, description="Traffic share once loaded; 0 keeps it out of traffic.")
+    weight: Weight = Field(0.0, description="Traffic share once loaded; 0 keeps it out of traffic.")
 
 
 class SplitBody(BaseModel):
-    weights: dict[str, float] = Field(description="Traffic share per version, e.g. {\"v1\": 90, \"v2\": 10}.")
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    weights: dict[str, Weight] = Field(description="Traffic share per version, e.g. {\"v1\": 90, \"v2\": 10}: "
+                                                   "finite, >= 0, not all 0.")
 
 
 class PromoteBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
     version: str
 
 
@@ -518,6 +630,8 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
         if not server.ready:
             status = "draining" if server.draining else "starting"
             return JSONResponse({"status": status}, status_code=503)
+        if not server.servable:  # cannot happen through the admin API, which keeps a version with traffic; checked
+            return JSONResponse({"status": "no servable version"}, status_code=503)
         return {"status": "ready", "models": {n: [v for v in r.versions] for n, r in routes.items()}}
 
     @app.get("/metrics", tags=["probes"], summary="Prometheus metrics")
@@ -590,6 +704,9 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
             route = server.route_or_404(name)
             if version not in route.versions:
                 raise ApiError(404, "unknown_version", f"version: {version!r} is not loaded", "version")
+            if len(route.versions) == 1:
+                raise ApiError(409, "last_version", f"version: {version!r} is the only version of {name!r}; load "
+                               "another version before unloading this one", "version")
             if route.weights.get(version, 0) > 0:
                 raise ApiError(409, "version_in_use", f"version: {version!r} still has traffic; move its weight "
                                "to another version first (split or promote)", "version")
@@ -597,6 +714,8 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
             route.weights.pop(version, None)
             route.history = [{v: w for v, w in h.items() if v != version} for h in route.history]
             await retired.batcher.drain()
+            server.metrics.forget_version(name, version)
+            log("version unloaded", model=name, version=version)
             return route.describe()
 
     install_openapi(app, groups, documented)
@@ -609,7 +728,7 @@ def describe_route(route: ModelRoute) -> dict:
     return {**route.describe(), "predict": f"/v1/models/{route.name}/predict", "inputs": spec.get("inputs"),
             "outputs": spec.get("outputs"), "labels": spec.get("labels"), "file_field": predictor.file_field,
             "request_fields": list(predictor.Request.model_fields), "preprocessing": spec.get("preprocessing"),
-            "postprocessing": spec.get("postprocessing")}
+            "postprocessing": spec.get("postprocessing"), "limits": predictor.limits}
 
 
 def register_predict_route(app: FastAPI, server: ModelServer, name: str, predictor_class: type,
@@ -628,8 +747,12 @@ def register_predict_route(app: FastAPI, server: ModelServer, name: str, predict
         content["multipart/form-data"] = {"schema": {"type": "object", "properties": properties,
                                                      "required": [predictor_class.file_field]}}
     errors = {status: {"description": text} for status, text in {
-        400: "Empty or malformed body", 404: "Unknown model", 413: "Body over the size limit",
-        415: "Unsupported Content-Type", 422: "Unusable input (e.g. undecodable image, wrong size)",
+        400: "Empty or malformed body, or an X-Caller-Id over 256 characters", 404: "Unknown model",
+        408: "Body not received within timeout_s", 413: "Body over the size limit, or an image declaring more "
+        "pixels than max_image_pixels (checked before decoding)", 415: "Unsupported Content-Type",
+        422: "Unusable input (e.g. undecodable or animated image, wrong size, wrong type)",
+        431: "Request line and headers over max_header_bytes (connection closed)",
+        500: "The model failed on this input alone (other requests in its batch are answered)",
         503: "Queue full or draining (Retry-After)", 504: "Per-request timeout"}.items()}
 
     async def predict(request: Request) -> Response:
@@ -681,6 +804,9 @@ def run_server(models: list, weights: list[float], settings: ServeSettings, load
     app = create_app(models, weights, settings, loader, name)
     if not settings.admin_token:
         log("admin API disabled", reason=f"{ADMIN_TOKEN_ENV} is not set")
+    # The request head's size and arrival time are bounded in the protocol (serve/http.py), before the app sees it.
+    protocol = httptools_protocol(settings.max_header_bytes, settings.timeout_s)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=settings.drain_s, log_level=log_level)
+                            timeout_graceful_shutdown=settings.drain_s, log_level=log_level,
+                            http=protocol or "h11", h11_max_incomplete_event_size=settings.max_header_bytes)
     uvicorn.Server(config).run()

@@ -9,6 +9,10 @@ graph run ends and hands the answers to the event loop in one call per batch, so
 the loop answers one batch and reads the next. The queue is bounded: when it is full a request is refused at
 once (the route answers 503 with Retry-After) instead of waiting behind a backlog that would only grow.
 `max_batch_size=1` is serving without batching: one graph run per request.
+
+Predictors shape and check every item before it is queued, so a batch is valid by construction. Should a batch
+fail all the same, the failure stays with the items that cause it: each item is run again alone, and only those
+that fail alone are answered with the error.
 """
 
 from __future__ import annotations
@@ -69,7 +73,7 @@ class Batcher:
         self.seconds_per_batch = 0.01  # running estimate for Retry-After
         self.batch_metric = metrics.batch_size.labels(*labels)
         self.inference_metric = metrics.inference.labels(*labels)
-        metrics.queue_depth.labels(*labels).set_function(lambda: len(self.queue))
+        self.queue_metric = metrics.queue_depth.labels(*labels)
 
     async def start(self, warm_up: list[list] = ()) -> None:
         """Start the worker thread; it first runs the `warm_up` batches (not counted in the metrics), so that
@@ -122,35 +126,51 @@ class Batcher:
         except Exception as exc:
             self.loop.call_soon_threadsafe(started.set_exception, exc)
             return
+        # Set once warmed up, so a version that fails its warm-up never replaces a live one's gauge. Removed with the
+        # version's other series when it is unloaded (Metrics.forget_version): the callback holds this batcher, and
+        # with it the model and its runtime session.
+        self.queue_metric.set_function(lambda: len(self.queue))
         self.loop.call_soon_threadsafe(started.set_result, None)
         while (batch := self._take_batch()) is not None:
             # A caller whose deadline passed or who disconnected has a done future: don't spend the model on it.
             live = [p for p in batch if not p.future.done()]
-            answers, error = [], None
+            answers: list = []
             if live:
                 tic = time.perf_counter()
-                try:
-                    answers = self.model.predict([p.item for p in live])
-                except Exception as exc:  # a runtime failure answers this batch with 500s; the server goes on
-                    error = InferenceFailed(f"{type(exc).__name__}: {exc}")
+                answers = self._run(live)
                 elapsed = time.perf_counter() - tic
                 self.seconds_per_batch = 0.8 * self.seconds_per_batch + 0.2 * elapsed
                 self.inference_metric.observe(elapsed)
                 self.batch_metric.observe(len(live))
             try:
-                self.loop.call_soon_threadsafe(self._answer, len(batch), live, answers, error)
+                self.loop.call_soon_threadsafe(self._answer, len(batch), live, answers)
             except RuntimeError:  # the event loop is closed: nobody is left to answer
                 return
 
+    def _run(self, live: list[Pending]) -> list:
+        """One answer per item: the prediction, or the InferenceFailed it alone causes."""
+        try:
+            return self.model.predict([p.item for p in live])
+        except Exception as exc:  # a runtime failure: isolate it rather than fail every request in the batch
+            if len(live) == 1:
+                return [InferenceFailed(f"{type(exc).__name__}: {exc}")]
+        answers = []
+        for p in live:
+            try:
+                answers.extend(self.model.predict([p.item]))
+            except Exception as exc:
+                answers.append(InferenceFailed(f"{type(exc).__name__}: {exc}"))
+        return answers
+
     # ------------------------------------------------------------------------------------------ event loop
 
-    def _answer(self, taken: int, live: list[Pending], answers: list, error: Exception | None) -> None:
-        for i, p in enumerate(live):
+    def _answer(self, taken: int, live: list[Pending], answers: list) -> None:
+        for p, answer in zip(live, answers):
             if not p.future.done():
-                if error is None:
-                    p.future.set_result(answers[i])
+                if isinstance(answer, InferenceFailed):
+                    p.future.set_exception(answer)
                 else:
-                    p.future.set_exception(error)
+                    p.future.set_result(answer)
         self.unfinished -= taken
         if self.unfinished == 0 and self.drained is not None and not self.drained.done():
             self.drained.set_result(None)

@@ -33,5 +33,17 @@ class Metrics:
         self.traffic_weight = Gauge("modelworks_traffic_weight", "Share of traffic routed to each version (A/B)",
                                     LABELS, registry=r)
 
+    def forget_version(self, model: str, version: str) -> None:
+        """Remove every series of an unloaded version. The queue-depth gauge's callback holds the version's batcher
+        (and through it the model and its runtime session): left registered, each unload leaked a model."""
+        for metric in (self.requests, self.errors, self.latency, self.batch_size, self.inference, self.queue_depth,
+                       self.confidence, self.traffic_weight):
+            # prometheus_client keeps a metric's children keyed by their label values and offers no public way to
+            # list them; `_metrics` (under `_lock`) has been that dict since the labels API began.
+            with metric._lock:
+                keys = [key for key in metric._metrics if key[:2] == (model, version)]
+            for key in keys:
+                metric.remove(*key)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -15,6 +15,11 @@ from dataclasses import dataclass, field
 
 from .batching import Batcher
 
+# A body that has received no bytes for this long is stalled, not arriving. A client's body comes in one or a few
+# TCP segments, a fraction of a millisecond apart even across a network; 10 ms is several times that, and five
+# times the default max_wait_ms, so no batch waits on an upload that is not moving.
+ARRIVING_IDLE_S = 0.01
+
 
 @dataclass
 class Version:
@@ -41,7 +46,16 @@ class ModelRoute:
         self.versions: dict[str, Version] = {}
         self.weights: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
-        self.arriving = 0  # requests being read and decoded, not yet queued (the batchers wait only for these)
+        # Requests being read or decoded, not yet queued, by id: their scope state, whose "body_at" is when their
+        # body last received bytes (inf while decoding). The batchers wait only for these, and only while bytes keep
+        # coming: a stalled upload must not make every batch wait out max_wait_ms.
+        self.arriving: dict[int, dict] = {}
+
+    def arriving_now(self) -> int:
+        """Requests on their way to a queue: decoding, or whose body received bytes in the last ARRIVING_IDLE_S.
+        Called from the batchers' worker threads; copying the dict's values is atomic under the GIL."""
+        cutoff = time.perf_counter() - ARRIVING_IDLE_S
+        return sum(1 for state in list(self.arriving.values()) if state["body_at"] > cutoff)
 
     @property
     def task(self) -> str:

@@ -62,9 +62,23 @@ class Predictor:
     # None for tasks whose inputs are not files (a prompt, a user id).
     file_field: ClassVar[str | None] = None
     file_suffixes: ClassVar[tuple[str, ...]] = ()  # files `modelworks predict` picks from a folder
+    # The largest image (width x height) `parse` decodes, checked in the file's header before decoding; None for
+    # predictors that take no images. Image predictors set a default from their input size in __init__;
+    # `modelworks serve/predict --max-image-pixels` overrides it (see `limit_inputs`).
+    max_image_pixels: int | None = None
 
     def __init__(self, spec: dict):
         self.spec = spec
+
+    def limit_inputs(self, max_image_pixels: int | None = None) -> None:
+        """Apply a server's or a command's input limits; a limit the predictor has no use for is ignored."""
+        if max_image_pixels is not None and self.max_image_pixels is not None:
+            self.max_image_pixels = int(max_image_pixels)
+
+    @property
+    def limits(self) -> dict:
+        """The input limits in force, as GET /v1/models reports them."""
+        return {"max_image_pixels": self.max_image_pixels} if self.max_image_pixels is not None else {}
 
     @property
     def input_names(self) -> list[str]:

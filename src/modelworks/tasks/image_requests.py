@@ -1,21 +1,21 @@
 """Image files sent to a predictor: base64 text or raw bytes -> a uint8 [C, H, W] tensor, or an InputError that
-names the request field and the fix. Shared by the image tasks' predictors (classification, detection), so every
-image model refuses a bad file with the same words.
+names the request field and the fix (InputTooLarge past the predictor's pixel limit, checked before decoding).
+Shared by the image tasks' predictors (classification, detection), so every image model refuses a bad file with
+the same words.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import re
 
 import torch
 
+from ..data.image_files import FORMAT_NAMES as FORMATS
+from ..data.image_files import IMAGE_SUFFIXES, default_max_pixels, read_image
 from ..errors import InputError
 
-# What torchvision.io.decode_image reads; the same list the ImageFolder loader accepts.
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".webp")
-FORMATS = "PNG, JPEG, GIF or WebP"
+__all__ = ["FORMATS", "IMAGE_SUFFIXES", "decode_base64", "decode_image_file", "default_max_pixels"]
 
 
 def decode_base64(text: str | None, field: str = "image") -> bytes:
@@ -32,26 +32,8 @@ def decode_base64(text: str | None, field: str = "image") -> bytes:
                          field) from None
 
 
-def decode_image_file(data: bytes, mode, fix: str, field: str = "image") -> torch.Tensor:
-    """An image file's content -> uint8 [C, H, W] with torchvision.io.decode_image in `mode` (an ImageReadMode).
-    Empty, undecodable, animated and non-8-bit files raise InputError; `fix` ends the undecodable message."""
-    from torchvision.io import decode_image
-
-    if not data:
-        raise InputError(f"{field}: empty file; send a {FORMATS} image", field)
-    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    try:
-        image = decode_image(encoded, mode=mode)
-    except (RuntimeError, ValueError) as exc:
-        # torchvision prefixes its reason with a C++ source location: keep the reason only.
-        reason = re.split(r"\.cpp:\d+, ", str(exc).splitlines()[0] if str(exc) else "")[-1][:120]
-        raise InputError(f"{field}: cannot be decoded as {FORMATS} ({reason or type(exc).__name__}); {fix}",
-                         field) from None
-    if image.ndim == 4:  # an animated GIF decodes to frames
-        if image.shape[0] != 1:
-            raise InputError(f"{field}: an animation of {image.shape[0]} frames; send one still image", field)
-        image = image[0]
-    if image.dtype != torch.uint8:
-        raise InputError(f"{field}: {str(image.dtype).replace('torch.', '')} pixels; this model takes 8-bit "
-                         "images, save it with 8 bits per channel", field)
-    return image
+def decode_image_file(data: bytes, channels: int | None, fix: str, max_pixels: int, field: str = "image"
+                      ) -> torch.Tensor:
+    """An image file's content -> uint8 [C, H, W] (data/image_files.read_image: the header is checked against
+    `max_pixels` before decoding). `channels`: 1, 3, or None for as stored; `fix` ends the undecodable message."""
+    return read_image(data, channels, max_pixels, where=field, field=field, fix=fix)

@@ -131,7 +131,7 @@ def gif_frames(n: int) -> bytes:
 @pytest.mark.parametrize("request_fields, file, message", [
     ({}, b"", r"image: empty file; send a PNG, JPEG, GIF or WebP image"),
     ({}, b"\x89PNG\r\n\x1a\n truncated", r"image: cannot be decoded as PNG, JPEG, GIF or WebP \(.*\); send a PNG"),
-    ({}, gif_frames(3), r"image: an animation of 3 frames; send one still image"),
+    ({}, gif_frames(3), r"image: an animated GIF \(more than one frame\); send one still image"),
     ({}, None, r"image: missing; send the image base64-encoded"),
     ({"image": "%%%"}, None, r"image: not valid base64"),
 ])

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from ...errors import DataError
+from ...errors import DataError, InputError
+from ..image_files import default_max_pixels, read_image
 from .formats import DetectionSet
 
 FILL = 114  # letterbox and augmentation fill, the grey YOLO implementations use
@@ -53,14 +54,12 @@ class DetectionImages(Dataset):
         return len(self.data.records)
 
     def __getitem__(self, i: int):
-        from PIL import Image, UnidentifiedImageError
-
         record = self.data.records[i]
-        try:
-            with Image.open(record.image) as file:
-                image = torch.from_numpy(np.asarray(file.convert("RGB")).copy()).permute(2, 0, 1)  # 3, H, W
-        except (OSError, UnidentifiedImageError) as exc:
-            raise DataError(f"{record.image}: cannot be decoded as an image ({exc})") from None
+        try:  # the serving predictor's decoder and pixel limit
+            image = read_image(record.image, 3, default_max_pixels(self.image_size ** 2), where=str(record.image),
+                               field=None, fix="remove or replace the file")
+        except InputError as exc:
+            raise DataError(str(exc)) from None
         if tuple(image.shape[1:]) != (record.height, record.width):
             raise DataError(f"{record.image}: is {image.shape[2]}x{image.shape[1]} but its annotation says "
                             f"{record.width}x{record.height}; the boxes would not match the image")

@@ -14,6 +14,7 @@ VOC's 1-based pixel indices and rounding in converted data sets commonly land th
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...errors import DataError
+from ...errors import DataError, InputError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 SPLITS = ("train", "val", "test")
@@ -84,13 +85,14 @@ def report_dropped(source: str, dropped: list[str]) -> None:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    from PIL import Image, UnidentifiedImageError
+    """From the file's header alone (nothing is decoded here; DetectionImages applies the pixel limit when it
+    decodes, where the model's input size is known)."""
+    from ..image_files import read_image_size
 
     try:
-        with Image.open(path) as image:
-            return image.size
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DataError(f"{path}: cannot be read as an image ({exc})") from None
+        return read_image_size(path, sys.maxsize)
+    except InputError as exc:
+        raise DataError(str(exc)) from None
 
 
 def _require_image(path: Path, where: str) -> Path:

@@ -1,6 +1,7 @@
 """Serving-side image classification: image bytes -> normalised tensor batch -> top-k labels with probabilities.
 
-Preprocessing repeats training's exactly: the same decoder (torchvision.io), the same uint8 -> [0, 1] -> (x - mean)
+Preprocessing repeats training's exactly: the same decoder (data/image_files.read_image, which checks the file's
+declared size against `max_image_pixels` before decoding), the same uint8 -> [0, 1] -> (x - mean)
 / std arithmetic in the same order (data/augment.py), and for ImageFolder models the same colour conversion and
 antialiased resize (data/images.py). A model trained on fixed-size arrays (Fashion-MNIST, CIFAR-10) refuses an
 image of another size or colour mode unless the request asks for `resize`: silently resizing would serve
@@ -18,13 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import InputError
 from ..base import Predictor
-from ..image_requests import IMAGE_SUFFIXES, decode_base64, decode_image_file
+from ..image_requests import IMAGE_SUFFIXES, decode_base64, decode_image_file, default_max_pixels
 
 COLOR_NAMES = {1: "grayscale", 3: "RGB"}
 
 
 class ImageRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `true` is not a top_k of 1 nor "0.5" a threshold. The server turns multipart's text values into
+    # JSON values first, so a form's top_k=3 is the number 3.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     image: str | None = Field(
         None, description="The image file (PNG, JPEG, GIF or WebP), base64-encoded; a `data:` URL prefix is "
@@ -60,6 +63,7 @@ class ImageClassifierPredictor(Predictor):
         self.always_resize = bool(pre["resize"])
         self.mean = np.array(pre["mean"], dtype=np.float32).reshape(-1, 1, 1)
         self.std = np.array(pre["std"], dtype=np.float32).reshape(-1, 1, 1)
+        self.max_image_pixels = default_max_pixels(self.height * self.width)
 
     @staticmethod
     def build_spec(channels: int, height: int, width: int, mean: Sequence[float], std: Sequence[float],
@@ -70,7 +74,7 @@ class ImageClassifierPredictor(Predictor):
             "outputs": ["logits"],
             "labels": list(labels),
             "preprocessing": {
-                "decoder": "torchvision.io.decode_image", "channels": channels, "color": COLOR_NAMES[channels],
+                "decoder": "Pillow (modelworks.data.image_files)", "channels": channels, "color": COLOR_NAMES[channels],
                 "height": height, "width": width, "resize": resize, "resize_method": "bilinear, antialiased",
                 "scale": "1/255", "mean": list(mean), "std": list(std),
             },
@@ -101,23 +105,24 @@ class ImageClassifierPredictor(Predictor):
         return self._decode_image(data, request.resize).numpy(), request.top_k
 
     def _decode_image(self, data: bytes, resize: bool) -> torch.Tensor:
-        from torchvision.io import ImageReadMode
         from torchvision.transforms.v2 import functional as TF
 
         convert = resize or self.always_resize
-        mode = ImageReadMode.UNCHANGED if not convert else (
-            ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB)
-        image = decode_image_file(data, mode, f"send an image file of {self.expected}")
+        image = decode_image_file(data, self.channels if convert else None, f"send an image file of {self.expected}",
+                                  self.max_image_pixels)
         channels, height, width = image.shape
-        if convert:
-            if (height, width) != (self.height, self.width):
-                image = TF.resize(image, [self.height, self.width], antialias=True)
-            return image
-        if (channels, height, width) != (self.channels, self.height, self.width):
+        if convert and (height, width) != (self.height, self.width):
+            image = TF.resize(image, [self.height, self.width], antialias=True)
+        elif (channels, height, width) != (self.channels, self.height, self.width):
             got = f"{height}x{width} with {channels} channel{'s' if channels > 1 else ''}"
             raise InputError(f"image: the model takes {self.expected} images, as it was trained (got {got}); "
                              "send an image of that size and colour mode, or set resize=true to have it resized "
                              "and converted", "image")
+        # Every item leaves parse in the graph's input shape, so a batch is valid by construction: one request's
+        # odd file can never fail the other requests batched with it.
+        if tuple(image.shape) != (self.channels, self.height, self.width) or image.dtype != torch.uint8:
+            raise InputError(f"image: decoded to {tuple(image.shape)} {image.dtype}, not the model's "
+                             f"{(self.channels, self.height, self.width)} uint8; {self.expected} expected", "image")
         return image
 
     # ------------------------------------------------------------------------------------------ batches

@@ -7,12 +7,13 @@ YOLOv1's cell offsets) and class-aware NMS run here, with the same functions eva
 (`models.build_decoder`, `boxes.postprocess`). Boxes go back to the original image by the one division
 evaluation uses (the letterbox has no offset), then are clipped to the image: the grey padding holds nothing.
 
-Training decodes files with PIL and serving with torchvision.io; both give the same pixels for PNG. A JPEG
-may differ by a unit in a few pixels between the two decoders, far below what changes a detection.
+Training and serving decode files with the same function (data/image_files.read_image, Pillow), which checks
+the file's declared size against `max_image_pixels` before decoding.
 """
 
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -22,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...data.detection.dataset import FILL, letterbox
 from ..base import Predictor
-from ..image_requests import FORMATS, IMAGE_SUFFIXES, decode_base64, decode_image_file
+from ..image_requests import FORMATS, IMAGE_SUFFIXES, decode_base64, decode_image_file, default_max_pixels
 from .boxes import postprocess
 from .models import build_decoder
 
@@ -30,7 +31,9 @@ MAX_DETECTIONS = 1000  # a request's upper bound: more boxes than this are noise
 
 
 class DetectionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: `true` is not a top_k of 1 nor "0.5" a threshold. The server turns multipart's text values into
+    # JSON values first, so a form's top_k=3 is the number 3.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     image: str | None = Field(
         None, description=f"The image file ({FORMATS}), base64-encoded; a `data:` URL prefix is accepted. "
@@ -85,6 +88,7 @@ class DetectionPredictor(Predictor):
         self.decoder = build_decoder(num_classes=len(self.labels), image_size=self.image_size,
                                      **spec["decoder"]).eval()
         self.defaults = spec["postprocessing"]
+        self.max_image_pixels = default_max_pixels(self.image_size ** 2)
 
     @staticmethod
     def build_spec(labels: list[str], image_size: int, decoder: dict, score_threshold: float, iou_threshold: float,
@@ -96,7 +100,7 @@ class DetectionPredictor(Predictor):
             "outputs": ["raw"],  # the raw head: decoded and suppressed outside the graph
             "labels": list(labels),
             "preprocessing": {
-                "decoder": "torchvision.io.decode_image", "color": "RGB", "letterbox": image_size,
+                "decoder": "Pillow (modelworks.data.image_files)", "color": "RGB", "letterbox": image_size,
                 "placement": "top-left", "fill": FILL, "resize_method": "bilinear, antialiased", "scale": "1/255",
             },
             "decoder": dict(decoder),
@@ -107,19 +111,17 @@ class DetectionPredictor(Predictor):
     # ------------------------------------------------------------------------------------------ requests
 
     def example_request(self) -> tuple[DetectionRequest, bytes]:
-        from torchvision.io import encode_png
+        from PIL import Image
 
         # Wider than tall, so the letterbox pads: the warm-up takes the path real photos take.
-        generator = torch.Generator().manual_seed(0)
-        pixels = torch.randint(0, 256, (3, self.image_size * 3 // 4, self.image_size), generator=generator,
-                               dtype=torch.uint8)
-        return DetectionRequest(), encode_png(pixels).numpy().tobytes()
+        pixels = np.random.default_rng(0).integers(0, 256, (self.image_size * 3 // 4, self.image_size, 3), np.uint8)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels).save(buffer, format="PNG")
+        return DetectionRequest(), buffer.getvalue()
 
     def parse(self, request: DetectionRequest, file: bytes | None = None) -> DetectionItem:
-        from torchvision.io import ImageReadMode
-
         data = file if file is not None else decode_base64(request.image)
-        image = decode_image_file(data, ImageReadMode.RGB, f"send a {FORMATS} image")
+        image = decode_image_file(data, 3, f"send a {FORMATS} image", self.max_image_pixels)
         _, height, width = image.shape
         canvas, scale = letterbox(image, self.image_size)
         return DetectionItem(
@@ -159,12 +161,11 @@ class DetectionPredictor(Predictor):
         return response.detections[0].score if response.detections else 0.0
 
     def render(self, file: bytes, response: DetectionResponse) -> torch.Tensor:
-        from torchvision.io import ImageReadMode
         from torchvision.utils import draw_bounding_boxes
 
         from .report import PALETTE, label_font
 
-        image = decode_image_file(file, ImageReadMode.RGB, f"send a {FORMATS} image")
+        image = decode_image_file(file, 3, f"send a {FORMATS} image", self.max_image_pixels)
         if not response.detections:
             return image
         side = max(image.shape[1:])
