@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -103,6 +104,15 @@ def read_image(source: bytes | Path | str, channels: int | None, max_pixels: int
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
+
+
+def declared_pixels(data: bytes) -> int | None:
+    """width x height from an image file's header, None when the header cannot be read (let read_image say why)."""
+    try:
+        with _open(data, "image", None, "", sys.maxsize) as image:
+            return image.size[0] * image.size[1]
+    except InputError:
+        return None
 
 
 def read_image_size(path: Path | str, max_pixels: int) -> tuple[int, int]:

@@ -292,17 +292,22 @@ class ModelServer:
         return Response(body, media_type="application/json", headers={"X-Model-Version": version.name})
 
     async def parse(self, route: ModelRoute, state: dict, request, file: bytes | None) -> tuple[object, Version]:
-        """(item, version): the request decoded in the decode pool by the predictor of the version it is routed to.
-        A version swapped out or unloaded while its request decoded is chosen again (an admin swap between the
-        choice and the queue would otherwise answer 503)."""
+        """(item, version): the request decoded by the predictor of the version it is routed to, on the event loop
+        when the predictor says it is cheap (parse_inline), else in the decode pool. A version swapped out or
+        unloaded while its request decoded in the pool is chosen again (an admin swap between the choice and the
+        queue would otherwise answer 503)."""
         state["body_at"] = math.inf  # decoding: a batch about to run should wait for it
         caller = state.get("caller")
         loop = asyncio.get_running_loop()
         for _ in range(2):
             version = route.choose(caller)
             state["version"] = version.name
+            predictor = version.model.predictor
             try:
-                item = await loop.run_in_executor(self.decoder, version.model.predictor.parse, request, file)
+                item = predictor.parse_inline(request, file)
+                if item is not None:
+                    return item, version  # nothing awaited since the choice: the version is still the route's
+                item = await loop.run_in_executor(self.decoder, predictor.parse, request, file)
             except InputTooLarge as exc:
                 raise ApiError(413, "input_too_large", str(exc), exc.field) from None
             except InputError as exc:

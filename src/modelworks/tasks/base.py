@@ -98,6 +98,12 @@ class Predictor:
         of `file_field` (an upload or a file on disk). Raise InputError naming the field and the fix."""
         raise NotImplementedError
 
+    def parse_inline(self, request: BaseModel, file: bytes | None = None) -> Any | None:
+        """`parse`, when it is cheap for this request (a small file: tens of microseconds), else None. The server
+        calls this on its event loop and, on None, runs `parse` in its decode pool: a handoff costs more than
+        decoding a thumbnail, and a large file must not stall the loop. Default: never inline."""
+        return None
+
     def collate(self, items: list) -> dict[str, np.ndarray]:
         """Stack items into the graph's named inputs."""
         raise NotImplementedError

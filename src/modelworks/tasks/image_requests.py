@@ -12,10 +12,16 @@ import binascii
 import torch
 
 from ..data.image_files import FORMAT_NAMES as FORMATS
-from ..data.image_files import IMAGE_SUFFIXES, default_max_pixels, read_image
+from ..data.image_files import IMAGE_SUFFIXES, declared_pixels, default_max_pixels, read_image
 from ..errors import InputError
 
-__all__ = ["FORMATS", "IMAGE_SUFFIXES", "decode_base64", "decode_image_file", "default_max_pixels"]
+__all__ = ["FORMATS", "IMAGE_SUFFIXES", "decode_base64", "decode_image_file", "default_max_pixels", "small_file"]
+
+# What a predictor may decode on the server's event loop (Predictor.parse_inline): a file of at most 64 KB (base64
+# included) declaring at most 256 x 256 pixels decodes in well under 0.1 ms, less than handing it to another thread
+# costs. 8-29% of throughput at 8-32 clients went to that handoff when every Fashion-MNIST request took it.
+INLINE_FILE_BYTES = 64 * 1024
+INLINE_PIXELS = 256 * 256
 
 
 def decode_base64(text: str | None, field: str = "image") -> bytes:
@@ -30,6 +36,17 @@ def decode_base64(text: str | None, field: str = "image") -> bytes:
     except (binascii.Error, ValueError) as exc:
         raise InputError(f"{field}: not valid base64 ({exc}); encode the file's bytes with standard base64",
                          field) from None
+
+
+def small_file(request_text: str | None, file: bytes | None, field: str = "image") -> bytes | None:
+    """The file's bytes when it is small enough to decode on the event loop (size, then declared pixels), else
+    None. A file whose header cannot be read counts as small: decoding it fails at once, with the reason."""
+    size = len(file) if file is not None else len(request_text or "")
+    if size > INLINE_FILE_BYTES:
+        return None
+    data = file if file is not None else decode_base64(request_text, field)
+    pixels = declared_pixels(data)
+    return data if pixels is None or pixels <= INLINE_PIXELS else None
 
 
 def decode_image_file(data: bytes, channels: int | None, fix: str, max_pixels: int, field: str = "image"
