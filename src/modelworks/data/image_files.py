@@ -20,8 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ..errors import InputError, InputTooLarge
+
+# Pillow's own bomb check warns above 89 MP (and raises above 179 MP, which _open turns into InputTooLarge). Every
+# caller here checks its own, lower, limit and says what to do, so the warning is noise; filtered once, for this
+# category only, rather than per call (catch_warnings costs more than decoding a thumbnail).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 FORMATS = ("PNG", "JPEG", "GIF", "WEBP")  # what Pillow may open here: no BMP, TIFF, PSD, ... surprises
 FORMAT_NAMES = "PNG, JPEG, GIF or WebP"
@@ -50,7 +56,7 @@ def too_large(where: str, size: str, max_pixels: int, field: str | None) -> Inpu
 
 def _open(source: bytes | Path | str, where: str, field: str | None, fix: str, max_pixels: int):
     """A Pillow image with only its header read. Its size may still be a bomb: the caller checks."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
     if isinstance(source, (bytes, bytearray, memoryview)):
         if not len(source):
@@ -59,11 +65,7 @@ def _open(source: bytes | Path | str, where: str, field: str | None, fix: str, m
     else:
         stream = source
     try:
-        with warnings.catch_warnings():
-            # Pillow's own bomb check warns above 89 MP and raises above 179 MP; the caller's limit is lower and
-            # its message says what to do, so Pillow's warning would only be noise.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            return Image.open(stream, formats=FORMATS)
+        return Image.open(stream, formats=FORMATS)
     except Image.DecompressionBombError as exc:  # past Pillow's own limit: its message has the pixel count
         declared = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{int(declared.group(1)):,} pixels" if declared else "the declared size"
@@ -81,8 +83,6 @@ def read_image(source: bytes | Path | str, channels: int | None, max_pixels: int
     InputTooLarge, before decoding, when width x height exceeds `max_pixels`; with InputError when the file is
     empty, not one of the four formats, animated, of more than 8 bits per channel, or broken. `where` starts
     every message (a request field or a file path), `field` is the request field the error names."""
-    from PIL import Image
-
     fix = fix or f"send a {FORMAT_NAMES} image"
     with _open(source, where, field, fix, max_pixels) as image:
         width, height = image.size
@@ -96,23 +96,12 @@ def read_image(source: bytes | Path | str, channels: int | None, max_pixels: int
                              "images, save it with 8 bits per channel", field)
         target = {1: "L", 3: "RGB"}[channels] if channels else UNCHANGED_MODES.get(image.mode, "RGB")
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-                pixels = np.array(image.convert(target) if image.mode != target else image)
+            pixels = np.array(image.convert(target) if image.mode != target else image)
         except (OSError, SyntaxError, ValueError, EOFError) as exc:  # a header that promised more than the data
             raise InputError(f"{where}: cannot be decoded as {FORMAT_NAMES} ({exc}); {fix}", field) from None
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
-
-
-def declared_pixels(data: bytes) -> int | None:
-    """width x height from an image file's header, None when the header cannot be read (let read_image say why)."""
-    try:
-        with _open(data, "image", None, "", sys.maxsize) as image:
-            return image.size[0] * image.size[1]
-    except InputError:
-        return None
 
 
 def read_image_size(path: Path | str, max_pixels: int) -> tuple[int, int]:

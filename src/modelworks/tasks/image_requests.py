@@ -12,10 +12,11 @@ import binascii
 import torch
 
 from ..data.image_files import FORMAT_NAMES as FORMATS
-from ..data.image_files import IMAGE_SUFFIXES, declared_pixels, default_max_pixels, read_image
+from ..data.image_files import IMAGE_SUFFIXES, default_max_pixels, read_image
 from ..errors import InputError
 
-__all__ = ["FORMATS", "IMAGE_SUFFIXES", "decode_base64", "decode_image_file", "default_max_pixels", "small_file"]
+__all__ = ["FORMATS", "IMAGE_SUFFIXES", "decode_base64", "decode_image_file", "default_max_pixels", "small_file",
+           "INLINE_PIXELS"]
 
 # What a predictor may decode on the server's event loop (Predictor.parse_inline): a file of at most 64 KB (base64
 # included) declaring at most 256 x 256 pixels decodes in well under 0.1 ms, less than handing it to another thread
@@ -39,14 +40,13 @@ def decode_base64(text: str | None, field: str = "image") -> bytes:
 
 
 def small_file(request_text: str | None, file: bytes | None, field: str = "image") -> bytes | None:
-    """The file's bytes when it is small enough to decode on the event loop (size, then declared pixels), else
-    None. A file whose header cannot be read counts as small: decoding it fails at once, with the reason."""
+    """The file's bytes when it is small enough to try decoding on the event loop, else None. The caller then
+    decodes with `max_pixels` at most INLINE_PIXELS and hands an InputTooLarge to the pool instead (a small file
+    may still declare many pixels)."""
     size = len(file) if file is not None else len(request_text or "")
     if size > INLINE_FILE_BYTES:
         return None
-    data = file if file is not None else decode_base64(request_text, field)
-    pixels = declared_pixels(data)
-    return data if pixels is None or pixels <= INLINE_PIXELS else None
+    return file if file is not None else decode_base64(request_text, field)
 
 
 def decode_image_file(data: bytes, channels: int | None, fix: str, max_pixels: int, field: str = "image"

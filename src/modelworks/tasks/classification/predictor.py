@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import InputError
 from ..base import Predictor
-from ..image_requests import IMAGE_SUFFIXES, decode_base64, decode_image_file, default_max_pixels, small_file
+from ...errors import InputTooLarge
+from ..image_requests import (INLINE_PIXELS, IMAGE_SUFFIXES, decode_base64, decode_image_file, default_max_pixels,
+                              small_file)
 
 COLOR_NAMES = {1: "grayscale", 3: "RGB"}
 
@@ -102,18 +104,24 @@ class ImageClassifierPredictor(Predictor):
             raise InputError(f"top_k: at most {len(self.labels)}, the number of classes (got {request.top_k})",
                              "top_k")
         data = file if file is not None else decode_base64(request.image)
-        return self._decode_image(data, request.resize).numpy(), request.top_k
+        return self._decode_image(data, request.resize, self.max_image_pixels).numpy(), request.top_k
 
     def parse_inline(self, request: ImageRequest, file: bytes | None = None) -> tuple[np.ndarray, int] | None:
         data = small_file(request.image, file)  # a Fashion-MNIST PNG is under 1 KB: decoded where it arrives
-        return None if data is None else self.parse(request, data)
+        if data is None or request.top_k > len(self.labels):
+            return None
+        try:
+            return self._decode_image(data, request.resize, min(INLINE_PIXELS, self.max_image_pixels)).numpy(), \
+                request.top_k
+        except InputTooLarge:  # a small file declaring many pixels: the pool decodes it, against the real limit
+            return None
 
-    def _decode_image(self, data: bytes, resize: bool) -> torch.Tensor:
+    def _decode_image(self, data: bytes, resize: bool, max_pixels: int) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as TF
 
         convert = resize or self.always_resize
         image = decode_image_file(data, self.channels if convert else None, f"send an image file of {self.expected}",
-                                  self.max_image_pixels)
+                                  max_pixels)
         channels, height, width = image.shape
         if convert and (height, width) != (self.height, self.width):
             image = TF.resize(image, [self.height, self.width], antialias=True)
