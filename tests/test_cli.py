@@ -106,3 +106,41 @@ def test_image_folder_tree_without_a_test_split_finishes_with_exit_0(tmp_path, c
     write_image_folder(tmp_path / "flat", ["a", "b", "c"], per_class=8, size=20)
     code = main(image_folder_args(tmp_path, "flat"))
     assert code == 0, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- export, fail fast
+
+
+def run_config_copy(run_dir, dest, **changes):
+    """A run directory `dest` holding only `run_dir`'s config.yaml, with top-level or dotted `changes`."""
+    from helpers import set_dotted
+
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for key, value in changes.items():
+        set_dotted(raw, key, value)
+    dest.mkdir(parents=True)
+    (dest / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dest
+
+
+RULE = "1-64 letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+@pytest.mark.parametrize("run_name, flags, changes, message", [
+    ("run", ["--version", "v-日本"], {}, f"--version: 'v-日本' is not a valid version; use {RULE}"),
+    ("run", ["--name", "my model"], {}, f"--name: 'my model' is not a valid name; use {RULE}"),
+    ("run 日本", [], {}, f"--version: 'run 日本' is not a valid version; it defaults to the run directory's name: "
+                       f"pass --version with {RULE}"),
+    ("run", [], {"recipe": "/recipes/my recipe.yaml"}, f"--name: 'my recipe' is not a valid name; it defaults to "
+                                                       f"the run's recipe: pass --name with {RULE}"),
+])
+def test_export_refuses_an_invalid_name_or_version_before_any_work(tiny_run_dir, tmp_path, capsys, run_name, flags,
+                                                                   changes, message):
+    # The data folder does not exist and there is no checkpoint: reaching either would give another error.
+    run = run_config_copy(tiny_run_dir, tmp_path / run_name,
+                          **{"data.source": f"imagefolder:{tmp_path / 'no-data'}", **changes})
+    assert main(["export", str(run), "--out", str(tmp_path / "pkg"), *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"modelworks: error: {message}\n"
+    assert captured.out == ""  # not even "exporting ..."
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run_name]

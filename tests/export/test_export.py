@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -159,3 +160,38 @@ def test_predictor_refuses_inputs_with_the_expected_shape_in_the_message(tiny_pa
     # Asked for, resizing and colour conversion are done the way an ImageFolder model was trained.
     x, _ = predictor.parse(predictor.Request(resize=True), png_bytes(np.full((64, 48, 3), 200, np.uint8)))
     assert tuple(x.shape) == (1, 28, 28)
+
+
+# ---------------------------------------------------------------------------------------------- names, versions
+
+
+@pytest.mark.parametrize("value", ["v1", "tiny", "1.0.0", "a_b-c.D", "9", "A" * 64])
+def test_check_identifier_accepts_the_documented_set(value):
+    from modelworks.export.package import NAME_PATTERN, check_identifier
+
+    assert check_identifier("--version", value) == value and NAME_PATTERN.match(value)
+
+
+@pytest.mark.parametrize("value", ["", "-v1", ".hidden", "_x", "v-日本", "v 1", "a/b", "v1\n", "v1\r\nX-Evil: 1",
+                                   "A" * 65, "٣", 3, None])
+def test_check_identifier_refuses_everything_else(value):
+    from modelworks.export.package import check_identifier
+
+    with pytest.raises(PackageError, match=rf"^--version: {re.escape(repr(value))} is not a valid version; use 1-64 "
+                                           r"letters, digits, '\.', '_' and '-', starting with a letter or digit$"):
+        check_identifier("--version", value, "version")
+
+
+def test_export_refuses_an_invalid_version_and_writes_nothing(tiny_run_dir, tmp_path):
+    with pytest.raises(PackageError, match=r"^--version: 'v-日本' is not a valid version; use 1-64 letters"):
+        export_run(tiny_run_dir, tmp_path / "pkg", {"version": "v-日本"}, log=lambda line: None)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("key", ["name", "version"])
+def test_a_manifest_with_an_invalid_name_or_version_is_refused(package_copy, key):
+    manifest = package_copy / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), key: "v-日本"}))
+    with pytest.raises(PackageError, match=rf"^{re.escape(str(manifest))}: 'v-日本' is not a valid {key}; export the "
+                                           rf"package again with a --{key} of 1-64 letters, digits"):
+        read_package(package_copy)

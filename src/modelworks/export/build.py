@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import PackageError
 from . import formats, verify
-from .package import RUNTIME_FILES, publish, write_manifest
+from .package import RUNTIME_FILES, check_identifier, publish, write_manifest
 from .runtime import OnnxRunner, TorchRunner, load_torchscript, load_weights
 
 FLOAT_FORMATS = ("torchscript", "onnx")
@@ -39,6 +39,12 @@ class ExportOptions:
     calibration_samples: int = 512  # training samples that set the int8 activation ranges
     timing_repeats: int = 30  # runs per timed batch size for the int8 speed-up (median)
     overwrite: bool = False
+
+    def __post_init__(self):
+        # Served, the name and version become URL segments and the X-Model-Version header: a value outside
+        # NAME_PATTERN would make every prediction fail, so it is refused here, before any work.
+        check_identifier("--name", self.name, "name")
+        check_identifier("--version", self.version, "version")
 
 
 def build_package(task, model: nn.Module, references_from: Iterable, calibration_from: Iterable, out: Path,

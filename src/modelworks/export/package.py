@@ -11,6 +11,9 @@ Opening a package verifies every file's size and sha256 before anything is loade
 with Python's pickle: weights are safetensors, graphs are ONNX protobuf or TorchScript archives. The manifest
 itself is not signed: it guards against corruption and accidental edits of the files, not against someone who
 can rewrite the manifest too.
+
+A package's name and version travel as URL segments and HTTP header values when it is served, so both are
+limited to NAME_PATTERN, checked when a package is exported and again when one is opened.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -31,6 +35,10 @@ MANIFEST = "manifest.json"
 RUNTIME_FILES = {"eager": "weights.safetensors", "torchscript": "model.torchscript.pt", "onnx": "model.onnx",
                  "int8": "model.int8.onnx"}
 REQUIRED_KEYS = ("format_version", "task", "name", "version", "created", "config", "predictor", "files")
+# Package names and versions: safe as a URL path segment, an HTTP header value and a file name, on every
+# platform. \Z, not $: `$` also matches before a final newline, which would let "v1\n" through.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+NAME_RULE = "1-64 letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 
 @dataclass
@@ -62,6 +70,15 @@ class Package:
             raise PackageError(f"{self.path}: the package has no {runtime} model {name}{hint}; it has: "
                                f"{', '.join(self.runtimes())}")
         return self.path / name
+
+
+def check_identifier(where: str, value, what: str = "name", fix: str = "use") -> str:
+    """`value` when it is a valid package name or version (NAME_PATTERN), else PackageError.
+
+    The message reads `<where>: <value> is not a valid <what>; <fix> <the rule>`."""
+    if isinstance(value, str) and NAME_PATTERN.match(value):
+        return value
+    raise PackageError(f"{where}: {value!r} is not a valid {what}; {fix} {NAME_RULE}")
 
 
 def sha256_file(path: Path) -> str:
@@ -121,6 +138,8 @@ def read_package(path: Path | str) -> Package:
     if manifest["format_version"] != FORMAT_VERSION:
         raise PackageError(f"{manifest_path}: package format {manifest['format_version']!r}, this modelworks "
                            f"reads format {FORMAT_VERSION}; export the run again with this version")
+    for key in ("name", "version"):
+        check_identifier(str(manifest_path), manifest[key], key, fix=f"export the package again with a --{key} of")
     for name, entry in manifest["files"].items():
         # A manifest names files inside the package only: no path may reach outside it.
         if Path(name).name != name or name in (".", "..", MANIFEST):
