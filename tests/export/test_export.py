@@ -195,3 +195,27 @@ def test_a_manifest_with_an_invalid_name_or_version_is_refused(package_copy, key
     with pytest.raises(PackageError, match=rf"^{re.escape(str(manifest))}: 'v-日本' is not a valid {key}; export the "
                                            rf"package again with a --{key} of 1-64 letters, digits"):
         read_package(package_copy)
+
+
+# ---------------------------------------------------------------------------------------------- symbolic links
+
+
+def test_a_listed_file_that_is_a_symlink_is_refused_even_with_the_right_checksum(package_copy, tmp_path):
+    outside = tmp_path / "elsewhere.onnx"
+    (package_copy / "model.onnx").rename(outside)
+    (package_copy / "model.onnx").symlink_to(outside)  # same bytes: the checksum alone would pass it
+    with pytest.raises(PackageError, match=rf"^{re.escape(str(package_copy / 'model.onnx'))}: a symbolic link \(to "
+                                           rf"{re.escape(str(outside))}\); a package holds plain files only"):
+        read_package(package_copy)
+
+
+def test_an_unlisted_symlink_is_refused(package_copy):
+    (package_copy / "notes").symlink_to("/etc/passwd")
+    with pytest.raises(PackageError, match=rf"^{re.escape(str(package_copy / 'notes'))}: a symbolic link \(to "
+                                           r"/etc/passwd\)"):
+        read_package(package_copy)
+
+
+def test_the_package_folder_itself_may_be_a_symlink(tiny_package, tmp_path):
+    (tmp_path / "current").symlink_to(tiny_package)
+    assert read_package(tmp_path / "current").version == "v1"

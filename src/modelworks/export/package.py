@@ -7,10 +7,10 @@
     model.onnx             ONNX, dynamic batch axis
     model.int8.onnx        optional: int8, static post-training quantization
 
-Opening a package verifies every file's size and sha256 before anything is loaded, and nothing in it is loaded
-with Python's pickle: weights are safetensors, graphs are ONNX protobuf or TorchScript archives. The manifest
-itself is not signed: it guards against corruption and accidental edits of the files, not against someone who
-can rewrite the manifest too.
+Opening a package refuses any symbolic link in it and verifies every file's size and sha256 before anything is
+loaded, and nothing in it is loaded with Python's pickle: weights are safetensors, graphs are ONNX protobuf or
+TorchScript archives. The manifest itself is not signed: it guards against corruption and accidental edits of
+the files, not against someone who can rewrite the manifest too.
 
 A package's name and version travel as URL segments and HTTP header values when it is served, so both are
 limited to NAME_PATTERN, checked when a package is exported and again when one is opened.
@@ -122,6 +122,12 @@ def read_package(path: Path | str) -> Package:
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise PackageError(f"{path}: no such package directory; create one with `modelworks export RUN_DIR`")
+    # A link inside could lead anywhere on the machine, and the checksum of its target says nothing about where
+    # that is: a package holds plain files only. The folder itself may be a link (e.g. current -> v3).
+    for entry in sorted(path.iterdir()):
+        if entry.is_symlink():
+            raise PackageError(f"{entry}: a symbolic link (to {os.readlink(entry)}); a package holds plain files "
+                               "only: replace the link with a copy of the file, or export the package again")
     if not manifest_path.is_file():
         raise PackageError(f"{path}: not a model package (no {MANIFEST}); create one with "
                            "`modelworks export RUN_DIR`")
