@@ -4,6 +4,7 @@ reproduce command, and ImageFolder trees."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import pytest
@@ -144,3 +145,45 @@ def test_export_refuses_an_invalid_name_or_version_before_any_work(tiny_run_dir,
     assert captured.err == f"modelworks: error: {message}\n"
     assert captured.out == ""  # not even "exporting ..."
     assert sorted(p.name for p in tmp_path.iterdir()) == [run_name]
+
+
+# ---------------------------------------------------------------------------------------------- damaged run files
+
+
+VERBS = {"evaluate": ["evaluate"], "export": ["export"], "resume": ["train", "--resume"]}
+
+
+@pytest.mark.parametrize("verb", VERBS)
+@pytest.mark.parametrize("content, message", [
+    pytest.param(b"task: classification\nmodel: [unclosed\n", r"not valid YAML \(line 3, column 1: expected ',' or "
+                 r"']', but got '<stream end>'\); correct the file or restore it from a copy", id="unclosed"),
+    pytest.param(b"task: classification\nmodel:\n\t- 1\n", r"not valid YAML \(line 3, column 1: found character "
+                 r"'\\t' that cannot start any token\)", id="tab"),
+    pytest.param(b"- task\n- model\n", r"expected a mapping of config sections \(got list\); correct the file or "
+                 r"restore it", id="list"),
+    pytest.param(b"task: classification\nname: \xff\xfe\n", r"cannot be read \(not UTF-8 text: .*\); correct the "
+                 r"file or restore it", id="not-utf8"),
+    pytest.param(b"task: [classification]\n", r"task: \['classification'\] is not a task\. Tasks: classification",
+                 id="task-list"),
+])
+def test_a_damaged_run_config_is_one_line_and_exit_2(tmp_path, capsys, verb, content, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_bytes(content)
+    assert main([*VERBS[verb], str(run)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    prefix = "" if message.startswith("task") else re.escape(f"{run / 'config.yaml'}: ")
+    assert re.match(rf"modelworks: error: {prefix}{message}", err), err
+
+
+def test_a_recipe_file_that_is_not_yaml_is_one_line_and_exit_2(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("optim:\n  lr: [0.1\n")
+    assert main(["train", "classification", "--recipe", str(recipe)]) == 2
+    assert capsys.readouterr().err == (f"modelworks: error: {recipe}: not valid YAML (line 3, column 1: expected ',' "
+                                       "or ']', but got '<stream end>'); correct the recipe\n")
+    recipe.write_bytes(b"optim: \xff\n")
+    assert main(["train", "classification", "--recipe", str(recipe)]) == 2
+    assert re.fullmatch(rf"modelworks: error: {re.escape(str(recipe))}: cannot be read \(not UTF-8 text: .*\); "
+                        r"correct the recipe\n", capsys.readouterr().err)
