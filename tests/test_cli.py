@@ -8,6 +8,7 @@ import re
 import shlex
 
 import pytest
+import torch
 import yaml
 
 from helpers import run_cli, tiny_cli_args
@@ -187,3 +188,63 @@ def test_a_recipe_file_that_is_not_yaml_is_one_line_and_exit_2(tmp_path, capsys)
     assert main(["train", "classification", "--recipe", str(recipe)]) == 2
     assert re.fullmatch(rf"modelworks: error: {re.escape(str(recipe))}: cannot be read \(not UTF-8 text: .*\); "
                         r"correct the recipe\n", capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def break_model_keys(state):
+    model = dict(state["model"])
+    model.pop("features.0.weight")
+    model["features.99.weight"] = torch.zeros(1)
+    return {**state, "model": model}
+
+
+def break_model_shape(state):
+    model = dict(state["model"])
+    model["features.1.bias"] = torch.zeros(3)
+    return {**state, "model": model}
+
+
+BREAKAGES = {
+    "no-model": (lambda state: {"step": 1}, r"not a complete modelworks checkpoint \(missing '[^)]*model[^)]*; it has "
+                                            r"'step'\); use a checkpoint `modelworks train` wrote for this run"),
+    "not-a-dict": (lambda state: [state["model"]], r"holds a list, not a modelworks checkpoint \(a dict with 'step'|"
+                                                   r"holds a list, not a modelworks checkpoint \(a dict with 'model'"),
+    "keys": (break_model_keys, r"the weights in 'model' do not fit the model the run's config builds \(missing 1: "
+                               r"features\.0\.weight; unexpected 1: features\.99\.weight\); was the checkpoint copied "
+                               r"from another run, or config\.yaml edited\?"),
+    "shape": (break_model_shape, r"the weights in 'model' do not fit the model the run's config builds \(wrong shape "
+                                 r"1: features\.1\.bias \(3,\) in the file, \(8,\) in the model\)"),
+}
+
+
+@pytest.mark.parametrize("verb", VERBS)
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_a_checkpoint_that_does_not_fit_is_one_line_and_exit_2(tiny_run_dir, tmp_path, capsys, verb, breakage):
+    from modelworks.engine import checkpoint
+
+    run = run_config_copy(tiny_run_dir, tmp_path / "run")
+    state = checkpoint.load(tiny_run_dir / "checkpoints" / "last.pt")
+    change, message = BREAKAGES[breakage]
+    for name in ("best.pt", "last.pt"):
+        checkpoint.save_atomic(change(state), run / "checkpoints" / name)
+    assert main([*VERBS[verb], str(run), *(["--set", "train.test_at_end=false"] if verb == "resume" else [])]) == 2
+    err = capsys.readouterr().err
+    path = run / "checkpoints" / ("last.pt" if verb == "resume" else "best.pt")
+    assert len(err.splitlines()) == 1, err
+    assert re.match(rf"modelworks: error: {re.escape(str(path))}: (?:{message})", err), err
+
+
+def test_resume_with_an_optimizer_state_of_another_model_is_one_line_and_exit_2(tiny_run_dir, tmp_path, capsys):
+    from modelworks.engine import checkpoint
+
+    run = run_config_copy(tiny_run_dir, tmp_path / "run")
+    state = checkpoint.load(tiny_run_dir / "checkpoints" / "last.pt")
+    checkpoint.save_atomic({**state, "optimizer": {"state": {}, "param_groups": []}}, run / "checkpoints" / "last.pt")
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    path = run / "checkpoints" / "last.pt"
+    assert err == (f"modelworks: error: {path}: its optimizer state does not fit this run (ValueError: loaded state "
+                   "dict has a different number of parameter groups); resume with the run's own config.yaml, or "
+                   "start a new run\n")

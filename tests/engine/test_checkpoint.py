@@ -78,3 +78,33 @@ def test_rng_state_round_trip():
     expected = torch.rand(5)
     checkpoint.restore_rng_state(state)
     assert torch.equal(torch.rand(5), expected)
+
+
+def test_load_refuses_a_file_that_is_not_a_dict_or_lacks_keys(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save(torch.zeros(3), path)
+    with pytest.raises(CheckpointError, match=rf"^{path}: holds a Tensor, not a modelworks checkpoint \(a dict with "
+                                              r"'model'\); use a checkpoint `modelworks train` wrote for this run$"):
+        checkpoint.load(path, keys=("model",))
+    torch.save({"step": 1, "rng": None}, path)
+    with pytest.raises(CheckpointError, match=rf"^{path}: not a complete modelworks checkpoint \(missing 'model', "
+                                              r"'optimizer'; it has 'step', 'rng'\); use a checkpoint"):
+        checkpoint.load(path, keys=("step", "model", "optimizer"))
+
+
+def test_load_model_weights_lists_the_first_few_of_each_problem(tmp_path):
+    path = tmp_path / "best.pt"
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(4)])
+    other = {f"layer{i}.weight": torch.zeros(2, 2) for i in range(7)}
+    with pytest.raises(CheckpointError, match=rf"^{path}: the weights in 'model' do not fit the model the run's config "
+                                              r"builds \(missing 8: 0\.weight, 0\.bias, 1\.weight, 1\.bias, 2\.weight, "
+                                              r"\.\.\.; unexpected 7: layer0\.weight, layer1\.weight, layer2\.weight, "
+                                              r"layer3\.weight, layer4\.weight, \.\.\.\); was the checkpoint copied"):
+        checkpoint.load_model_weights(model, other, path)
+    weights = {**model.state_dict(), "0.bias": torch.zeros(3), "1.weight": "text"}
+    with pytest.raises(CheckpointError, match=r"\(wrong shape 2: 0\.bias \(3,\) in the file, \(2,\) in the model, "
+                                              r"1\.weight str in the file, \(2, 2\) in the model\)"):
+        checkpoint.load_model_weights(model, weights, path)
+    with pytest.raises(CheckpointError, match=r"'ema\.module' holds a NoneType, not the model's weights"):
+        checkpoint.load_model_weights(model, None, path, "ema.module")
+    checkpoint.load_model_weights(model, {k: v + 1 for k, v in model.state_dict().items()}, path)  # a fit loads
