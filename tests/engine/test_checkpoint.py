@@ -66,7 +66,7 @@ def test_load_refuses_a_pickle_that_would_run_code(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "last.pt"
     torch.save({"step": 1, "payload": RunsACommand(f"touch {marker}")}, path)
-    with pytest.raises(CheckpointError, match=rf"{path}: cannot be loaded as a modelworks checkpoint"):
+    with pytest.raises(CheckpointError, match=rf"{path}: refused to load: the file holds a Python object"):
         checkpoint.load(path)
     assert not marker.exists()
     torch.load(path, weights_only=False)  # the payload is live: an unrestricted load runs it
@@ -108,3 +108,33 @@ def test_load_model_weights_lists_the_first_few_of_each_problem(tmp_path):
     with pytest.raises(CheckpointError, match=r"'ema\.module' holds a NoneType, not the model's weights"):
         checkpoint.load_model_weights(model, None, path, "ema.module")
     checkpoint.load_model_weights(model, {k: v + 1 for k, v in model.state_dict().items()}, path)  # a fit loads
+
+
+class SomeObject:
+    pass
+
+
+@pytest.mark.parametrize("payload, refused", [
+    (RunsACommand("true"), f"{os.system.__module__}.system"),  # torch: "... unsupported GLOBAL posix.system whose
+    (SomeObject(), f"{SomeObject.__module__}.SomeObject"),       # module posix is blocked" / "Unsupported global: ..."
+])
+def test_a_refused_global_is_named_and_no_unsafe_load_is_suggested(tmp_path, payload, refused):
+    path = tmp_path / "last.pt"
+    torch.save({"step": 1, "payload": payload}, path)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(path)
+    assert str(info.value) == (
+        f"{path}: refused to load: the file holds a Python object, {refused}, that unpickling would import and could "
+        "run as code; a modelworks checkpoint never holds one (only tensors and plain values), so the file was not "
+        "written by modelworks or was tampered with: do not load it, use a checkpoint `modelworks train` wrote for "
+        "this run")
+    assert "weights_only" not in str(info.value)
+
+
+def test_a_pickle_the_safe_loader_cannot_read_suggests_no_unsafe_load(tmp_path):
+    path = tmp_path / "last.pt"
+    path.write_bytes(pickle.dumps({"step": 1}, protocol=4))  # a plain pickle, not torch.save's format
+    with pytest.warns(UserWarning, match="pickle protocol"), pytest.raises(CheckpointError) as info:
+        checkpoint.load(path)
+    assert str(info.value) == (f"{path}: cannot be loaded as a modelworks checkpoint (UnpicklingError: Unsupported "
+                               "operand 149); it is corrupt or not ours")

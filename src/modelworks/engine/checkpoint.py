@@ -7,6 +7,7 @@ whose restricted unpickler refuses any other object: a tampered file cannot run 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,11 @@ def save_atomic(state: dict, path: Path) -> None:
 # What fit() saves; a training checkpoint must hold all of it to be resumed.
 TRAINING_KEYS = ("step", "total_steps", "model", "optimizer", "scheduler", "scaler", "early_stop", "rng",
                  "best_metrics", "ema")
+# torch's weights-only unpickler names the global it refused: "Unsupported global: GLOBAL __main__.Plain was not
+# an allowed global by default ..." or "Trying to load unsupported GLOBAL posix.system whose module posix is
+# blocked." (torch 2.6 to 2.14).
+REFUSED_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)")
+UNSAFE_HINTS = ("Weights only load failed", "weights_only", "safe_globals")  # lines of torch's message to drop
 SHOWN = 5  # names listed per problem in a message; the count says how many there are in all
 FIX = "use a checkpoint `modelworks train` wrote for this run"
 
@@ -47,8 +53,7 @@ def load(path: Path, map_location: str | torch.device = "cpu", keys: tuple[str, 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # truncated file, foreign pickle, wrong format: all unusable
-        raise CheckpointError(f"{path}: cannot be loaded as a modelworks checkpoint ({type(exc).__name__}: "
-                              f"{str(exc).splitlines()[0][:200]}); it is corrupt or not ours") from None
+        raise CheckpointError(describe_load_failure(path, exc)) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a modelworks checkpoint (a dict with "
                               f"{listing([repr(k) for k in keys or ('model',)])}); {FIX}")
@@ -57,6 +62,25 @@ def load(path: Path, map_location: str | torch.device = "cpu", keys: tuple[str, 
         raise CheckpointError(f"{path}: not a complete modelworks checkpoint (missing {', '.join(map(repr, missing))}; "
                               f"it has {listing([repr(k) for k in state])}); {FIX}")
     return state
+
+
+def describe_load_failure(path: Path, exc: Exception) -> str:
+    """One line for a checkpoint torch.load refused. torch's own advice for a weights-only refusal (load it with
+    weights_only=False, or allowlist the type) would run whatever the file holds, so only its diagnosis is kept."""
+    text = str(exc)
+    refused = REFUSED_GLOBAL.search(text)
+    if refused:
+        return (f"{path}: refused to load: the file holds a Python object, {refused.group(1).rstrip('.')}, that "
+                "unpickling would import and could run as code; a modelworks checkpoint never holds one (only tensors "
+                "and plain values), so the file was not written by modelworks or was tampered with: do not load it, "
+                f"{FIX}")
+    if "Weights only load failed" in text:
+        diagnosis = [line.strip() for line in text.split("WeightsUnpickler error:")[-1].splitlines()
+                     if line.strip() and not any(hint in line for hint in UNSAFE_HINTS)]
+        text = diagnosis[0] if diagnosis else "it holds objects a checkpoint never holds"
+    first_sentence = text.strip().splitlines()[0].split(". ")[0][:200] if text.strip() else ""
+    detail = f"{type(exc).__name__}: {first_sentence}" if first_sentence else type(exc).__name__
+    return f"{path}: cannot be loaded as a modelworks checkpoint ({detail}); it is corrupt or not ours"
 
 
 def load_model_weights(model: nn.Module, weights, path: Path, key: str = "model") -> None:
