@@ -219,3 +219,40 @@ def test_an_unlisted_symlink_is_refused(package_copy):
 def test_the_package_folder_itself_may_be_a_symlink(tiny_package, tmp_path):
     (tmp_path / "current").symlink_to(tiny_package)
     assert read_package(tmp_path / "current").version == "v1"
+
+
+# ---------------------------------------------------------------------------------------------- staging folders
+
+
+def test_an_export_removes_only_the_stale_staging_folders_of_its_output(tiny_run_dir, tmp_path):
+    import fcntl
+    import os
+    import time
+
+    def folder(name: str, age_s: float = 3600) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "weights.safetensors").write_bytes(b"half written")
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+        return path
+
+    stale = [folder(".pkg.tmp-k1ll3d_x"), folder(".pkg.old-k1ll3d_y")]  # left by exports killed an hour ago
+    kept = [folder(".pkg.tmp-y0ung123", age_s=0),  # may be a new export that has not locked it yet
+            folder(".other.tmp-k1ll3d_x"), folder(".pkg.tmp-x.tmp-k1ll3d_x"),  # other outputs' folders
+            folder(".pkg.tmp-l1ve1234")]  # a live export's: it holds the lock
+    live = os.open(kept[-1], os.O_RDONLY)
+    fcntl.flock(live, fcntl.LOCK_EX)
+    lines = []
+    try:
+        export_run(tiny_run_dir, tmp_path / "pkg", {"formats": ("onnx",)}, log=lines.append)
+    finally:
+        os.close(live)
+    assert [path for path in stale if path.exists()] == []
+    assert [path for path in kept if not path.exists()] == []
+    assert {line for line in lines if "removed" in line} == {
+        f"  removed {path.name}, left by an export of {tmp_path / 'pkg'} that did not finish" for path in stale}
+    # The live export's folder goes once its lock is released (the process ended); replacing the package
+    # (--force) goes through a `.pkg.old-*` folder of its own and leaves none behind.
+    export_run(tiny_run_dir, tmp_path / "pkg", {"formats": ("onnx",), "overwrite": True}, log=lambda line: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["pkg", *(path.name for path in kept[:-1])])
+    assert read_package(tmp_path / "pkg").version == tiny_run_dir.name

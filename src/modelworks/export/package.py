@@ -24,10 +24,18 @@ import os
 import re
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PackageError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so work folders are not locked and stale ones are left for the user
+    fcntl = None
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -102,16 +110,70 @@ def write_manifest(folder: Path, manifest: dict) -> dict:
     return manifest
 
 
+# Work folders beside a package: `.NAME.tmp-XXXXXXXX` stages an export, `.NAME.old-XXXXXXXX` holds the package
+# that --force replaces until it is deleted (XXXXXXXX: tempfile.mkdtemp's eight random characters). A killed
+# export leaves them behind. The process using one holds an exclusive flock on the folder, which the kernel
+# releases however the process ends: a folder that can be locked belongs to no live export and may go, while a
+# concurrent export's (even one running for hours) stays. A pid file could not tell a reused pid from the
+# original, nor be kept out of the package; an age limit alone would delete a slow export's staging. The age
+# guard below only covers the moment between mkdtemp and flock, when a new folder is not locked yet.
+WORK_FOLDER_MIN_AGE_S = 60
+
+
+def work_folder_pattern(target: Path) -> re.Pattern:
+    return re.compile(re.escape(f".{target.name}.") + r"(tmp|old)-[a-z0-9_]{8}")
+
+
+@contextmanager
+def work_folder(target: Path, kind: str) -> Iterator[Path]:
+    """A new hidden folder `.NAME.<kind>-*` beside `target`, locked while in use and removed afterwards."""
+    folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{kind}-"))
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # gone already once a staged package is published
+        os.close(fd)  # after the removal: the lock guards the folder until it is gone
+
+
+def remove_stale_work_folders(target: Path) -> list[Path]:
+    """Remove the work folders of `target` that earlier exports left when they were killed; return them."""
+    if fcntl is None or not target.parent.is_dir():
+        return []
+    pattern, removed = work_folder_pattern(target), []
+    for folder in sorted(target.parent.iterdir()):
+        if not pattern.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            if time.time() - folder.stat().st_mtime < WORK_FOLDER_MIN_AGE_S:
+                continue
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:  # removed meanwhile by its own export or another cleaner
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live export holds it
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def publish(staging: Path, target: Path, overwrite: bool) -> None:
     """Move a finished package into place in one rename, so no reader ever sees half a package."""
     if target.exists():
         if not overwrite:
             raise PackageError(f"--out: {target} already exists; choose another folder or pass --force to "
                                "replace it")
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old / target.name)
-        os.replace(staging, target)
-        shutil.rmtree(old)
+        with work_folder(target, "old") as old:
+            os.replace(target, old / target.name)
+            os.replace(staging, target)
     else:
         os.replace(staging, target)
 
