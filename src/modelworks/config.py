@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -127,13 +128,24 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            number = value
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # No setting means NaN or infinity, and NaN would pass every range check (comparisons are false).
+            try:
+                number = float(number)
+            except OverflowError:  # an integer past float's range
+                number = math.inf
+            if math.isfinite(number):
+                return number
+            errors.append(f"{path}: expected a finite float (got {value!r})")
+            return None
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

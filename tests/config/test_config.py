@@ -291,3 +291,12 @@ def test_an_invalid_yaml_recipe_names_the_line_in_one_line(tmp_path):
 def test_a_task_that_is_not_a_string_is_a_config_error(name):
     with pytest.raises(ConfigError, match=rf"task: {re.escape(repr(name))} is not a task\. Tasks: classification"):
         get_task(name)
+
+
+@pytest.mark.parametrize("value, shown", [(".nan", "nan"), ("-.inf", "-inf"), ("1e400", "'1e400'"),
+                                          ("1" + "0" * 400, "1" + "0" * 400)])
+def test_a_float_must_be_finite(value, shown):
+    """NaN passes every range check (all comparisons are false) and would only fail mid-training; an integer past
+    float's range raised OverflowError (found by tests/config/test_config_properties.py)."""
+    with pytest.raises(ConfigError, match=rf"optim\.lr: expected a finite float \(got {re.escape(shown)}\)"):
+        load(f"optim.lr={value}")
