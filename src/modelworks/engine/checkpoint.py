@@ -40,7 +40,9 @@ TRAINING_KEYS = ("step", "total_steps", "model", "optimizer", "scheduler", "scal
 # an allowed global by default ..." or "Trying to load unsupported GLOBAL posix.system whose module posix is
 # blocked." (torch 2.6 to 2.14).
 REFUSED_GLOBAL = re.compile(r"\bGLOBAL ([\w.]+)")
-UNSAFE_HINTS = ("Weights only load failed", "weights_only", "safe_globals")  # lines of torch's message to drop
+# Lines of torch's message that advise loading the file anyway (weights_only=False, or allowlisting the type):
+# advice that would run whatever the file holds, so they are dropped.
+UNSAFE_HINTS = ("Weights only load failed", "weights_only", "safe_globals")
 SHOWN = 5  # names listed per problem in a message; the count says how many there are in all
 FIX = "use a checkpoint `modelworks train` wrote for this run"
 

@@ -159,7 +159,8 @@ def remove_stale_work_folders(target: Path) -> list[Path]:
             continue
         try:
             shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
+            if not folder.exists():
+                removed.append(folder)
         finally:
             os.close(fd)
     return removed
