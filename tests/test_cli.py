@@ -4,9 +4,11 @@ reproduce command, and ImageFolder trees."""
 from __future__ import annotations
 
 import json
+import re
 import shlex
 
 import pytest
+import torch
 import yaml
 
 from helpers import run_cli, tiny_cli_args
@@ -106,3 +108,143 @@ def test_image_folder_tree_without_a_test_split_finishes_with_exit_0(tmp_path, c
     write_image_folder(tmp_path / "flat", ["a", "b", "c"], per_class=8, size=20)
     code = main(image_folder_args(tmp_path, "flat"))
     assert code == 0, capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- export, fail fast
+
+
+def run_config_copy(run_dir, dest, **changes):
+    """A run directory `dest` holding only `run_dir`'s config.yaml, with top-level or dotted `changes`."""
+    from helpers import set_dotted
+
+    raw = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for key, value in changes.items():
+        set_dotted(raw, key, value)
+    dest.mkdir(parents=True)
+    (dest / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return dest
+
+
+RULE = "1-64 letters, digits, '.', '_' and '-', starting with a letter or digit"
+
+
+@pytest.mark.parametrize("run_name, flags, changes, message", [
+    ("run", ["--version", "v-日本"], {}, f"--version: 'v-日本' is not a valid version; use {RULE}"),
+    ("run", ["--name", "my model"], {}, f"--name: 'my model' is not a valid name; use {RULE}"),
+    ("run 日本", [], {}, f"--version: 'run 日本' is not a valid version; it defaults to the run directory's name: "
+                       f"pass --version with {RULE}"),
+    ("run", [], {"recipe": "/recipes/my recipe.yaml"}, f"--name: 'my recipe' is not a valid name; it defaults to "
+                                                       f"the run's recipe: pass --name with {RULE}"),
+])
+def test_export_refuses_an_invalid_name_or_version_before_any_work(tiny_run_dir, tmp_path, capsys, run_name, flags,
+                                                                   changes, message):
+    # The data folder does not exist and there is no checkpoint: reaching either would give another error.
+    run = run_config_copy(tiny_run_dir, tmp_path / run_name,
+                          **{"data.source": f"imagefolder:{tmp_path / 'no-data'}", **changes})
+    assert main(["export", str(run), "--out", str(tmp_path / "pkg"), *flags]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"modelworks: error: {message}\n"
+    assert captured.out == ""  # not even "exporting ..."
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run_name]
+
+
+# ---------------------------------------------------------------------------------------------- damaged run files
+
+
+VERBS = {"evaluate": ["evaluate"], "export": ["export"], "resume": ["train", "--resume"]}
+
+
+@pytest.mark.parametrize("verb", VERBS)
+@pytest.mark.parametrize("content, message", [
+    pytest.param(b"task: classification\nmodel: [unclosed\n", r"not valid YAML \(line 3, column 1: expected ',' or "
+                 r"']', but got '<stream end>'\); correct the file or restore it from a copy", id="unclosed"),
+    pytest.param(b"task: classification\nmodel:\n\t- 1\n", r"not valid YAML \(line 3, column 1: found character "
+                 r"'\\t' that cannot start any token\)", id="tab"),
+    pytest.param(b"- task\n- model\n", r"expected a mapping of config sections \(got list\); correct the file or "
+                 r"restore it", id="list"),
+    pytest.param(b"task: classification\nname: \xff\xfe\n", r"cannot be read \(not UTF-8 text: .*\); correct the "
+                 r"file or restore it", id="not-utf8"),
+    pytest.param(b"task: [classification]\n", r"task: \['classification'\] is not a task\. Tasks: classification",
+                 id="task-list"),
+])
+def test_a_damaged_run_config_is_one_line_and_exit_2(tmp_path, capsys, verb, content, message):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_bytes(content)
+    assert main([*VERBS[verb], str(run)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    prefix = "" if message.startswith("task") else re.escape(f"{run / 'config.yaml'}: ")
+    assert re.match(rf"modelworks: error: {prefix}{message}", err), err
+
+
+def test_a_recipe_file_that_is_not_yaml_is_one_line_and_exit_2(tmp_path, capsys):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("optim:\n  lr: [0.1\n")
+    assert main(["train", "classification", "--recipe", str(recipe)]) == 2
+    assert capsys.readouterr().err == (f"modelworks: error: {recipe}: not valid YAML (line 3, column 1: expected ',' "
+                                       "or ']', but got '<stream end>'); correct the recipe\n")
+    recipe.write_bytes(b"optim: \xff\n")
+    assert main(["train", "classification", "--recipe", str(recipe)]) == 2
+    assert re.fullmatch(rf"modelworks: error: {re.escape(str(recipe))}: cannot be read \(not UTF-8 text: .*\); "
+                        r"correct the recipe\n", capsys.readouterr().err)
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def break_model_keys(state):
+    model = dict(state["model"])
+    model.pop("features.0.weight")
+    model["features.99.weight"] = torch.zeros(1)
+    return {**state, "model": model}
+
+
+def break_model_shape(state):
+    model = dict(state["model"])
+    model["features.1.bias"] = torch.zeros(3)
+    return {**state, "model": model}
+
+
+BREAKAGES = {
+    "no-model": (lambda state: {"step": 1}, r"not a complete modelworks checkpoint \(missing '[^)]*model[^)]*; it has "
+                                            r"'step'\); use a checkpoint `modelworks train` wrote for this run"),
+    "not-a-dict": (lambda state: [state["model"]], r"holds a list, not a modelworks checkpoint \(a dict with 'step'|"
+                                                   r"holds a list, not a modelworks checkpoint \(a dict with 'model'"),
+    "keys": (break_model_keys, r"the weights in 'model' do not fit the model the run's config builds \(missing 1: "
+                               r"features\.0\.weight; unexpected 1: features\.99\.weight\); was the checkpoint copied "
+                               r"from another run, or config\.yaml edited\?"),
+    "shape": (break_model_shape, r"the weights in 'model' do not fit the model the run's config builds \(wrong shape "
+                                 r"1: features\.1\.bias \(3,\) in the file, \(8,\) in the model\)"),
+}
+
+
+@pytest.mark.parametrize("verb", VERBS)
+@pytest.mark.parametrize("breakage", BREAKAGES)
+def test_a_checkpoint_that_does_not_fit_is_one_line_and_exit_2(tiny_run_dir, tmp_path, capsys, verb, breakage):
+    from modelworks.engine import checkpoint
+
+    run = run_config_copy(tiny_run_dir, tmp_path / "run")
+    state = checkpoint.load(tiny_run_dir / "checkpoints" / "last.pt")
+    change, message = BREAKAGES[breakage]
+    for name in ("best.pt", "last.pt"):
+        checkpoint.save_atomic(change(state), run / "checkpoints" / name)
+    assert main([*VERBS[verb], str(run), *(["--set", "train.test_at_end=false"] if verb == "resume" else [])]) == 2
+    err = capsys.readouterr().err
+    path = run / "checkpoints" / ("last.pt" if verb == "resume" else "best.pt")
+    assert len(err.splitlines()) == 1, err
+    assert re.match(rf"modelworks: error: {re.escape(str(path))}: (?:{message})", err), err
+
+
+def test_resume_with_an_optimizer_state_of_another_model_is_one_line_and_exit_2(tiny_run_dir, tmp_path, capsys):
+    from modelworks.engine import checkpoint
+
+    run = run_config_copy(tiny_run_dir, tmp_path / "run")
+    state = checkpoint.load(tiny_run_dir / "checkpoints" / "last.pt")
+    checkpoint.save_atomic({**state, "optimizer": {"state": {}, "param_groups": []}}, run / "checkpoints" / "last.pt")
+    assert main(["train", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    path = run / "checkpoints" / "last.pt"
+    assert err == (f"modelworks: error: {path}: its optimizer state does not fit this run (ValueError: loaded state "
+                   "dict has a different number of parameter groups); resume with the run's own config.yaml, or "
+                   "start a new run\n")

@@ -194,7 +194,6 @@ def run_export(args: argparse.Namespace) -> int:
         options["name"] = args.name
     if args.version:
         options["version"] = args.version
-    print(f"exporting {args.run_dir} ({args.checkpoint} checkpoint); checking each format on the validation split:")
     out, manifest = export_run(Path(args.run_dir), Path(args.out) if args.out else None, options, args.checkpoint,
                                args.overrides)
     files = ", ".join(f"{name} ({entry['bytes'] / 1e6:.2f} MB)" for name, entry in manifest["files"].items())

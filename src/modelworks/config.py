@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -127,13 +128,24 @@ def _coerce(value: Any, tp: Any, path: str, errors: list[str]) -> Any:
         if isinstance(value, bool):
             return value
     elif tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            number = value
+        elif isinstance(value, str):  # YAML 1.1 reads `1e-3` (no dot) as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
+        if number is not None:
+            # No setting means NaN or infinity, and NaN would pass every range check (comparisons are false).
+            try:
+                number = float(number)
+            except OverflowError:  # an integer past float's range
+                number = math.inf
+            if math.isfinite(number):
+                return number
+            errors.append(f"{path}: expected a finite float (got {value!r})")
+            return None
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -204,6 +216,36 @@ def list_recipes(task: str) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.yaml")) if folder.is_dir() else []
 
 
+# What parsing YAML can raise besides YAMLError: ValueError from building a value (a date such as 2001-13-45, an
+# explicit tag such as `!!int x`) and RecursionError from nesting deeper than Python's stack.
+YAML_ERRORS = (yaml.YAMLError, ValueError, RecursionError)
+
+
+def describe_yaml_error(exc: Exception) -> str:
+    """One line for a YAML error: where and what, without PyYAML's multi-line excerpt of the document."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    lines = str(exc).splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
+def read_yaml(path: Path, error: type[Exception], fix: str) -> Any:
+    """The YAML document in `path`. An unreadable file or invalid YAML raises `error` in one line naming the file,
+    ending with `fix`."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: cannot be read (not UTF-8 text: {exc.reason} at byte {exc.start}); {fix}") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror or exc}); {fix}") from None
+    try:
+        return yaml.safe_load(text)
+    except YAML_ERRORS as exc:
+        raise error(f"{path}: not valid YAML ({describe_yaml_error(exc)}); {fix}") from None
+
+
 def read_recipe(task: str, recipe: str) -> dict:
     """A shipped recipe by name, or a YAML file by path."""
     path = Path(recipe)
@@ -216,10 +258,7 @@ def read_recipe(task: str, recipe: str) -> dict:
             raise ConfigError(f"--recipe: no recipe {recipe!r} for task {task!r}.{hint} Recipes: {', '.join(choices)}")
     elif not path.is_file():
         raise ConfigError(f"--recipe: file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    data = read_yaml(path, ConfigError, "correct the recipe") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: a recipe must be a mapping of sections (got {type(data).__name__})")
     return data
@@ -230,12 +269,14 @@ def apply_override(raw: dict, assignment: str) -> None:
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment}: expected KEY=VALUE, e.g. --set optim.lr=0.002")
     key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment}: {key.strip()!r} is not a dotted key; write e.g. --set optim.lr=0.002")
     try:
         value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        value = text
+    except YAML_ERRORS:
+        value = text  # the field's type check then reports it, e.g. "optim.lr: expected float (got '[0.1')"
     node = raw
-    parts = key.strip().split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):

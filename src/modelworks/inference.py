@@ -14,7 +14,7 @@ import torch
 
 from . import config as config_mod
 from .errors import PackageError
-from .export.package import read_package
+from .export.package import check_identifier, read_package
 from .export.runtime import InferenceModel, load_weights, open_runner
 from .registry import get_task
 
@@ -50,6 +50,15 @@ def export_run(run_dir: Path, out: Path | None, options_kwargs: dict, checkpoint
     task_cls = get_task(raw.get("task", ""))
     cfg = config_mod.load_config(task_cls, raw)
     cfg.train.device = "cpu"
+    # Name and version are checked before the data and the checkpoint are loaded: a bad one fails in a moment.
+    recipe = Path(cfg.recipe).stem if cfg.recipe else ""
+    defaults = {"name": (recipe or cfg.task, "the run's recipe"),
+                "version": (run_dir.absolute().name, "the run directory's name")}  # absolute: `export .` works
+    for key, (value, origin) in defaults.items():
+        if key not in options_kwargs:
+            check_identifier(f"--{key}", value, key, fix=f"it defaults to {origin}: pass --{key} with")
+    options = ExportOptions(**{**{key: value for key, (value, _) in defaults.items()}, **options_kwargs})
+    log(f"exporting {run_dir} ({checkpoint} checkpoint); checking each format on the validation split:")
     task = task_cls(cfg)
     cpu = torch.device("cpu")
     splits = task.datasets(cpu)  # also teaches the task what the data decides (class names)
@@ -66,8 +75,6 @@ def export_run(run_dir: Path, out: Path | None, options_kwargs: dict, checkpoint
 
     summary = _read_json(run_dir / "summary.json")
     metrics = _read_json(run_dir / "evaluation" / "test.json") or (summary or {}).get("best", {})
-    recipe = Path(cfg.recipe).stem if cfg.recipe else ""
-    options = ExportOptions(**{"name": recipe or cfg.task, "version": run_dir.name, **options_kwargs})
     out = Path(out) if out else run_dir / "package"
     source = {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint,
               "step": (summary or {}).get("best", {}).get("step") if checkpoint == "best" else

@@ -32,8 +32,9 @@ TASKS: Mapping[str, type] = _Tasks()
 
 
 def get_task(name: str) -> type:
-    if name not in TASKS:
-        near = difflib.get_close_matches(name, list(TASKS), n=1)
+    # The name may come from a hand-edited file as any YAML value; only a string can name a task.
+    if not isinstance(name, str) or name not in TASKS:
+        near = difflib.get_close_matches(name, list(TASKS), n=1) if isinstance(name, str) else []
         hint = f" Did you mean {near[0]!r}?" if near else ""
         raise ConfigError(f"task: {name!r} is not a task.{hint} Tasks: {', '.join(TASKS)}")
     return TASKS[name]

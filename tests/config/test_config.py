@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -248,3 +250,53 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 def test_list_recipes_names_the_shipped_files():
     assert {"cifar10-fast", "cifar10-resnet18"} <= set(config_mod.list_recipes("classification"))
     assert config_mod.list_recipes("no-such-task") == []
+
+
+@pytest.mark.parametrize("value", ["2001-13-45", "!!int x", "!!float nope", "[" * 3000, "{a: [1, }"])
+def test_a_set_value_yaml_cannot_build_is_kept_as_text(value):
+    """Dates that do not exist, explicit tags that do not fit and nesting too deep to parse stay the typed text,
+    and the field's type check then reports them."""
+    raw: dict = {}
+    apply_override(raw, f"name={value}")
+    assert raw == {"name": value}
+    with pytest.raises(ConfigError, match=r"optim\.lr: expected float \(got '2001-13-45'\)"):
+        load("optim.lr=2001-13-45")
+
+
+@pytest.mark.parametrize("assignment", ["=1", " =1", "optim..lr=1", "optim.=1", ".lr=1"])
+def test_apply_override_refuses_an_empty_key_part(assignment):
+    with pytest.raises(ConfigError, match=rf"--set {re.escape(assignment)}: .* is not a dotted key; write e\.g\. "
+                                          r"--set optim\.lr=0\.002"):
+        apply_override({}, assignment)
+
+
+def test_a_non_utf8_recipe_is_a_config_error(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("name: caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"{re.escape(str(path))}: cannot be read \(not UTF-8 text: .*\); correct "
+                                          r"the recipe"):
+        resolve(ClassificationTask, str(path), [])
+
+
+def test_an_invalid_yaml_recipe_names_the_line_in_one_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: 1\n   batch_size: 2\n")
+    with pytest.raises(ConfigError) as info:
+        resolve(ClassificationTask, str(path), [])
+    assert str(info.value) == (f"{path}: not valid YAML (line 3, column 14: mapping values are not allowed here); "
+                               "correct the recipe")
+
+
+@pytest.mark.parametrize("name", [["classification"], 3, None])
+def test_a_task_that_is_not_a_string_is_a_config_error(name):
+    with pytest.raises(ConfigError, match=rf"task: {re.escape(repr(name))} is not a task\. Tasks: classification"):
+        get_task(name)
+
+
+@pytest.mark.parametrize("value, shown", [(".nan", "nan"), ("-.inf", "-inf"), ("1e400", "'1e400'"),
+                                          ("1" + "0" * 400, "1" + "0" * 400)])
+def test_a_float_must_be_finite(value, shown):
+    """NaN passes every range check (all comparisons are false) and would only fail mid-training; an integer past
+    float's range raised OverflowError (found by tests/config/test_config_properties.py)."""
+    with pytest.raises(ConfigError, match=rf"optim\.lr: expected a finite float \(got {re.escape(shown)}\)"):
+        load(f"optim.lr={value}")

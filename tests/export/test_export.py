@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -159,3 +160,99 @@ def test_predictor_refuses_inputs_with_the_expected_shape_in_the_message(tiny_pa
     # Asked for, resizing and colour conversion are done the way an ImageFolder model was trained.
     x, _ = predictor.parse(predictor.Request(resize=True), png_bytes(np.full((64, 48, 3), 200, np.uint8)))
     assert tuple(x.shape) == (1, 28, 28)
+
+
+# ---------------------------------------------------------------------------------------------- names, versions
+
+
+@pytest.mark.parametrize("value", ["v1", "tiny", "1.0.0", "a_b-c.D", "9", "A" * 64])
+def test_check_identifier_accepts_the_documented_set(value):
+    from modelworks.export.package import NAME_PATTERN, check_identifier
+
+    assert check_identifier("--version", value) == value and NAME_PATTERN.match(value)
+
+
+@pytest.mark.parametrize("value", ["", "-v1", ".hidden", "_x", "v-日本", "v 1", "a/b", "v1\n", "v1\r\nX-Evil: 1",
+                                   "A" * 65, "٣", 3, None])
+def test_check_identifier_refuses_everything_else(value):
+    from modelworks.export.package import check_identifier
+
+    with pytest.raises(PackageError, match=rf"^--version: {re.escape(repr(value))} is not a valid version; use 1-64 "
+                                           r"letters, digits, '\.', '_' and '-', starting with a letter or digit$"):
+        check_identifier("--version", value, "version")
+
+
+def test_export_refuses_an_invalid_version_and_writes_nothing(tiny_run_dir, tmp_path):
+    with pytest.raises(PackageError, match=r"^--version: 'v-日本' is not a valid version; use 1-64 letters"):
+        export_run(tiny_run_dir, tmp_path / "pkg", {"version": "v-日本"}, log=lambda line: None)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("key", ["name", "version"])
+def test_a_manifest_with_an_invalid_name_or_version_is_refused(package_copy, key):
+    manifest = package_copy / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), key: "v-日本"}))
+    with pytest.raises(PackageError, match=rf"^{re.escape(str(manifest))}: 'v-日本' is not a valid {key}; export the "
+                                           rf"package again with a --{key} of 1-64 letters, digits"):
+        read_package(package_copy)
+
+
+# ---------------------------------------------------------------------------------------------- symbolic links
+
+
+def test_a_listed_file_that_is_a_symlink_is_refused_even_with_the_right_checksum(package_copy, tmp_path):
+    outside = tmp_path / "elsewhere.onnx"
+    (package_copy / "model.onnx").rename(outside)
+    (package_copy / "model.onnx").symlink_to(outside)  # same bytes: the checksum alone would pass it
+    with pytest.raises(PackageError, match=rf"^{re.escape(str(package_copy / 'model.onnx'))}: a symbolic link \(to "
+                                           rf"{re.escape(str(outside))}\); a package holds plain files only"):
+        read_package(package_copy)
+
+
+def test_an_unlisted_symlink_is_refused(package_copy):
+    (package_copy / "notes").symlink_to("/etc/passwd")
+    with pytest.raises(PackageError, match=rf"^{re.escape(str(package_copy / 'notes'))}: a symbolic link \(to "
+                                           r"/etc/passwd\)"):
+        read_package(package_copy)
+
+
+def test_the_package_folder_itself_may_be_a_symlink(tiny_package, tmp_path):
+    (tmp_path / "current").symlink_to(tiny_package)
+    assert read_package(tmp_path / "current").version == "v1"
+
+
+# ---------------------------------------------------------------------------------------------- staging folders
+
+
+def test_an_export_removes_only_the_stale_staging_folders_of_its_output(tiny_run_dir, tmp_path):
+    import fcntl
+    import os
+    import time
+
+    def folder(name: str, age_s: float = 3600) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "weights.safetensors").write_bytes(b"half written")
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+        return path
+
+    stale = [folder(".pkg.tmp-k1ll3d_x"), folder(".pkg.old-k1ll3d_y")]  # left by exports killed an hour ago
+    kept = [folder(".pkg.tmp-y0ung123", age_s=0),  # may be a new export that has not locked it yet
+            folder(".other.tmp-k1ll3d_x"), folder(".pkg.tmp-x.tmp-k1ll3d_x"),  # other outputs' folders
+            folder(".pkg.tmp-l1ve1234")]  # a live export's: it holds the lock
+    live = os.open(kept[-1], os.O_RDONLY)
+    fcntl.flock(live, fcntl.LOCK_EX)
+    lines = []
+    try:
+        export_run(tiny_run_dir, tmp_path / "pkg", {"formats": ("onnx",)}, log=lines.append)
+    finally:
+        os.close(live)
+    assert [path for path in stale if path.exists()] == []
+    assert [path for path in kept if not path.exists()] == []
+    assert {line for line in lines if "removed" in line} == {
+        f"  removed {path.name}, left by an export of {tmp_path / 'pkg'} that did not finish" for path in stale}
+    # The live export's folder goes once its lock is released (the process ended); replacing the package
+    # (--force) goes through a `.pkg.old-*` folder of its own and leaves none behind.
+    export_run(tiny_run_dir, tmp_path / "pkg", {"formats": ("onnx",), "overwrite": True}, log=lambda line: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["pkg", *(path.name for path in kept[:-1])])
+    assert read_package(tmp_path / "pkg").version == tiny_run_dir.name

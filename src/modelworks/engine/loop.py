@@ -129,18 +129,22 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
-        state = checkpoint.load(ckpt_dir / "last.pt", device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        stopper.load_state_dict(state["early_stop"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        checkpoint.restore_rng_state(state["rng"])
-        step, best_metrics = int(state["step"]), dict(state["best_metrics"])
+        path = ckpt_dir / "last.pt"
+        state = checkpoint.load(path, device, keys=checkpoint.TRAINING_KEYS)
+        checkpoint.load_model_weights(model, state["model"], path)
+        if ema is not None and state["ema"] is None:
+            raise CheckpointError(f"{path}: saved without an EMA, but train.ema.enabled is now true; resume with "
+                                  "the run's own config")
+        parts = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "early_stop": stopper, "ema": ema}
+        for name, part in parts.items():
+            if part is not None:
+                with checkpoint.restoring(path, f"{name} state"):
+                    part.load_state_dict(state[name])
+        with checkpoint.restoring(path, "step and RNG state"):
+            checkpoint.restore_rng_state(state["rng"])
+            step, best_metrics = int(state["step"]), dict(state["best_metrics"])
         if state["total_steps"] != total_steps:
-            raise CheckpointError(f"{ckpt_dir / 'last.pt'}: saved for {state['total_steps']} total steps but the "
+            raise CheckpointError(f"{path}: saved for {state['total_steps']} total steps but the "
                                   f"configuration now gives {total_steps}; resume with the run's own config")
         if distributed.is_main():
             rundir.truncate_metrics(run_dir, step)  # lines logged after the checkpoint will be logged again
@@ -281,10 +285,13 @@ def load_for_evaluation(task, run_dir: Path, device: torch.device, cfg: RunConfi
     path = run_dir / "checkpoints" / f"{which}.pt"
     if which == "best" and not path.is_file():
         path = run_dir / "checkpoints" / "last.pt"
-    state = checkpoint.load(path, device)
+    state = checkpoint.load(path, device, keys=("model",))
     model = prepare_model(task, device, cfg)
-    weights = state["ema"]["module"] if state.get("ema") else state["model"]
-    model.load_state_dict(weights)
+    if state.get("ema") is None:
+        checkpoint.load_model_weights(model, state["model"], path)
+    else:
+        ema = state["ema"]
+        checkpoint.load_model_weights(model, ema.get("module") if isinstance(ema, dict) else ema, path, "ema.module")
     return model.eval()
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..config import RunConfig, to_dict
+from ..config import RunConfig, read_yaml, to_dict
+from ..errors import CheckpointError
 
 
 def new_run_dir(cfg: RunConfig) -> Path:
@@ -60,12 +61,15 @@ def write_summary(run_dir: Path, summary: dict) -> None:
 
 
 def read_config_dict(run_dir: Path) -> dict:
-    from ..errors import CheckpointError
-
+    """The run's saved config.yaml as a raw mapping (validated by config.load_config)."""
     path = run_dir / "config.yaml"
     if not path.is_file():
         raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml); pass runs/<task>/<name>")
-    return yaml.safe_load(path.read_text())
+    fix = "correct the file or restore it from a copy"
+    raw = read_yaml(path, CheckpointError, fix)
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{path}: expected a mapping of config sections (got {type(raw).__name__}); {fix}")
+    return raw
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:

@@ -4,13 +4,13 @@ Every format is run on the validation split and compared with eager PyTorch befo
 the largest absolute output difference and the task's agreement score (classification: the same top-1 class)
 are recorded, and a float format outside the tolerance stops the export with nothing written. The int8 model is
 expected to differ; its accuracy drop and speed-up against the fp32 ONNX model are measured and recorded.
+The package is written into a hidden staging folder beside the output and published in one rename; staging
+folders left by killed exports of the same output are removed by the next one (package.work_folder says how).
 """
 
 from __future__ import annotations
 
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,8 @@ from torch import nn
 
 from ..errors import PackageError
 from . import formats, verify
-from .package import RUNTIME_FILES, publish, write_manifest
+from .package import (RUNTIME_FILES, check_identifier, publish, remove_stale_work_folders, work_folder,
+                      write_manifest)
 from .runtime import OnnxRunner, TorchRunner, load_torchscript, load_weights
 
 FLOAT_FORMATS = ("torchscript", "onnx")
@@ -39,6 +40,12 @@ class ExportOptions:
     calibration_samples: int = 512  # training samples that set the int8 activation ranges
     timing_repeats: int = 30  # runs per timed batch size for the int8 speed-up (median)
     overwrite: bool = False
+
+    def __post_init__(self):
+        # Served, the name and version become URL segments and the X-Model-Version header: a value outside
+        # NAME_PATTERN would make every prediction fail, so it is refused here, before any work.
+        check_identifier("--name", self.name, "name")
+        check_identifier("--version", self.version, "version")
 
 
 def build_package(task, model: nn.Module, references_from: Iterable, calibration_from: Iterable, out: Path,
@@ -59,8 +66,9 @@ def build_package(task, model: nn.Module, references_from: Iterable, calibration
     input_names, output_names = predictor.input_names, predictor.output_names
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    for folder in remove_stale_work_folders(out):
+        log(f"  removed {folder.name}, left by an export of {out} that did not finish")
+    with work_folder(out, "tmp") as staging:
         references = verify.reference_batches(task, module, references_from, input_names)
         if not references:
             raise PackageError("export: the validation split is empty; nothing to verify the formats on")
@@ -126,8 +134,6 @@ def build_package(task, model: nn.Module, references_from: Iterable, calibration
         manifest = write_manifest(staging, manifest)
         publish(staging, out, options.overwrite)
         return manifest
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def quantize_and_measure(task, staging: Path, calibration_from: Iterable, references, input_names,

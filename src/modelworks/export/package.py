@@ -7,10 +7,13 @@
     model.onnx             ONNX, dynamic batch axis
     model.int8.onnx        optional: int8, static post-training quantization
 
-Opening a package verifies every file's size and sha256 before anything is loaded, and nothing in it is loaded
-with Python's pickle: weights are safetensors, graphs are ONNX protobuf or TorchScript archives. The manifest
-itself is not signed: it guards against corruption and accidental edits of the files, not against someone who
-can rewrite the manifest too.
+Opening a package refuses any symbolic link in it and verifies every file's size and sha256 before anything is
+loaded, and nothing in it is loaded with Python's pickle: weights are safetensors, graphs are ONNX protobuf or
+TorchScript archives. The manifest itself is not signed: it guards against corruption and accidental edits of
+the files, not against someone who can rewrite the manifest too.
+
+A package's name and version travel as URL segments and HTTP header values when it is served, so both are
+limited to NAME_PATTERN, checked when a package is exported and again when one is opened.
 """
 
 from __future__ import annotations
@@ -18,12 +21,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import PackageError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, so work folders are not locked and stale ones are left for the user
+    fcntl = None
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -31,6 +43,10 @@ MANIFEST = "manifest.json"
 RUNTIME_FILES = {"eager": "weights.safetensors", "torchscript": "model.torchscript.pt", "onnx": "model.onnx",
                  "int8": "model.int8.onnx"}
 REQUIRED_KEYS = ("format_version", "task", "name", "version", "created", "config", "predictor", "files")
+# Package names and versions: safe as a URL path segment, an HTTP header value and a file name, on every
+# platform. \Z, not $: `$` also matches before a final newline, which would let "v1\n" through.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+NAME_RULE = "1-64 letters, digits, '.', '_' and '-', starting with a letter or digit"
 
 
 @dataclass
@@ -64,6 +80,15 @@ class Package:
         return self.path / name
 
 
+def check_identifier(where: str, value, what: str = "name", fix: str = "use") -> str:
+    """`value` when it is a valid package name or version (NAME_PATTERN), else PackageError.
+
+    The message reads `<where>: <value> is not a valid <what>; <fix> <the rule>`."""
+    if isinstance(value, str) and NAME_PATTERN.match(value):
+        return value
+    raise PackageError(f"{where}: {value!r} is not a valid {what}; {fix} {NAME_RULE}")
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -85,16 +110,71 @@ def write_manifest(folder: Path, manifest: dict) -> dict:
     return manifest
 
 
+# Work folders beside a package: `.NAME.tmp-XXXXXXXX` stages an export, `.NAME.old-XXXXXXXX` holds the package
+# that --force replaces until it is deleted (XXXXXXXX: tempfile.mkdtemp's eight random characters). A killed
+# export leaves them behind. The process using one holds an exclusive flock on the folder, which the kernel
+# releases however the process ends: a folder that can be locked belongs to no live export and may go, while a
+# concurrent export's (even one running for hours) stays. A pid file could not tell a reused pid from the
+# original, nor be kept out of the package; an age limit alone would delete a slow export's staging. The age
+# guard below only covers the moment between mkdtemp and flock, when a new folder is not locked yet.
+WORK_FOLDER_MIN_AGE_S = 60
+
+
+def work_folder_pattern(target: Path) -> re.Pattern:
+    return re.compile(re.escape(f".{target.name}.") + r"(tmp|old)-[a-z0-9_]{8}")
+
+
+@contextmanager
+def work_folder(target: Path, kind: str) -> Iterator[Path]:
+    """A new hidden folder `.NAME.<kind>-*` beside `target`, locked while in use and removed afterwards."""
+    folder = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.{kind}-"))
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)  # gone already once a staged package is published
+        os.close(fd)  # after the removal: the lock guards the folder until it is gone
+
+
+def remove_stale_work_folders(target: Path) -> list[Path]:
+    """Remove the work folders of `target` that earlier exports left when they were killed; return them."""
+    if fcntl is None or not target.parent.is_dir():
+        return []
+    pattern, removed = work_folder_pattern(target), []
+    for folder in sorted(target.parent.iterdir()):
+        if not pattern.fullmatch(folder.name) or folder.is_symlink() or not folder.is_dir():
+            continue
+        try:
+            if time.time() - folder.stat().st_mtime < WORK_FOLDER_MIN_AGE_S:
+                continue
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:  # removed meanwhile by its own export or another cleaner
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a live export holds it
+            os.close(fd)
+            continue
+        try:
+            shutil.rmtree(folder, ignore_errors=True)
+            if not folder.exists():
+                removed.append(folder)
+        finally:
+            os.close(fd)
+    return removed
+
+
 def publish(staging: Path, target: Path, overwrite: bool) -> None:
     """Move a finished package into place in one rename, so no reader ever sees half a package."""
     if target.exists():
         if not overwrite:
             raise PackageError(f"--out: {target} already exists; choose another folder or pass --force to "
                                "replace it")
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.replace(target, old / target.name)
-        os.replace(staging, target)
-        shutil.rmtree(old)
+        with work_folder(target, "old") as old:
+            os.replace(target, old / target.name)
+            os.replace(staging, target)
     else:
         os.replace(staging, target)
 
@@ -105,6 +185,12 @@ def read_package(path: Path | str) -> Package:
     manifest_path = path / MANIFEST
     if not path.is_dir():
         raise PackageError(f"{path}: no such package directory; create one with `modelworks export RUN_DIR`")
+    # A link inside could lead anywhere on the machine, and the checksum of its target says nothing about where
+    # that is: a package holds plain files only. The folder itself may be a link (e.g. current -> v3).
+    for entry in sorted(path.iterdir()):
+        if entry.is_symlink():
+            raise PackageError(f"{entry}: a symbolic link (to {os.readlink(entry)}); a package holds plain files "
+                               "only: replace the link with a copy of the file, or export the package again")
     if not manifest_path.is_file():
         raise PackageError(f"{path}: not a model package (no {MANIFEST}); create one with "
                            "`modelworks export RUN_DIR`")
@@ -121,6 +207,8 @@ def read_package(path: Path | str) -> Package:
     if manifest["format_version"] != FORMAT_VERSION:
         raise PackageError(f"{manifest_path}: package format {manifest['format_version']!r}, this modelworks "
                            f"reads format {FORMAT_VERSION}; export the run again with this version")
+    for key in ("name", "version"):
+        check_identifier(str(manifest_path), manifest[key], key, fix=f"export the package again with a --{key} of")
     for name, entry in manifest["files"].items():
         # A manifest names files inside the package only: no path may reach outside it.
         if Path(name).name != name or name in (".", "..", MANIFEST):
