@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import re
 import secrets
 import sys
 import time
@@ -43,6 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from ..errors import ConfigError, InputError, InputTooLarge, ModelworksError
+from ..export.package import NAME_PATTERN  # model names, versions and request ids: one character set
 from .batching import Batcher, Draining, InferenceFailed, Overloaded
 from .http import httptools_protocol
 from .logs import configure_logging, log
@@ -53,7 +53,6 @@ ADMIN_TOKEN_ENV = "MODELWORKS_ADMIN_TOKEN"
 CALLER_HEADER = "x-caller-id"
 MAX_CALLER_ID = 256  # characters: a user or session id, hashed for A/B stickiness; anything longer is not an id
 STATIC = Path(__file__).with_name("static")
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 SWITCH_INTERVAL_S = 1e-4  # see run_server
 QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}  # probed constantly: logged at debug level only
 
