@@ -7,6 +7,8 @@ For a classification and a detection server, each with the admin API on (a token
   error in the documented shape {"error": {"code", "message", "field"}, "request_id"}, refuses what the schema
   rules out, and leaves the server serving: /healthz, /readyz with every model listed, /v1/models with a split
   that adds up, and a good prediction. Separately, the answers are checked against what the schema documents.
+- A good request with one field set to a value its schema rules out (top_k true, resize "true") is refused, not
+  served with a value the server guessed.
 - Admin input a schema cannot rule out (NaN, infinite and overflowing weights, the last version, packages of
   another task, paths the file system refuses) is refused with a 4xx and never takes the model down: a table
   of single hostile requests, then random sequences of them (a Hypothesis state machine).
@@ -27,6 +29,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import jsonschema_rs
 import pytest
 import requests
 import schemathesis
@@ -287,6 +290,33 @@ def test_good_predictions_match_the_schema(served):
             response = case.call(base_url=BASE_URL, session=session_for(client))
             assert response.status_code == 200, f"{case.media_type}: {answer(response)}"
             case.validate_response(response, checks=DOCUMENTATION_CHECKS)
+
+
+# Values of every JSON type, in and out of range: for each request field, those its schema rules out are sent.
+WRONG_VALUES = [True, False, 0, -1, 2.5, 1e308, "5", "true", "", [], {}, None]
+
+
+def test_a_good_request_with_one_field_the_schema_rules_out_is_refused(served):
+    """The good request, one field at a time set to a value its schema rules out (e.g. top_k true or "5"): 4xx, as
+    the field's type says, never a prediction made from a value the server guessed (the file field is the
+    fuzzers' business)."""
+    schema = served.schema.raw_schema["components"]["schemas"]
+    request_schema = next(body for body in schema.values() if served.file_field in body.get("properties", {})
+                          and body.get("additionalProperties") is False)
+    problems = []
+    with served.client() as client:
+        for field, field_schema in request_schema["properties"].items():
+            if field == served.file_field:
+                continue
+            for value in WRONG_VALUES:
+                if jsonschema_rs.Draft202012Validator(field_schema).is_valid(value):
+                    continue
+                body = json.dumps({**served.good_request, field: value})
+                response = client.post(f"/v1/models/{served.name}/predict", content=body,
+                                       headers={"Content-Type": "application/json"})
+                if not 400 <= response.status_code < 500:
+                    problems.append(f"{field}: {json.dumps(value)} -> {answer(response)}")
+    assert not problems, "accepted values the schema rules out:\n" + "\n".join(problems)
 
 
 # ---------------------------------------------------------------------------------------------- hostile admin input
