@@ -30,10 +30,11 @@ the server's health, then the last version attacked (a NaN split and its unload)
 
 Reported (printed, and written to bench/results/soak.json): requests by kind and status; p50/p99 of the good
 requests in each phase and their ratio (target: attack p99 within 2x of baseline p99); time to answer each
-hostile kind (target: bombs refused within 100 ms); the server's RSS over time (start, max, end, slope; target:
-flat) and CPU time per phase; admin outcomes; and everything unexpected (5xx, connection errors, accepted bad
-input, unanswered requests, error log lines). The load generator shares the machine with the server (one
-process, one asyncio loop, raw HTTP/1.1, pre-encoded requests), as in bench/serve.py.
+hostile kind (target: bombs refused within 100 ms); the server's RSS over time (start, max, end, slope, and the
+growth of its floor; target: flat) and CPU time per phase; admin outcomes; and everything unexpected (5xx,
+connection errors, accepted bad input, unanswered requests, error log lines). The load generator shares the
+machine with the server (one process, one asyncio loop, raw HTTP/1.1, pre-encoded requests), as in
+bench/serve.py.
 """
 
 from __future__ import annotations
@@ -688,22 +689,16 @@ class Soak:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def floor_slope_mb_per_min(samples: list) -> float | None:
-    """The trend of the server's resident memory: the least-squares slope of its lowest value in each of 20
-    windows (at least 5 s each), so that a bomb's transient gigabytes, given back after the request, do not
-    count as growth; a leak raises the floor."""
-    if len(samples) < 3:
+def floor_growth_mb_per_min(samples: list) -> float | None:
+    """How fast the server's resident memory grows underneath the transients: the lowest RSS in the last quarter
+    of the samples less the lowest in the first quarter, per minute between the quarters' middles. A bomb's
+    gigabytes, given back after its request, do not count; a leak raises the floor."""
+    if len(samples) < 8:
         return None
-    t0, t1 = samples[0][0], samples[-1][0]
-    window = max(5.0, (t1 - t0) / 20)
-    floors: dict[int, tuple[float, float]] = {}
-    for t, _, rss, *_ in samples:
-        w = int((t - t0) // window)
-        floors[w] = (t0 + (w + 0.5) * window, min(rss, floors.get(w, (0, float("inf")))[1]))
-    if len(floors) < 3:
-        return None
-    t, rss = np.array(list(floors.values())).T
-    return round(float(np.polyfit(t / 60, rss, 1)[0]), 3)
+    quarter = len(samples) // 4
+    first, last = samples[:quarter], samples[-quarter:]
+    minutes = ((last[0][0] + last[-1][0]) - (first[0][0] + first[-1][0])) / 2 / 60
+    return round((min(s[2] for s in last) - min(s[2] for s in first)) / max(minutes, 1e-9), 3)
 
 
 def report(soak: Soak, args, clients: int, attackers: int, exit_code: int) -> dict:
@@ -736,7 +731,7 @@ def report(soak: Soak, args, clients: int, attackers: int, exit_code: int) -> di
            "max_mb": max(s[2] for s in all_samples) if all_samples else None,
            "end_mb": all_samples[-1][2] if all_samples else None,
            "hwm_mb": max(s[3] for s in all_samples) if all_samples else None,
-           "attack_floor_slope_mb_per_min": floor_slope_mb_per_min(attack_samples),
+           "attack_floor_growth_mb_per_min": floor_growth_mb_per_min(attack_samples),
            "attack_slope_mb_per_min": round(float(np.polyfit([s[0] / 60 for s in attack_samples],
                                                              [s[2] for s in attack_samples], 1)[0]), 3)
            if len(attack_samples) >= 3 else None,
@@ -791,9 +786,9 @@ def report(soak: Soak, args, clients: int, attackers: int, exit_code: int) -> di
         f"stalled uploads ended by the server within --stall-s ({args.stall_s:g} s)": (
             not any(k.startswith("no answer") for k in stalls["errors"]),
             f"{stalls['statuses']} {stalls['errors']}"),
-        "server RSS flat during the attack (floor slope <= 1 MB/min)": (
-            rss["attack_floor_slope_mb_per_min"] is not None and rss["attack_floor_slope_mb_per_min"] <= 1.0,
-            f"{rss['attack_floor_slope_mb_per_min']} MB/min; start {rss['start_mb']}, max {rss['max_mb']}, "
+        "server RSS flat during the attack (floor growth <= 1 MB/min)": (
+            rss["attack_floor_growth_mb_per_min"] is not None and rss["attack_floor_growth_mb_per_min"] <= 1.0,
+            f"{rss['attack_floor_growth_mb_per_min']} MB/min; start {rss['start_mb']}, max {rss['max_mb']}, "
             f"end {rss['end_mb']} MB, peak (VmHWM) {rss['hwm_mb']} MB"),
         "nothing unexpected (5xx, connection errors, accepted bad input, unanswered requests, error logs)": (
             not unexpected, f"{len(unexpected)} findings"),
@@ -839,8 +834,8 @@ def print_report(results: dict) -> None:
         print(f"| {name} | {when} | {len(runs)} | {statuses} | {expected} | {max(r['ms'] for r in runs)} | {after} |")
     rss = results["rss"]
     print(f"\nserver RSS: start {rss['start_mb']} MB, max {rss['max_mb']} MB, end {rss['end_mb']} MB, peak (VmHWM) "
-          f"{rss['hwm_mb']} MB, attack slope {rss['attack_slope_mb_per_min']} MB/min (of the floor: "
-          f"{rss['attack_floor_slope_mb_per_min']}); CPU {results['server_cpu']}")
+          f"{rss['hwm_mb']} MB, attack slope {rss['attack_slope_mb_per_min']} MB/min (floor growth: "
+          f"{rss['attack_floor_growth_mb_per_min']}); CPU {results['server_cpu']}")
     print(f"after the soak: {results['health_after']}; the last version after a NaN split and its unload: "
           f"{results['last_version']}")
     print(f"server log lines by level: {results['server_log']['levels']}")
