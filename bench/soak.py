@@ -26,7 +26,8 @@ Content-Length, half the body, then silence, until the server ends it or --stall
 bomb is 3.6 GB). Admin actions cycle: load a copy of the package as a second version, split, promote, rollback,
 unload, and bad input (NaN and negative weights, an infinite load weight, unloading the version with the
 traffic or the only version), each bad one followed by a repair. After the attack, with the traffic stopped:
-the server's health, then the last version attacked (a NaN split and its unload).
+the server's health, a PNG with one flipped byte in its pixel data (once: it may crash the decoder, hence the
+process), then the last version attacked (a NaN split and its unload).
 
 Reported (printed, and written to bench/results/soak.json): requests by kind and status; p50/p99 of the good
 requests in each phase and their ratio (target: attack p99 within 2x of baseline p99); time to answer each
@@ -157,8 +158,9 @@ class Kind:
     cut_ok: bool = False  # a server may also answer 413 and close while the body is still coming (a reset here)
 
 
-def build_kinds(model: str, manifest: dict, bomb_side: int) -> tuple[list[bytes], list[Kind]]:
-    """The good requests (JSON and multipart, keep-alive) and the bad and hostile kinds, all encoded up front."""
+def build_kinds(model: str, manifest: dict, bomb_side: int) -> tuple[list[bytes], list[Kind], list[bytes]]:
+    """The good requests (JSON and multipart, keep-alive), the bad and hostile kinds, and a damaged PNG upload,
+    all encoded up front."""
     pre = manifest["predictor"]["preprocessing"]
     channels, height, width = int(pre["channels"]), int(pre["height"]), int(pre["width"])
     rng = np.random.default_rng(0)
@@ -206,7 +208,18 @@ def build_kinds(model: str, manifest: dict, bomb_side: int) -> tuple[list[bytes]
         Kind("oversized: 5 MB chunked", [chunked, *(b"10000\r\n" + chunk + b"\r\n" for _ in range(80)),
                                          b"0\r\n\r\n"], weight=1, cut_ok=True),
     ]
-    return good, kinds
+    return good, kinds, upload(damaged_png(good_file))
+
+
+def damaged_png(data: bytes) -> bytes:
+    """A PNG with one byte of its compressed pixel data flipped (its chunk CRC made right): what a flaky disk or
+    network makes of a good upload. torchvision 0.29's PNG decoder crashes the process on it (libpng's error
+    inside the row loop), so it is sent once, after the attack, not in the mix."""
+    length = struct.unpack(">I", data[33:37])[0]  # the first chunk after IHDR is the IDAT
+    damaged = bytearray(data)
+    damaged[41 + length // 2] ^= 0xFF
+    damaged[41 + length:45 + length] = struct.pack(">I", zlib.crc32(bytes(damaged[37:41 + length])))
+    return bytes(damaged)
 
 
 def copy_package_as_version(package: Path, out: Path, version: str) -> Path:
@@ -438,6 +451,7 @@ class Soak:
     clock: Clock
     good: list[bytes]
     kinds: list[Kind]
+    damaged: list[bytes]  # sent once, after the attack
     token: str
     model: str
     versions: tuple[str, str]  # the package's version and its copy's
@@ -454,6 +468,7 @@ class Soak:
     samples: list = field(default_factory=list)  # (s since start, phase, rss MB, hwm MB, cpu s)
     notes: list = field(default_factory=list)
     health_after: dict = field(default_factory=dict)
+    damaged_file: dict = field(default_factory=dict)
     last_version: dict = field(default_factory=dict)
     next_heavy_at: float = 0.0
     good_load: float = 0.5  # of the capacity measured in the warm-up
@@ -671,11 +686,18 @@ class Soak:
         await self.final_checks()
 
     async def final_checks(self) -> None:
-        """With the traffic stopped: is the server still serving; then, back to v1 alone, does it keep its last
-        version through a NaN split and an unload?"""
+        """With the traffic stopped: is the server still serving; does it survive a damaged PNG; then, back to v1
+        alone, does it keep its last version through a NaN split and an unload?"""
         self.health_after = await self.probe()
         self.health_after["/healthz"] = (await exchange(self.server.port, [http("GET", "/healthz", content_type=None)],
                                                         10)).status
+        outcome = await exchange(self.server.port, self.damaged, RESPONSE_TIMEOUT_S)
+        await asyncio.sleep(1.0)
+        self.damaged_file = {"status": outcome.status or outcome.error, "server_exit_code": self.server.process.poll(),
+                             "body": outcome.body.decode("utf-8", "replace")[:200]}
+        if self.server.process.poll() is not None:
+            self.last_version = {"skipped": "the server is gone"}
+            return
         v1, v2 = self.versions
         for method, path, body in (("POST", "promote", f'{{"version": "{v1}"}}'), ("DELETE", f"versions/{v2}", None)):
             await self.admin_request(method, path, body)  # v1 alone again (a 404 if v2 is not loaded)
@@ -768,6 +790,9 @@ def report(soak: Soak, args, clients: int, attackers: int, exit_code: int) -> di
         unexpected.append(f"server log errors: {errors_logged}")
     if any(v != 200 for v in soak.health_after.values()):
         unexpected.append(f"after the soak: {soak.health_after}")
+    if not (isinstance(soak.damaged_file.get("status"), int) and 400 <= soak.damaged_file["status"] < 500) or \
+            soak.damaged_file.get("server_exit_code") is not None:
+        unexpected.append(f"a PNG with one flipped byte in its pixel data: {soak.damaged_file}")
     if soak.last_version.get("predict") != 200:
         unexpected.append(f"after a NaN split and an unload of the last version: {soak.last_version}")
     if exit_code not in (0, -signal.SIGTERM):
@@ -799,7 +824,8 @@ def report(soak: Soak, args, clients: int, attackers: int, exit_code: int) -> di
             "good_clients": clients - attackers, "attackers": attackers, "baseline_s": args.baseline_s,
             "duration_s": args.duration_s, "attack_rps": args.attack_rps, "bomb_side": args.bomb_side,
             "stall_s": args.stall_s, "cpu_count": os.cpu_count(), "good": good, "p99_ratio": ratio, "kinds": kinds,
-            "admin": soak.admin, "health_after": soak.health_after, "last_version": soak.last_version,
+            "admin": soak.admin, "health_after": soak.health_after, "damaged_file": soak.damaged_file,
+            "last_version": soak.last_version,
             "rss": rss, "server_cpu": cpu, "server_log": {"levels": dict(soak.server.log.levels),
                                                           "messages": dict(soak.server.log.messages),
                                                           "first": soak.server.log.first},
@@ -836,8 +862,8 @@ def print_report(results: dict) -> None:
     print(f"\nserver RSS: start {rss['start_mb']} MB, max {rss['max_mb']} MB, end {rss['end_mb']} MB, peak (VmHWM) "
           f"{rss['hwm_mb']} MB, attack slope {rss['attack_slope_mb_per_min']} MB/min (floor growth: "
           f"{rss['attack_floor_growth_mb_per_min']}); CPU {results['server_cpu']}")
-    print(f"after the soak: {results['health_after']}; the last version after a NaN split and its unload: "
-          f"{results['last_version']}")
+    print(f"after the soak: {results['health_after']}; a PNG with one flipped data byte: {results['damaged_file']}; "
+          f"the last version after a NaN split and its unload: {results['last_version']}")
     print(f"server log lines by level: {results['server_log']['levels']}")
     if results["unexpected"]:
         print("\nunexpected:")
@@ -901,7 +927,7 @@ def main() -> int:
         raise SystemExit(f"--package: a classification package is needed (got a {package.task!r} one)")
     attackers = max(1, args.clients // 4)
     print(f"building requests (PNG bomb {args.bomb_side}x{args.bomb_side}) ...", flush=True)
-    good, kinds = build_kinds(package.name, package.manifest, args.bomb_side)
+    good, kinds, damaged = build_kinds(package.name, package.manifest, args.bomb_side)
     for kind in kinds:
         if kind.heavy:
             print(f"  {kind.name}: {sum(len(p) for p in kind.parts) / 1e6:.2f} MB as sent")
@@ -918,7 +944,7 @@ def main() -> int:
                   f"good clients, {attackers} attackers; warm-up {args.warmup_s:g} s, baseline {args.baseline_s:g} s, "
                   f"attack {args.duration_s:g} s", flush=True)
             clock = Clock(args.warmup_s, args.baseline_s, args.duration_s)
-            soak = Soak(server, clock, good, kinds, token, package.name, (v1, v2), v2_package, args.attack_rps,
+            soak = Soak(server, clock, good, kinds, damaged, token, package.name, (v1, v2), v2_package, args.attack_rps,
                         args.admin_interval_s, args.heavy_interval_s, args.stall_s, args.max_stalled,
                         args.rss_interval_s, args.seed, good_load=args.good_load, good_rps=args.good_rps)
             asyncio.run(soak.run(args.clients, attackers))

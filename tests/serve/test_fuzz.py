@@ -7,13 +7,16 @@ For a classification and a detection server, each with the admin API on (a token
   error in the documented shape {"error": {"code", "message", "field"}, "request_id"}, refuses what the schema
   rules out, and leaves the server serving: /healthz, /readyz with every model listed, /v1/models with a split
   that adds up, and a good prediction. Separately, the answers are checked against what the schema documents.
+- Damaged image files (flipped and inserted bytes, cut short, a PNG header declaring billions of pixels) get a
+  4xx, never a 5xx.
 - A good request with one field set to a value its schema rules out (top_k true, resize "true") is refused, not
   served with a value the server guessed.
 - Admin input a schema cannot rule out (NaN, infinite and overflowing weights, the last version, packages of
   another task, paths the file system refuses) is refused with a 4xx and never takes the model down: a table
   of single hostile requests, then random sequences of them (a Hypothesis state machine).
 
-Requests go in process, to the app with its lifespan (warm-up, drain) run by Starlette's TestClient. A request
+Requests go in process, to the app with its lifespan (warm-up, drain) run by Starlette's TestClient (damaged
+files, which may crash a decoder, go to a real server process instead). A request
 that can change state (any admin one) gets a fresh app, so that a failure replays and shrinks to the requests
 that caused it, not to whatever an earlier example left behind. Generation is derandomized (a fixed seed per
 test) and bounded per operation: the file runs in about a minute on 2 cores.
@@ -22,20 +25,28 @@ test) and bounded per operation: the file runs in about a minute on 2 cores.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import io
 import json
 import math
+import signal
+import socket
+import struct
+import subprocess
+import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import jsonschema_rs
 import pytest
 import requests
 import schemathesis
 import urllib3
 from fastapi.testclient import TestClient
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from schemathesis import GenerationMode
@@ -48,7 +59,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from helpers import copy_package_as_version
+from helpers import copy_package_as_version, start_cli
 from modelworks.inference import open_model
 from modelworks.serve.app import ServeSettings, create_app
 
@@ -317,6 +328,116 @@ def test_a_good_request_with_one_field_the_schema_rules_out_is_refused(served):
                 if not 400 <= response.status_code < 500:
                     problems.append(f"{field}: {json.dumps(value)} -> {answer(response)}")
     assert not problems, "accepted values the schema rules out:\n" + "\n".join(problems)
+
+
+def image_files(file: bytes) -> dict[str, bytes]:
+    """The example request's image as PNG (the predictor's own), JPEG, GIF and WebP."""
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(file))
+    files = {"png": file}
+    for name, kind in (("jpeg", "JPEG"), ("gif", "GIF"), ("webp", "WEBP")):
+        buffer = io.BytesIO()
+        image.save(buffer, format=kind)
+        files[name] = buffer.getvalue()
+    return files
+
+
+def with_png_size(data: bytes, width: int, height: int) -> bytes:
+    """A PNG whose header declares another size (its CRC made right, so that the decoder believes it)."""
+    ihdr = data[12:16] + struct.pack(">II", width, height) + data[24:29]
+    return data[:16] + ihdr[4:] + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+
+
+@st.composite
+def corrupted_files(draw, files: dict[str, bytes]) -> bytes:
+    """A good image file, damaged: bytes flipped, cut short, junk inserted, or (PNG) a header declaring up to
+    2^31 - 1 pixels a side over the few bytes of data there are."""
+    kind = draw(st.sampled_from(sorted(files)), label="format")
+    data = bytearray(files[kind])
+    if kind == "png" and draw(st.booleans(), label="declare another size"):
+        sides = st.one_of(st.sampled_from([0, 1, 60000, 2 ** 16, 2 ** 31 - 1]), st.integers(0, 2 ** 31 - 1))
+        data = bytearray(with_png_size(bytes(data), draw(sides, label="width"), draw(sides, label="height")))
+    for _ in range(draw(st.integers(0, 3), label="damages")):
+        at = draw(st.integers(0, len(data) - 1), label="at")
+        damage = draw(st.sampled_from(["flip", "cut", "insert"]), label="damage")
+        if damage == "flip":
+            data[at] ^= draw(st.integers(1, 255), label="bits")
+        elif damage == "cut":
+            del data[at:]
+        else:
+            data[at:at] = draw(st.binary(min_size=1, max_size=64), label="junk")
+        if not data:
+            break
+    return bytes(data)
+
+
+class ServerProcess:
+    """`modelworks serve PACKAGE` on loopback (log level warning: nobody reads its stderr while it runs)."""
+
+    def __init__(self, package: Path):
+        self.package = package
+        self.start()
+
+    def start(self) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = start_cli(["serve", str(self.package), "--port", str(self.port), "--log-level", "warning"])
+        deadline = time.time() + 90
+        while time.time() < deadline and self.process.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.2)
+        self.process.kill()
+        raise AssertionError(f"the server did not start: {self.process.communicate()[1][-2000:]}")
+
+    def died(self, wait_s: float = 0.0) -> int | None:
+        """Its exit code if it is gone (waiting up to `wait_s` for it to go), else None."""
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=wait_s) if wait_s else None
+        return self.process.poll()
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        self.process.communicate(timeout=60)
+
+
+def test_damaged_image_files_get_4xx_and_the_server_keeps_serving(served):
+    """The decoders meet the files schemathesis cannot make: real images, damaged. Every answer is a 200 (the
+    damage missed) or an error in shape, never a 5xx, and the process lives on. A real server process: a decoder
+    that crashes takes the process with it, and must not take pytest too."""
+    files = image_files(base64.b64decode(served.good_request[served.file_field]))
+    server = ServerProcess(served.packages["v1"])
+    try:
+        # No shrinking: each crash costs a restart of the server (seconds). The falsifying example lists the
+        # damage drawn, and the message carries the file.
+        @settings(max_examples=80, phases=[Phase.explicit, Phase.generate], **HYPOTHESIS)
+        @given(data=corrupted_files(files))
+        def upload(data):
+            if server.died() is not None:  # an earlier example killed it: every example meets a live server
+                server.start()
+            body = {**served.good_request, served.file_field: base64.b64encode(data).decode()}
+            try:
+                response = httpx.post(f"{server.url}/v1/models/{served.name}/predict", json=body, timeout=30)
+            except httpx.HTTPError as exc:
+                code = server.died(wait_s=5)
+                log = server.process.communicate()[1][-500:] if code is not None else ""
+                state = f"died (exit code {code})" if code is not None else "is alive"
+                raise AssertionError(f"{type(exc).__name__}; the server {state} after this {len(data)}-byte file "
+                                     f"(base64): {base64.b64encode(data).decode()[:2000]}\nits last words: {log}"
+                                     ) from None
+            assert response.status_code < 500, answer(response)
+            assert_error_in_shape(response.status_code, response.content)
+
+        upload()
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            assert_still_serves(client, served, "80 damaged image files")
+    finally:
+        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------- hostile admin input
