@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup data demo test test-fast bench bench-gpu serve-demo bench-serve clean
+.PHONY: setup data demo test test-fast bench bench-gpu serve-demo bench-serve bench-soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -48,6 +48,13 @@ bench-serve: setup data
 	  $(VENV)/bin/modelworks train classification --recipe fashion-mnist --name serve-bench
 	@test -f $(BENCH_RUN)/package/manifest.json || $(VENV)/bin/modelworks export $(BENCH_RUN) --quantize int8
 	$(PY) bench/serve.py --package $(BENCH_RUN)/package
+
+# Ten minutes of good, bad and hostile traffic (and admin actions) against the same model; bench/results/soak.json.
+bench-soak: setup data
+	@test -f $(BENCH_RUN)/checkpoints/best.pt || \
+	  $(VENV)/bin/modelworks train classification --recipe fashion-mnist --name serve-bench
+	@test -f $(BENCH_RUN)/package/manifest.json || $(VENV)/bin/modelworks export $(BENCH_RUN) --quantize int8
+	$(PY) bench/soak.py --package $(BENCH_RUN)/package
 
 bench-gpu:
 	bash bench/gpu.sh
