@@ -208,7 +208,7 @@ def answer(response) -> str:
     return f"{response.status_code} {response.content[:300].decode('utf-8', 'replace')}"
 
 
-def assert_still_serves(client: TestClient, served: Served, after: str) -> None:
+def assert_still_serves(client: httpx.Client, served: Served, after: str) -> None:
     """Alive, ready with every model listed (and a version in each), a good prediction answered, and the models
     described with traffic shares that add up to 1."""
     health = client.get("/healthz")
