@@ -259,7 +259,10 @@ def fuzz_operation(served: Served, label: str, examples: int, checks: list) -> N
 
     def send_and_check(client: TestClient, case) -> None:
         response = case.call(base_url=BASE_URL, session=session_for(client))
-        case.validate_response(response, checks=checks)
+        # A form carries text only: a "negative" multipart case (a null made an array, a number made a string)
+        # is often sent as text the server rightly reads as a valid value, so only JSON bodies are held to it.
+        media_checks = [c for c in checks if c is not negative_data_rejection or case.media_type != "multipart/form-data"]
+        case.validate_response(response, checks=media_checks)
         if admin:
             assert_still_serves(client, served, f"{case.method} {case.formatted_path} -> {answer(response)}")
 

@@ -34,7 +34,7 @@ from typing import Annotated, Callable
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.datastructures import UploadFile
@@ -339,6 +339,7 @@ class ModelServer:
     async def load_version(self, route: ModelRoute, package: str, weight: float) -> dict:
         if self.loader is None:
             raise ApiError(501, "not_supported", "this server was created without a package loader")
+        self.check_weights({**route.weights, "(new)": weight}, "weight")
         try:
             model = await asyncio.to_thread(self.loader, package)
         except ModelworksError as exc:
@@ -375,16 +376,22 @@ class ModelServer:
         self.retiring.add(task)
         task.add_done_callback(self.retiring.discard)
 
+    @staticmethod
+    def check_weights(weights: dict[str, float], field: str = "weights") -> None:
+        """Before anything changes. NaN passes `w < 0` and json.dumps writes it: once applied, every route.choose()
+        failed. Weights are summed, so an infinity, or a sum that overflows (1e308 + 1e308), would make the split
+        meaningless."""
+        total = sum(weights.values())
+        if not all(math.isfinite(w) and w >= 0 for w in weights.values()) or not 0 < total < math.inf:
+            raise ApiError(422, "invalid_input", f"{field}: each weight must be a finite number >= 0, not all 0, with "
+                           f"a finite sum (got { {v: str(w) for v, w in weights.items()} })", field)
+
     def set_split(self, route: ModelRoute, weights: dict[str, float]) -> dict:
         unknown = sorted(set(weights) - set(route.versions))
         if unknown:
             raise ApiError(422, "invalid_input", f"weights: unknown versions {unknown}; loaded: "
                            f"{', '.join(route.versions)}", "weights")
-        # Checked before anything changes. NaN passes `w < 0` and json.dumps writes it: once applied, every
-        # route.choose() failed. Weights are also summed, so one infinity would make the rest meaningless.
-        if not all(math.isfinite(w) and w >= 0 for w in weights.values()) or sum(weights.values()) <= 0:
-            raise ApiError(422, "invalid_input", f"weights: each must be a finite number >= 0, and not all 0 (got "
-                           f"{ {v: str(w) for v, w in weights.items()} })", "weights")
+        self.check_weights(weights)
         route.set_weights(weights)
         self.update_weight_metrics(route)
         log("traffic split", model=route.name, weights=route.weights)
@@ -513,6 +520,34 @@ class RequestContext:
 Weight = Annotated[float, Field(ge=0, allow_inf_nan=False)]
 
 
+class ErrorDetail(BaseModel):
+    code: str = Field(description="Machine-readable kind, e.g. invalid_input, unknown_model, last_version.")
+    message: str = Field(description="What was wrong, where, and what to do.")
+    field: str | None = Field(description="The request field at fault, when there is one.")
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx and 5xx answer has this shape."""
+    error: ErrorDetail
+    request_id: str | None
+
+
+def documented_errors(descriptions: dict[int, str]) -> dict:
+    return {status: {"model": ErrorBody, "description": text} for status, text in descriptions.items()}
+
+
+ADMIN_SECURITY = [{"adminToken": []}]  # declared in install_openapi
+
+
+def admin_errors(**more: str) -> dict:
+    """The errors every admin route may answer, and those of one route (`more`: status as `e409=...`)."""
+    return documented_errors({
+        401: "Missing or wrong `Authorization: Bearer <token>`",
+        403: f"The admin API is disabled ({ADMIN_TOKEN_ENV} unset)",
+        404: "Unknown model (or version)", 422: "Invalid body or value",
+        **{int(key[1:]): text for key, text in more.items()}})
+
+
 class LoadVersionBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -638,7 +673,7 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
             return JSONResponse({"status": "no servable version"}, status_code=503)
         return {"status": "ready", "models": {n: [v for v in r.versions] for n, r in routes.items()}}
 
-    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["probes"], summary="Prometheus metrics", response_class=PlainTextResponse)
     async def metrics():
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -648,7 +683,8 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
     async def list_models():
         return {"models": [describe_route(r) for r in routes.values()]}
 
-    @app.get("/v1/models/{name}", tags=["models"], summary="One served model")
+    @app.get("/v1/models/{name}", tags=["models"], summary="One served model",
+             responses=documented_errors({404: "Unknown model"}))
     async def get_model(name: str):
         return describe_route(server.route_or_404(name))
 
@@ -662,21 +698,25 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
 
     # ------------------------------------------------------------------------------------------ admin
 
-    @app.post("/v1/admin/models/{name}/versions", tags=["admin"],
-              summary="Load a package as a version (or reload one), warmed up before it takes traffic")
+    @app.post("/v1/admin/models/{name}/versions", tags=["admin"], openapi_extra={"security": ADMIN_SECURITY},
+              summary="Load a package as a version (or reload one), warmed up before it takes traffic",
+              responses=admin_errors(e422="Invalid body or weight, or a package that cannot be loaded or fails its "
+                                          "warm-up", e501="No package loader (an embedded server)"))
     async def admin_load(name: str, body: LoadVersionBody, authorization: str | None = Header(None)):
         server.check_admin(authorization)
         async with server.admin_lock:
             return await server.load_version(server.route_or_404(name), body.package, body.weight)
 
-    @app.put("/v1/admin/models/{name}/split", tags=["admin"], summary="Set the traffic split between versions")
+    @app.put("/v1/admin/models/{name}/split", tags=["admin"], summary="Set the traffic split between versions",
+             openapi_extra={"security": ADMIN_SECURITY}, responses=admin_errors())
     async def admin_split(name: str, body: SplitBody, authorization: str | None = Header(None)):
         server.check_admin(authorization)
         async with server.admin_lock:
             return server.set_split(server.route_or_404(name), body.weights)
 
-    @app.post("/v1/admin/models/{name}/promote", tags=["admin"],
-              summary="Send all traffic to one version; the others stay loaded for rollback")
+    @app.post("/v1/admin/models/{name}/promote", tags=["admin"], openapi_extra={"security": ADMIN_SECURITY},
+              summary="Send all traffic to one version; the others stay loaded for rollback",
+              responses=admin_errors())
     async def admin_promote(name: str, body: PromoteBody, authorization: str | None = Header(None)):
         server.check_admin(authorization)
         async with server.admin_lock:
@@ -686,7 +726,8 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
                                f"{', '.join(route.versions)}", "version")
             return server.set_split(route, {body.version: 100.0})
 
-    @app.post("/v1/admin/models/{name}/rollback", tags=["admin"], summary="Restore the split before the last change")
+    @app.post("/v1/admin/models/{name}/rollback", tags=["admin"], summary="Restore the split before the last change",
+              openapi_extra={"security": ADMIN_SECURITY}, responses=admin_errors(e409="No earlier split to restore"))
     async def admin_rollback(name: str, authorization: str | None = Header(None)):
         server.check_admin(authorization)
         async with server.admin_lock:
@@ -701,7 +742,9 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
             raise ApiError(409, "nothing_to_roll_back", "rollback: no earlier split of loaded versions")
 
     @app.delete("/v1/admin/models/{name}/versions/{version}", tags=["admin"],
-                summary="Unload a version with no traffic, after its queued requests are answered")
+                summary="Unload a version with no traffic, after its queued requests are answered",
+                openapi_extra={"security": ADMIN_SECURITY},
+                responses=admin_errors(e409="The version has traffic, or is the model's last"))
     async def admin_unload(name: str, version: str, authorization: str | None = Header(None)):
         server.check_admin(authorization)
         async with server.admin_lock:
@@ -782,7 +825,9 @@ def install_openapi(app: FastAPI, groups: dict, documented: list[APIRoute]) -> N
             return app.openapi_schema
         schema = get_openapi(title=app.title, version=app.version, description=app.description,
                              routes=[*app.routes, *documented])
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        schema.setdefault("components", {})["securitySchemes"] = {"adminToken": {
+            "type": "http", "scheme": "bearer", "description": f"The server's {ADMIN_TOKEN_ENV}"}}
+        components = schema["components"].setdefault("schemas", {})
         for group, _ in groups.values():
             request_model = type(group[0].predictor).Request
             body = request_model.model_json_schema(ref_template="#/components/schemas/{model}")
