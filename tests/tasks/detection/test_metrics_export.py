@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from modelworks.export.formats import write_onnx, write_torchscript
+from modelworks.export.runtime import load_torchscript
 from modelworks.tasks.detection.models import AnchorFreeDecoder, AnchorFreeDetector, YOLOv1, YOLOv1Decoder
 from modelworks.tasks.detection.report import DetectionRecorder, coco_metrics
 
@@ -68,12 +70,13 @@ def test_raw_head_exports_match_eager(name, tmp_path):
     x = torch.randn(2, 3, 128, 128)  # yolov1: a 4x4 stride-32 feature map pooled to its 4x4 grid
     with torch.no_grad():
         eager = model(x)
-        traced = torch.jit.trace(model, x[:1])
-        torch.testing.assert_close(traced(x), eager, atol=1e-5, rtol=1e-4)
+    # Through the product's writers (TorchScript traced, ONNX by torch.export with a dynamic batch axis).
+    write_torchscript(model, (x[:1],), tmp_path / "model.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(load_torchscript(tmp_path / "model.pt")(x), eager, atol=1e-5, rtol=1e-4)
     ort = pytest.importorskip("onnxruntime")
     path = tmp_path / "model.onnx"
-    torch.onnx.export(model, (x[:1],), str(path), input_names=["images"], output_names=["raw"],
-                      dynamic_axes={"images": {0: "batch"}, "raw": {0: "batch"}}, dynamo=False)
+    write_onnx(model, (x[:1],), path, ["images"], ["raw"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (onnx_out,) = session.run(None, {"images": x.numpy()})
     np.testing.assert_allclose(onnx_out, eager.numpy(), atol=1e-4, rtol=1e-3)
