@@ -31,6 +31,10 @@ def test_perfect_detections_score_one():
     assert summary["map"] == pytest.approx(1.0) and summary["map50"] == pytest.approx(1.0)
     assert summary["mar100"] == pytest.approx(1.0)
     assert per_class == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
+    # Every object is medium-sized (between 32^2 and 96^2 pixels): no small or large score exists, so none is
+    # reported (COCO's -1), rather than a 0 that reads as a failure.
+    assert summary["map_medium"] == pytest.approx(1.0) and summary["mar_medium"] == pytest.approx(1.0)
+    assert not {"map_small", "map_large", "mar_small", "mar_large"} & set(summary)
 
 
 def test_half_the_objects_found_gives_the_101_point_interpolated_value():
@@ -58,6 +62,7 @@ def test_a_loose_box_counts_only_at_low_iou_thresholds():
 def test_no_detections_score_zero():
     summary, per_class, _ = coco_metrics(recorder({}), CLASSES)
     assert summary["map"] == 0.0 and per_class["a"] == 0.0
+    assert summary["map_medium"] == 0.0 and "map_large" not in summary and "map_small" not in summary
 
 
 @pytest.mark.parametrize("name", ["anchor-free", "yolov1"])
@@ -90,3 +95,24 @@ def test_decoders_give_valid_boxes_inside_the_image():
     decoder = AnchorFreeDecoder(3, 8, 64, (8, 16, 32))
     boxes = decoder(torch.randn(2, 84, 4 * 8 + 3))
     assert boxes.shape == (2, 84, 7) and (boxes[..., 2:4] >= boxes[..., :2]).all()
+
+
+def test_prediction_pictures_label_detections_and_ground_truth_on_filled_bands(tmp_path):
+    """A detection's name sits on a band of its class colour above the box, the ground truth's on a white band
+    under its box; so on a matched box neither hides the other, and both read on any background."""
+    from PIL import Image, ImageColor
+
+    from modelworks.tasks.detection.report import PALETTE, plot_predictions
+
+    image = torch.zeros(3, 100, 100, dtype=torch.uint8)  # black: a filled band shows as its colour
+    truth = (torch.tensor([[20.0, 30.0, 60.0, 60.0]]), torch.tensor([1]))
+    result = {"boxes": torch.tensor([[20.0, 30.0, 60.0, 60.0]]), "scores": torch.tensor([0.9]),
+              "labels": torch.tensor([1])}
+    plot_predictions([image], [truth], [result], CLASSES, tmp_path / "grid.png", min_side=100)
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB")).astype(int)
+    picture = grid[4:104, 4:104]  # make_grid's 4-pixel padding
+    colour = np.array(ImageColor.getrgb(PALETTE[1]))
+    above, below = picture[20:29, 21:40], picture[62:70, 21:27]  # inside each band ("b 0.90" above, "b" below)
+    assert (np.abs(above - colour).sum(-1) < 30).mean() > 0.4  # mostly the class colour (the rest is text)
+    assert (below.min(-1) > 225).mean() > 0.4  # mostly white
+    assert (np.abs(below - colour).sum(-1) < 30).mean() == 0
