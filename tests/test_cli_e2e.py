@@ -46,7 +46,12 @@ def test_train_then_evaluate_on_real_fashion_mnist(real_subset, tmp_path):
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "best.pt").is_file() and (run_dir / "checkpoints" / "last.pt").is_file()
     test = json.loads((run_dir / "evaluation" / "test.json").read_text())
-    assert test["test/acc1"] > 0.6
+    # This configuration (3000 images, 3 epochs) measured 79.8 / 79.3 / 80.0% test accuracy for seeds 0-2 on
+    # 2026-12-01 (2 CPU cores); with a one-cycle peak learning rate 10x too low, 76.2 / 75.2% (seeds 0, 1). The
+    # bound sits between: 2.3 points below the lowest good run, above the regressed ones.
+    assert test["test/acc1"] > 0.77
+    val = [line["val/acc1"] for line in lines if "val/acc1" in line]
+    assert val[-1] > val[0] + 0.3  # it learned through the run (measured: 0.11-0.17 after one epoch, 0.80-0.83)
     assert "test/acc1/Trouser" in test  # per-class accuracy under the real class names
     for plot in ("confusion_matrix.png", "worst_errors.png"):
         assert (run_dir / "evaluation" / plot).stat().st_size > 1000

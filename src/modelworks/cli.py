@@ -249,8 +249,11 @@ def run_serve(args: argparse.Namespace) -> int:
                              decode_threads=args.decode_threads, drain_s=args.drain_s)
     models = [open_model(p, args.runtime, args.threads) for p in args.packages]
     loader = lambda path: open_model(path, args.runtime, args.threads)  # noqa: E731  the admin API's loads
-    run_server(models, weights, settings, loader, host=args.host, port=args.port, name=args.name,
-               log_level=args.log_level)
+    try:
+        run_server(models, weights, settings, loader, host=args.host, port=args.port, name=args.name,
+                   log_level=args.log_level)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught once the drain is done: the usual 130
+        return 130
     return 0
 
 

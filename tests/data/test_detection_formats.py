@@ -63,6 +63,131 @@ def test_yolo_round_trip(tmp_path):
     assert len(read_yolo(tmp_path, "val").records) == 1  # the folder holding data.yaml works too
 
 
+# ---------------------------------------------------------------------------------------------- written by hand
+# The round trips above read what our own writers wrote, so a misreading shared by both would pass. These files
+# are written by hand as the real tools write them, and the expected boxes worked out by hand.
+
+
+def jpeg(path: Path, width: int, height: int) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (width, height), (120, 80, 40)).save(path, format="JPEG")
+
+
+VOC_XML = """<annotation>
+	<folder>VOC2007</folder>
+	<filename>000005.jpg</filename>
+	<source>
+		<database>The VOC2007 Database</database>
+		<annotation>PASCAL VOC2007</annotation>
+		<image>flickr</image>
+	</source>
+	<size>
+		<width>64</width>
+		<height>48</height>
+		<depth>3</depth>
+	</size>
+	<segmented>0</segmented>
+	<object>
+		<name>dog</name>
+		<pose>Left</pose>
+		<truncated>1</truncated>
+		<difficult>0</difficult>
+		<bndbox>
+			<xmin>1</xmin>
+			<ymin>2</ymin>
+			<xmax>30</xmax>
+			<ymax>40</ymax>
+		</bndbox>
+	</object>
+	<object>
+		<name>cat</name>
+		<pose>Unspecified</pose>
+		<truncated>0</truncated>
+		<difficult>1</difficult>
+		<bndbox>
+			<xmin>33</xmin>
+			<ymin>5</ymin>
+			<xmax>64</xmax>
+			<ymax>48</ymax>
+		</bndbox>
+	</object>
+</annotation>
+"""
+
+
+def test_voc_file_written_by_hand(tmp_path):
+    """VOC's pixel indices are 1-based and inclusive: xmin 1 .. xmax 30 is the 30 pixels [0, 30) of our frame."""
+    (tmp_path / "Annotations").mkdir()
+    (tmp_path / "Annotations" / "000005.xml").write_text(VOC_XML)
+    jpeg(tmp_path / "JPEGImages" / "000005.jpg", 64, 48)
+    (tmp_path / "ImageSets" / "Main").mkdir(parents=True)
+    (tmp_path / "ImageSets" / "Main" / "train.txt").write_text("000005\n")
+    (tmp_path / "ImageSets" / "Main" / "dog_train.txt").write_text("000005  1\n")  # the devkit's per-class lists
+    assert formats.voc_class_names(tmp_path, ["000005"]) == ["cat", "dog"]
+    (record,) = read_voc(tmp_path, "train", CLASSES).records
+    assert (record.width, record.height, record.image.name) == (64, 48, "000005.jpg")
+    np.testing.assert_array_equal(record.boxes, [[0, 1, 30, 40], [32, 4, 64, 48]])
+    np.testing.assert_array_equal(record.labels, [1, 0])
+
+
+COCO_JSON = """{
+  "info": {"description": "COCO 2017 Dataset", "version": "1.0", "year": 2017},
+  "licenses": [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1, "name": "BY-NC-SA"}],
+  "images": [
+    {"license": 1, "file_name": "000000397133.jpg", "height": 48, "width": 64, "id": 397133},
+    {"license": 1, "file_name": "000000037777.jpg", "height": 32, "width": 40, "id": 37777}
+  ],
+  "annotations": [
+    {"segmentation": [[10.5, 4.25, 30.5, 4.25, 30.5, 35.0]], "area": 615.0, "iscrowd": 0, "image_id": 397133,
+     "bbox": [10.5, 4.25, 20.0, 30.75], "category_id": 18, "id": 1768},
+    {"segmentation": [[40, 10, 52.5, 10, 52.5, 30]], "area": 250.0, "iscrowd": 0, "image_id": 397133,
+     "bbox": [40, 10, 12.5, 20], "category_id": 1, "id": 1769},
+    {"segmentation": {"counts": [0, 3072], "size": [48, 64]}, "area": 3072, "iscrowd": 1, "image_id": 397133,
+     "bbox": [0, 0, 64, 48], "category_id": 1, "id": 900100397133}
+  ],
+  "categories": [
+    {"supercategory": "animal", "id": 18, "name": "dog"},
+    {"supercategory": "person", "id": 1, "name": "person"}
+  ]
+}
+"""
+
+
+def test_coco_file_written_by_hand(tmp_path):
+    """COCO boxes are [x, y, width, height]; labels follow the category ids sorted; crowd regions are no objects;
+    an image without annotations is a background image."""
+    (tmp_path / "instances_train2017.json").write_text(COCO_JSON)
+    jpeg(tmp_path / "train2017" / "000000397133.jpg", 64, 48)
+    jpeg(tmp_path / "train2017" / "000000037777.jpg", 40, 32)
+    data = read_coco(tmp_path / "instances_train2017.json", tmp_path / "train2017")
+    assert data.classes == ["person", "dog"]
+    first, second = data.records
+    assert (first.width, first.height, second.width, second.height) == (64, 48, 40, 32)
+    np.testing.assert_array_equal(first.boxes, [[10.5, 4.25, 30.5, 35.0], [40, 10, 52.5, 30]])
+    np.testing.assert_array_equal(first.labels, [1, 0])
+    assert second.boxes.shape == (0, 4) and second.labels.shape == (0,)
+
+
+def test_yolo_files_written_by_hand(tmp_path):
+    """YOLO label lines are `class cx cy w h`, normalised by the image's width and height; names may be a
+    mapping; an image without a label file is a background image."""
+    (tmp_path / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames:\n  0: person\n"
+                                        "  1: car\n")
+    jpeg(tmp_path / "images" / "train" / "street.jpg", 64, 48)
+    jpeg(tmp_path / "images" / "val" / "empty.jpg", 64, 48)
+    (tmp_path / "labels" / "train").mkdir(parents=True)
+    (tmp_path / "labels" / "train" / "street.txt").write_text("1 0.5 0.5 0.25 0.5\n0 0.125 0.25 0.25 0.5\n")
+    (record,) = read_yolo(tmp_path / "data.yaml", "train").records
+    assert read_yolo(tmp_path / "data.yaml", "train").classes == ["person", "car"]
+    # car: centre (32, 24), 16 x 24 pixels; person: centre (8, 12), 16 x 24 pixels
+    np.testing.assert_allclose(record.boxes, [[24, 12, 40, 36], [0, 0, 16, 24]], atol=1e-4)
+    np.testing.assert_array_equal(record.labels, [1, 0])
+    (empty,) = read_yolo(tmp_path / "data.yaml", "val").records
+    assert empty.boxes.shape == (0, 4)
+
+
 def test_zero_area_boxes_are_dropped_and_reported(tmp_path):
     image, boxes, labels = samples(1)[0]
     boxes = np.concatenate([boxes, [[10, 10, 10, 20]]]).astype(np.float32)  # zero width

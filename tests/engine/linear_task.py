@@ -57,6 +57,7 @@ class LinearTask(Task):
     def __init__(self, cfg):
         super().__init__(cfg)
         self.calls = 0
+        self.seen_targets: list[torch.Tensor] = []  # every training batch's targets, in order (shard checks)
 
     def datasets(self, device: torch.device) -> Splits:
         d, features = self.cfg.data, self.cfg.model.features
@@ -72,6 +73,7 @@ class LinearTask(Task):
     def step(self, model: nn.Module, batch) -> StepOutput:
         self.calls += 1
         x, y = batch
+        self.seen_targets.append(y.detach().cpu())
         loss = F.mse_loss(model(x).squeeze(-1), y)
         d = self.cfg.data
         if d.fault != "none" and self.calls >= d.fault_at_step:

@@ -12,8 +12,11 @@ import torch
 
 from helpers import TORCHRUN, cli_env, tiny_cli_args
 from linear_task import LinearTask, linear_cfg
-from modelworks.engine import checkpoint
-from modelworks.engine.loop import fit
+from modelworks.config import load_config
+from modelworks.engine import checkpoint, rundir
+from modelworks.engine.loop import evaluate_split, fit, load_for_evaluation
+from modelworks.engine.precision import choose_precision
+from modelworks.tasks.classification.task import ClassificationTask
 
 pytestmark = pytest.mark.ddp
 WORKER = Path(__file__).with_name("ddp_worker.py")
@@ -50,9 +53,20 @@ def test_two_ranks_match_one_process_on_the_same_global_batch(tmp_path):
     single_val = json.loads((run_dir / "summary.json").read_text())["best"]["val/loss"]
     assert ddp_val == pytest.approx(single_val, rel=1e-5)  # evaluation reduced over both shards
 
+    # Each step, the ranks trained on different halves of the global batch: in each epoch (8 steps of 16 per
+    # rank) they saw disjoint samples that together make the whole training split.
+    seen = [torch.load(tmp_path / "ddp" / f"seen-rank{rank}.pt") for rank in (0, 1)]
+    assert [len(s) for s in seen] == [256, 256]  # 2 epochs x 8 steps x 16
+    train_targets = set(LinearTask(cfg).datasets(torch.device("cpu")).train.y.tolist())
+    for epoch in (0, 1):
+        shards = [set(s[epoch * 128:(epoch + 1) * 128].tolist()) for s in seen]
+        assert len(shards[0]) == len(shards[1]) == 128 and not shards[0] & shards[1]
+        assert shards[0] | shards[1] == train_targets
+
 
 def test_cli_under_torchrun(tmp_path):
-    args = tiny_cli_args(tmp_path, "ddp", **{"train.epochs": 1})
+    # fp32, so the single-process evaluation below can be compared to the last digit
+    args = tiny_cli_args(tmp_path, "ddp", **{"train.epochs": 1, "train.precision": "fp32"})
     result = torchrun(["-m", "modelworks", *args])
     assert result.returncode == 0, result.stdout + result.stderr
     assert "device cpu x2" in result.stdout
@@ -68,3 +82,19 @@ def test_cli_under_torchrun(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "finished"
     assert "test/acc1" in json.loads((run_dir / "evaluation" / "test.json").read_text())
     assert result.stdout.count("run finished at step 7") == 1  # rank 0 alone reports
+
+    # The validation metrics were computed on two strided shards (26 + 25 samples) and reduced by torchmetrics
+    # across the ranks: one process over the whole split must give the same numbers.
+    (logged,) = [line for line in lines if "val/acc1" in line]
+    cfg = load_config(ClassificationTask, rundir.read_config_dict(run_dir))
+    task = ClassificationTask(cfg)
+    cpu = torch.device("cpu")
+    splits = task.datasets(cpu)
+    model = load_for_evaluation(task, run_dir, cpu, cfg, "last")
+    single = evaluate_split(task, model, splits.val, splits.collate_fn, cfg, cpu,
+                            choose_precision(cfg.train.precision, cpu), "val")
+    assert len(splits.val) % 2 == 1  # unequal shards: a mean of the two ranks' means would differ
+    assert single["val/acc1"] == logged["val/acc1"]
+    assert logged["val/acc5"] == single["val/acc5"]
+    assert logged["val/loss"] == pytest.approx(single["val/loss"], rel=1e-5)
+    assert logged["val/ece"] == pytest.approx(single["val/ece"], rel=1e-3)  # float32 sums per confidence bin

@@ -52,6 +52,9 @@ def test_fit_writes_metrics_checkpoints_and_summary(tmp_path, tiny_cfg):
     assert [line["step"] for line in val_lines] == [7, 14]  # once per epoch
     assert all(math.isfinite(line["train/loss"]) for line in train_lines)
     assert {"train/acc1", "train/lr", "train/samples_per_s"} <= set(train_lines[0])
+    # The gradient norm is logged although nothing clips (optim.max_grad_norm 0): every task's curve has it.
+    assert cfg.optim.max_grad_norm == 0
+    assert all(math.isfinite(line["train/grad_norm"]) and line["train/grad_norm"] > 0 for line in train_lines)
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["step"] == summary["total_steps"] == 14
@@ -78,8 +81,8 @@ def test_evaluate_run_writes_the_test_report(tmp_path, tiny_cfg):
 
 
 class SelfInterruptingTask(ClassificationTask):
-    """Sends its own process SIGTERM during training step `interrupt_at`: the loop's real signal path, at an
-    exact step, so the interruption is reproducible."""
+    """Sends its own process SIGTERM during training step `interrupt_at` (0: never): the loop's real signal path,
+    at an exact step, so the interruption is reproducible. `calls` counts the training steps it ran."""
 
     interrupt_at = 0
 
@@ -90,7 +93,7 @@ class SelfInterruptingTask(ClassificationTask):
         return super().step(model, batch)
 
 
-def test_interrupted_and_resumed_run_matches_the_uninterrupted_one_bit_for_bit(tmp_path, tiny_cfg):
+def test_interrupted_and_resumed_run_matches_the_uninterrupted_one_bit_for_bit(tmp_path, tiny_cfg, capsys):
     overrides = {"train.deterministic": True, "train.epochs": 3, "optim.lr": 0.01, "train.ema.enabled": True,
                  "train.ema.warmup_steps": 5, "data.augment.crop_padding": 2, "data.augment.hflip": True,
                  "data.augment.erasing_p": 0.5}
@@ -106,8 +109,16 @@ def test_interrupted_and_resumed_run_matches_the_uninterrupted_one_bit_for_bit(t
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["step"] == 10
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "interrupted"
 
-    resumed = fit(ClassificationTask(cfg), cfg, run_dir, resume=True)
+    capsys.readouterr()
+    resuming = SelfInterruptingTask(cfg)
+    resumed = fit(resuming, cfg, run_dir, resume=True)
     assert (resumed.status, resumed.step) == ("finished", full.step) == ("finished", 21)
+    # It started at the saved step: a resume that ignored the checkpoint and trained from step 0 would end with
+    # the same bits (the run is deterministic), but would have run all 21 steps and logged the first ten again.
+    assert resuming.calls == 21 - 10
+    train_steps = [line["step"] for line in jsonl(run_dir / "metrics.jsonl") if "train/loss" in line]
+    assert train_steps == sorted(set(train_steps)) and train_steps[0] == 5
+    assert "resumed at step 10 (epoch 1.43)" in capsys.readouterr().out
     expected = checkpoint.load(run_dir_of(full_cfg) / "checkpoints" / "last.pt")
     got = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     assert_same_tensors(got["model"], expected["model"])

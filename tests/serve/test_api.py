@@ -171,6 +171,50 @@ def test_probes_metrics_models_and_openapi(tiny_package, images):
         assert page.status_code == 200 and "/v1/models" in page.text
 
 
+def test_while_draining_readyz_is_503_new_predictions_are_refused_and_accepted_ones_answered(tiny_package,
+                                                                                             images):
+    """The lifespan's drain, in process: a prediction is held in the graph (its runtime waits on an event) when
+    shutdown begins; meanwhile /readyz answers 503 "draining" and a new prediction 503 with Retry-After, and
+    once the graph is released the held request still gets its answer and shutdown completes."""
+    import threading
+
+    model = open_model(tiny_package, "onnx")
+    predict, held, release = model.predict, threading.Event(), threading.Event()
+
+    def held_predict(items):
+        if held.is_set():
+            release.wait(20)
+        return predict(items)
+
+    model.predict = held_predict
+    app = create_app([model], None, settings())
+
+    async def scenario():
+        lifespan = app.router.lifespan_context(app)
+        await lifespan.__aenter__()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+            assert (await client.get("/readyz")).status_code == 200
+            held.set()
+            in_flight = asyncio.create_task(client.post("/v1/models/tiny/predict", json=json_body(images[0][0])))
+            await asyncio.sleep(0.3)
+            shutdown = asyncio.create_task(lifespan.__aexit__(None, None, None))
+            await asyncio.sleep(0.3)
+            assert not in_flight.done() and not shutdown.done()
+            ready = await client.get("/readyz")
+            refused = await client.post("/v1/models/tiny/predict", json=json_body(images[0][0]))
+            release.set()
+            answered = await in_flight
+            await asyncio.wait_for(shutdown, 20)
+        return ready, refused, answered
+
+    ready, refused, answered = asyncio.run(scenario())
+    assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
+    assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
+    assert refused.headers["retry-after"] == "1"
+    assert answered.status_code == 200 and answered.json()["prediction"]["label"] == LABELS[images[1][0]]
+
+
 # ---------------------------------------------------------------------------------------------- batching
 
 

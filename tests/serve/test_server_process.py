@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import fashion_test_images, png_bytes, start_cli
+from helpers import PYTHON, cli_env, fashion_test_images, png_bytes, start_cli
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 # A closed network and a throwaway profile: nothing in the browser may reach out or keep state.
@@ -33,11 +34,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SLOW_SERVER = Path(__file__).with_name("slow_server.py")
+
+
 class ServerProcess:
-    def __init__(self, package: Path, *extra: str):
+    """`modelworks serve PACKAGE *extra` on a free loopback port, ready; with `slow_s`, every prediction call
+    first sleeps that long (slow_server.py), so requests stay in flight."""
+
+    def __init__(self, package: Path, *extra: str, slow_s: float = 0.0):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process = start_cli(["serve", str(package), "--port", str(self.port), *extra])
+        args = ["serve", str(package), "--port", str(self.port), *extra]
+        if slow_s:
+            self.process = subprocess.Popen([PYTHON, str(SLOW_SERVER), str(slow_s), *args], stdout=subprocess.PIPE,
+                                            stderr=subprocess.PIPE, text=True, env=cli_env())
+        else:
+            self.process = start_cli(args)
         deadline = time.time() + 90
         while time.time() < deadline:
             if self.process.poll() is not None:
@@ -51,10 +63,54 @@ class ServerProcess:
         self.process.kill()
         raise AssertionError("server did not become ready in 90 s")
 
-    def stop(self) -> tuple[int, str]:
-        self.process.send_signal(signal.SIGTERM)
+    def stop(self, signum: int = signal.SIGTERM) -> tuple[int, str]:
+        self.process.send_signal(signum)
         _, stderr = self.process.communicate(timeout=60)
         return self.process.returncode, stderr
+
+
+def json_lines(stderr: str) -> list[dict]:
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert len(lines) == len(stderr.strip().splitlines()), stderr[-3000:]  # every log line is JSON
+    return lines
+
+
+def queue_depth(url: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=5).text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("modelworks_queue_depth{"))
+
+
+def post_in_threads(url: str, body: dict, n: int) -> tuple[list[threading.Thread], list]:
+    """`n` predictions, each from its own thread and connection; results[i] is (response or error, time)."""
+    results: list = [None] * n
+
+    def post(i: int) -> None:
+        try:
+            results[i] = (httpx.post(f"{url}/v1/models/tiny/predict", json=body, timeout=60), time.time())
+        except httpx.HTTPError as exc:
+            results[i] = (exc, time.time())
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    return threads, results
+
+
+def wait_until(condition, timeout_s: float, what: str) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError(f"{what}: not within {timeout_s} s")
+        time.sleep(0.05)
+
+
+def refuses_connections(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/healthz", timeout=1)
+    except httpx.ConnectError:
+        return True
+    return False
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +120,8 @@ def image(tiny_run_dir) -> tuple[bytes, int]:
     return png_bytes(pixels[0]), int(labels[0])
 
 
-def test_real_server_answers_exports_metrics_logs_json_and_drains_on_sigterm(tiny_package, image):
-    # A 1.5 s batch window keeps a request in flight while SIGTERM arrives.
-    server = ServerProcess(tiny_package, "--max-wait-ms", "1500", "--max-batch-size", "64")
+def test_real_server_answers_exports_metrics_and_logs_json(tiny_package, image):
+    server = ServerProcess(tiny_package)
     body = {"image": base64.b64encode(image[0]).decode()}
     try:
         response = httpx.post(f"{server.url}/v1/models/tiny/predict", json=body, timeout=10,
@@ -74,27 +129,77 @@ def test_real_server_answers_exports_metrics_logs_json_and_drains_on_sigterm(tin
         assert response.status_code == 200 and response.json()["version"] == "v1"
         metrics = httpx.get(f"{server.url}/metrics", timeout=5).text
         assert 'modelworks_requests_total{model="tiny",status="200",version="v1"} 1.0' in metrics
-
-        in_flight = {}
-        thread = threading.Thread(target=lambda: in_flight.update(
-            response=httpx.post(f"{server.url}/v1/models/tiny/predict", json=body, timeout=30)))
-        thread.start()
-        time.sleep(0.5)  # the request is waiting for its batch
     finally:
         code, stderr = server.stop()
-    thread.join(timeout=30)
-    assert in_flight["response"].status_code == 200  # answered although SIGTERM came first
     # uvicorn re-raises the signal it caught once shutdown is complete, so a drained server ends "killed by
-    # SIGTERM" like any well-behaved daemon; the "stopped" line below shows the drain finished first.
+    # SIGTERM" like any well-behaved daemon; the "stopped" line shows the drain finished first.
     assert code in (0, -signal.SIGTERM)
-    with pytest.raises(httpx.ConnectError):
-        httpx.get(f"{server.url}/healthz", timeout=2)
-    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
-    assert len(lines) == len(stderr.strip().splitlines())  # every log line is JSON
+    lines = json_lines(stderr)
     requests = [line for line in lines if line["message"] == "request"]
     first = next(line for line in requests if line["request_id"] == "first-request")
     assert first["status"] == 200 and first["model"] == "tiny" and first["version"] == "v1"
     assert any(line["message"] == "stopped" and line["answered_all"] for line in lines)
+
+
+def test_sigterm_refuses_new_connections_and_answers_every_request_in_flight(tiny_package, image):
+    """Six requests on a model taking 1 s a batch (two at a time): SIGTERM arrives with one batch running and
+    the others queued. New connections are refused at once; every accepted request is still answered."""
+    server = ServerProcess(tiny_package, "--max-batch-size", "2", "--max-wait-ms", "0", slow_s=1.0)
+    body = {"image": base64.b64encode(image[0]).decode()}
+    try:
+        threads, results = post_in_threads(server.url, body, 6)
+        wait_until(lambda: queue_depth(server.url) >= 3, 20, "requests queued behind the running batch")
+    finally:
+        sigterm_at = time.time()
+        server.process.send_signal(signal.SIGTERM)
+    try:
+        wait_until(lambda: refuses_connections(server.url), 5, "new connections refused after SIGTERM")
+        refused_at = time.time()
+        _, stderr = server.process.communicate(timeout=60)
+    finally:
+        for thread in threads:
+            thread.join(timeout=60)
+    answers = [result for result, _ in results]
+    assert all(isinstance(a, httpx.Response) and a.status_code == 200 for a in answers), answers
+    answered_after = sorted(at - sigterm_at for _, at in results)
+    assert refused_at - sigterm_at < 1.0 < answered_after[-1]  # refused while the last were still in flight
+    assert answered_after[-1] < 10
+    assert server.process.returncode in (0, -signal.SIGTERM)
+    lines = json_lines(stderr)
+    assert sum(line["message"] == "request" and line["status"] == 200 for line in lines) == 6
+    assert any(line["message"] == "stopped" and line["answered_all"] for line in lines)
+
+
+def test_drain_s_bounds_the_wait_for_requests_in_flight(tiny_package, image):
+    """--drain-s 1 on a model taking 4 s a batch, one at a time, three requests: the server stops waiting for
+    them after about a second (plus the batch already running), not after the 12 s they need."""
+    server = ServerProcess(tiny_package, "--max-batch-size", "1", "--max-wait-ms", "0", "--drain-s", "1",
+                           slow_s=4.0)
+    body = {"image": base64.b64encode(image[0]).decode()}
+    try:
+        threads, results = post_in_threads(server.url, body, 3)
+        wait_until(lambda: queue_depth(server.url) >= 2, 20, "requests queued behind the running one")
+    finally:
+        sigterm_at = time.time()
+        code, stderr = server.stop()
+    stopped_after = time.time() - sigterm_at
+    for thread in threads:
+        thread.join(timeout=60)
+    assert stopped_after < 7, stopped_after
+    assert code in (0, -signal.SIGTERM)
+    assert not any(isinstance(result, httpx.Response) and result.status_code == 200 for result, _ in results)
+    assert any("timeout graceful shutdown exceeded" in line.get("message", "") for line in json_lines(stderr))
+
+
+def test_ctrl_c_stops_the_server_with_exit_code_130(tiny_package, image):
+    server = ServerProcess(tiny_package)
+    response = httpx.post(f"{server.url}/v1/models/tiny/predict", timeout=10,
+                          json={"image": base64.b64encode(image[0]).decode()})
+    assert response.status_code == 200
+    code, stderr = server.stop(signal.SIGINT)
+    assert code == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert any(line["message"] == "stopped" and line["answered_all"] for line in json_lines(stderr))
 
 
 def server_pid_rss_mb(pid: int) -> float:
@@ -157,20 +262,37 @@ def test_request_heads_are_bounded_in_size_and_time(tiny_package, image):
         server.stop()
 
 
+def skip_without_chromium():
+    if CHROMIUM is None and not os.environ.get("CI"):
+        pytest.skip("chromium is not installed, so the browser tests cannot run here (apt-get install chromium); "
+                    "CI installs it and runs them")
+
+
 @contextlib.contextmanager
-def demo_page(package, tmp_path):
-    """`modelworks serve package` in a real process and its demo page open in headless Chromium, models listed."""
+def browser_page(package, tmp_path, path: str, outside: list[str] | None = None):
+    """`modelworks serve package` in a real process and `path` open in headless Chromium. Requests to any other
+    host are refused, as on a closed network, and their URLs appended to `outside`."""
     from playwright.sync_api import sync_playwright
 
+    skip_without_chromium()
+    outside = [] if outside is None else outside
     server = ServerProcess(package)
+
+    def only_loopback(route):
+        if route.request.url.startswith(server.url):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()
+
     try:
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch_persistent_context(
                 str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
             try:
                 page = browser.new_page()
-                page.goto(server.url + "/")
-                page.wait_for_function("document.querySelectorAll('#model option').length > 0", timeout=20000)
+                page.route("**/*", only_loopback)
+                page.goto(server.url + path)
                 yield page
             finally:
                 browser.close()
@@ -178,9 +300,30 @@ def demo_page(package, tmp_path):
         server.stop()
 
 
+@contextlib.contextmanager
+def demo_page(package, tmp_path):
+    """The demo page in headless Chromium, models listed."""
+    with browser_page(package, tmp_path, "/") as page:
+        page.wait_for_function("document.querySelectorAll('#model option').length > 0", timeout=20000)
+        yield page
+
+
+def test_api_docs_render_offline_in_headless_chromium(tiny_package, tmp_path):
+    """/docs draws Swagger UI from files the server holds: with every other host unreachable, the page lists the
+    predict route and its request schema, and asks nothing of the network."""
+    outside: list[str] = []
+    with browser_page(tiny_package, tmp_path, "/docs", outside) as page:
+        page.wait_for_selector(".opblock-summary-path[data-path='/v1/models/tiny/predict']", timeout=30000)
+        page.click(".opblock-summary-path[data-path='/v1/models/tiny/predict']")
+        page.wait_for_selector(".opblock-body", timeout=10000)
+        body = page.inner_text(".opblock-body")
+        title = page.title()
+    assert "modelworks model server" in title
+    assert "application/json" in body and "multipart/form-data" in body
+    assert outside == []
+
+
 def test_demo_page_in_headless_chromium(tiny_package, image, tmp_path):
-    if CHROMIUM is None and not os.environ.get("CI"):
-        pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
     png = tmp_path / "upload.png"
     png.write_bytes(image[0])
     with demo_page(tiny_package, tmp_path) as page:
@@ -207,8 +350,6 @@ def test_demo_page_in_headless_chromium(tiny_package, image, tmp_path):
 def test_demo_page_draws_detections_in_headless_chromium(tiny_detection_package, tmp_path):
     """The same page on a detection model: it offers the model's request fields (a score threshold, no resize)
     and draws the returned boxes over the upload on a canvas."""
-    if CHROMIUM is None and not os.environ.get("CI"):
-        pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")
     png = tmp_path / "photo.png"
     png.write_bytes(png_bytes(np.random.default_rng(0).integers(0, 256, (48, 80, 3), np.uint8)))
     with demo_page(tiny_detection_package, tmp_path) as page:

@@ -93,6 +93,14 @@ def evaluate_split(task, model: nn.Module, dataset, collate_fn, cfg: RunConfig, 
     return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
 
 
+def total_grad_norm(model: nn.Module) -> torch.Tensor:
+    """The L2 norm of all gradients together, as clip_grad_norm_ measures it, without clipping."""
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
+
+
 def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     """Train `task` as `cfg` says, writing into `run_dir` (rank 0 only). Resumes from checkpoints/last.pt."""
     t = cfg.train
@@ -217,9 +225,13 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                     for key, value in out.logs.items():
                         log_sums[key] = log_sums.get(key, 0.0) + value.detach().double() * out.n
                     samples_since_log += out.n
+                logs_now = (step + 1) % t.log_every_steps == 0 or step + 1 == total_steps
                 if cfg.optim.max_grad_norm > 0:
                     scaler.unscale_(optimizer)
                     grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+                elif logs_now:  # logged for every run, clipped or not; measured only when logged (one sync)
+                    scaler.unscale_(optimizer)
+                    grad_norm = total_grad_norm(model)
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
@@ -228,7 +240,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                     ema.update(model)
                 step += 1
 
-                if step % t.log_every_steps == 0 or step == total_steps:
+                if logs_now:
                     check_finite()
                     elapsed = time.perf_counter() - tic
                     values = {"train/loss": loss_sum.item() / samples_since_log,

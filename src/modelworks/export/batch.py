@@ -121,14 +121,14 @@ class ImageSaver:
             tqdm.write(f"--save-images: a {self.task} model has nothing to draw on its inputs; no images are "
                        "written (the predictions are)", file=sys.stderr)
             return
-        from torchvision.io import write_png
+        from PIL import Image
 
         stem, name, n = Path(path).stem, f"{Path(path).stem}.png", 1
         while name in self.names:
             n += 1
             name = f"{stem}-{n}.png"
         self.names.add(name)
-        write_png(image, str(self.folder / name))
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(self.folder / name, format="PNG")
         self.saved += 1
 
 

@@ -19,7 +19,9 @@ def batch_of_two(example: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
 
 def write_torchscript(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path) -> None:
     with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript's deprecation notice: the format is what the seed shipped
+        # TorchScript's deprecation notice, and only it: the format is what packages ship for the
+        # PyTorch runtime, and a TracerWarning (a Python value frozen into the graph) must still be seen.
+        warnings.filterwarnings("ignore", r"`torch\.jit\.trace(_method)?` is deprecated", FutureWarning)
         traced = torch.jit.trace(module, example, check_trace=False)
     traced.save(str(path))
 

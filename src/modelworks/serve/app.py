@@ -4,6 +4,7 @@
     GET  /healthz                        alive
     GET  /readyz                         models loaded and warmed up (503 while starting or draining)
     GET  /metrics                        Prometheus
+    GET  /docs, /openapi.json            the API's documentation (Swagger UI served locally) and schema
     GET  /v1/models, /v1/models/{name}   what is served: versions, traffic split, inputs, labels
     POST /v1/models/{name}/predict       JSON (file base64) or multipart upload; typed by the task's predictor
     /v1/admin/models/{name}/...          load / split / promote / rollback / unload; needs MODELWORKS_ADMIN_TOKEN
@@ -28,14 +29,17 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Callable
 
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -53,6 +57,7 @@ ADMIN_TOKEN_ENV = "MODELWORKS_ADMIN_TOKEN"
 CALLER_HEADER = "x-caller-id"
 MAX_CALLER_ID = 256  # characters: a user or session id, hashed for A/B stickiness; anything longer is not an id
 STATIC = Path(__file__).with_name("static")
+SWAGGER_UI = files("fastapi_offline") / "static"  # swagger-ui-bundle.js, swagger-ui.css, favicon.png (Swagger UI 5)
 SWITCH_INTERVAL_S = 1e-4  # see run_server
 QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}  # probed constantly: logged at debug level only
 
@@ -625,8 +630,11 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
             await asyncio.gather(*(v.batcher.drain() for v in versions), *server.retiring)
             log("stopped", answered_all=all(v.batcher.unfinished == 0 for v in versions))
 
+    # /docs from Swagger UI's files in the fastapi-offline package, not FastAPI's default CDN: offline, on a
+    # closed network or behind a proxy the default page is blank. ReDoc (another CDN page) is not offered.
     app = FastAPI(title="modelworks model server", version=__import__("modelworks").__version__,
-                  lifespan=lifespan, description=__doc__)
+                  lifespan=lifespan, description=__doc__, docs_url=None, redoc_url=None)
+    app.mount("/docs-assets", StaticFiles(directory=SWAGGER_UI), name="docs-assets")
     app.state.server = server
     app.add_middleware(RequestContext, server=server)
 
@@ -659,6 +667,14 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
     @app.get("/", include_in_schema=False)
     async def demo_page():
         return HTMLResponse((STATIC / "index.html").read_text())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs_page():
+        return get_swagger_ui_html(openapi_url=app.openapi_url, title=f"{app.title}: API",
+                                   swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+                                   swagger_css_url="/docs-assets/swagger-ui.css",
+                                   swagger_favicon_url="/docs-assets/favicon.png",
+                                   swagger_ui_parameters={"validatorUrl": None})  # its badge calls swagger.io
 
     @app.get("/healthz", tags=["probes"], summary="The process is alive")
     async def healthz():

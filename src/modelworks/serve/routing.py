@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from .batching import Batcher
 
 # A body that has received no bytes for this long is stalled, not arriving. A client's body comes in one or a few
-# TCP segments, a fraction of a millisecond apart even across a network; 10 ms is several times that, and five
-# times the default max_wait_ms, so no batch waits on an upload that is not moving.
-ARRIVING_IDLE_S = 0.01
+# TCP segments, a fraction of a millisecond apart even across a network, but the time between two reads is also
+# the time the event loop is busy elsewhere (tens of milliseconds under load), so the bound is generous: 50 ms.
+# A stalled upload then makes batches wait (at most max_wait_ms each) for 50 ms, not for as long as it stalls.
+ARRIVING_IDLE_S = 0.05
 
 
 @dataclass

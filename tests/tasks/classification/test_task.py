@@ -129,16 +129,41 @@ def test_evaluate_with_a_report_dir_writes_plots_and_per_class_accuracy(tmp_path
     assert len(confusion) == 10 and sum(map(sum, confusion)) == 256  # every test image counted once
 
 
-def test_accuracy_is_computed_over_all_batches(tmp_path):
-    """A model that predicts the band row (the synthetic label) is right on every image: acc1 is exactly 1."""
+def test_accuracy_and_loss_are_computed_over_all_samples_not_averaged_per_batch(tmp_path):
+    """A model right on classes 0-4 and wrong on 5-9, fed batches of different sizes and accuracies (10/10,
+    10/40, 0/50): acc1 is 20/100, not the mean of the batches' accuracies (0.42) nor the last batch's (0)."""
     task = ClassificationTask(build_tiny_cfg(tmp_path))
     splits = task.datasets(CPU)
 
-    class BandReader(torch.nn.Module):
+    class BandReaderForFiveClasses(torch.nn.Module):
         def forward(self, x):  # B, 1, 28, 28: the class-k band fills rows 2k, 2k+1
             rows = x.mean(dim=(1, 3))  # B, 28
-            return rows[:, :20].reshape(len(x), 10, 2).mean(-1)  # B, 10
+            logits = rows[:, :20].reshape(len(x), 10, 2).mean(-1) * 10  # B, 10
+            return torch.cat([logits[:, :5], logits[:, 5:] - 100], 1)  # never answers 5-9
 
-    batches = (task.prepare_batch(b, None) for b in fetch(splits.test, eval_indices(len(splits.test), 37, 0, 1), CPU))
-    metrics = task.evaluate(BandReader(), batches)
-    assert metrics["acc1"] == pytest.approx(1.0)
+    (batch,) = list(fetch(splits.test, eval_indices(len(splits.test), len(splits.test), 0, 1), CPU))
+    x, y = task.prepare_batch(batch, None)
+    right, wrong = (y < 5).nonzero().flatten(), (y >= 5).nonzero().flatten()
+    parts = [right[:10], torch.cat([right[10:20], wrong[:30]]), wrong[30:80]]
+    batches = [(x[index], y[index]) for index in parts]
+    model = BandReaderForFiveClasses()
+    with torch.no_grad():
+        assert [(model(bx).argmax(1) == by).float().mean().item() for bx, by in batches] == [1.0, 0.25, 0.0]
+        metrics = task.evaluate(model, batches)
+        everything = torch.cat(parts)
+        loss = torch.nn.functional.cross_entropy(model(x[everything]), y[everything]).item()
+    assert metrics["acc1"] == pytest.approx(0.2)
+    assert metrics["loss"] == pytest.approx(loss, rel=1e-5)
+
+
+def test_worst_errors_keep_the_most_confident_mistakes_with_their_probability():
+    from modelworks.tasks.classification.report import WorstErrors, describe_error
+
+    worst = WorstErrors(keep=2)
+    logits = torch.tensor([[0.0, 4.0, 0.0], [2.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 9.0]])
+    worst.update(torch.zeros(4, 1, 2, 2), logits, torch.tensor([0, 0, 1, 2]))  # the first and third are wrong
+    worst.update(torch.zeros(1, 1, 2, 2), torch.tensor([[0.0, 0.0, 6.0]]), torch.tensor([1]))
+    assert worst.labels.tolist() == [1, 0] and worst.predictions.tolist() == [2, 1]  # largest loss first
+    expected = [torch.tensor([0.0, 0.0, 6.0]).softmax(0)[2].item(), torch.tensor([0.0, 4.0, 0.0]).softmax(0)[1].item()]
+    assert worst.probabilities.tolist() == pytest.approx(expected)
+    assert describe_error(CLASSES, 0, 1, 0.9641, 3.3) == "true ant\npred bee 96%\nloss 3.3"

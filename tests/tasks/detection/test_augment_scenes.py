@@ -101,10 +101,13 @@ def test_boxes_pushed_out_of_the_image_lose_their_label():
     assert torch.equal(same[1], boxes)
 
 
-def test_scenes_are_deterministic_exact_and_limited_in_overlap(tmp_path):
+def test_scenes_are_deterministic_exact_and_limited_in_overlap(tmp_path, capsys):
     fashion = write_fashion_mnist(tmp_path / "fm", n_train=120, n_test=30)
     cfg = SceneConfig(train=12, val=4, test=2, image_size=64, objects=(2, 4), object_size=(16, 30), max_overlap=0.1)
     first = ensure_scenes(tmp_path / "a", cfg, fashion)
+    progress = capsys.readouterr().err  # a progress bar per split while generating: it takes ~20 s at full size
+    assert all(f"fmnist-scenes {split} (generated once)" in progress for split in ("train", "val", "test"))
+    assert "12/12" in progress and "4/4" in progress
     second = ensure_scenes(tmp_path / "b", cfg, fashion)
     for split in ("train", "val", "test"):
         a = json.loads((first / "annotations" / f"instances_{split}.json").read_text())

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 
+from modelworks.export.formats import write_onnx, write_torchscript
+from modelworks.export.runtime import load_torchscript
 from modelworks.tasks.detection.models import AnchorFreeDecoder, AnchorFreeDetector, YOLOv1, YOLOv1Decoder
 from modelworks.tasks.detection.report import DetectionRecorder, coco_metrics
 
@@ -29,6 +31,10 @@ def test_perfect_detections_score_one():
     assert summary["map"] == pytest.approx(1.0) and summary["map50"] == pytest.approx(1.0)
     assert summary["mar100"] == pytest.approx(1.0)
     assert per_class == {"a": pytest.approx(1.0), "b": pytest.approx(1.0)}
+    # Every object is medium-sized (between 32^2 and 96^2 pixels): no small or large score exists, so none is
+    # reported (COCO's -1), rather than a 0 that reads as a failure.
+    assert summary["map_medium"] == pytest.approx(1.0) and summary["mar_medium"] == pytest.approx(1.0)
+    assert not {"map_small", "map_large", "mar_small", "mar_large"} & set(summary)
 
 
 def test_half_the_objects_found_gives_the_101_point_interpolated_value():
@@ -56,6 +62,7 @@ def test_a_loose_box_counts_only_at_low_iou_thresholds():
 def test_no_detections_score_zero():
     summary, per_class, _ = coco_metrics(recorder({}), CLASSES)
     assert summary["map"] == 0.0 and per_class["a"] == 0.0
+    assert summary["map_medium"] == 0.0 and "map_large" not in summary and "map_small" not in summary
 
 
 @pytest.mark.parametrize("name", ["anchor-free", "yolov1"])
@@ -68,12 +75,13 @@ def test_raw_head_exports_match_eager(name, tmp_path):
     x = torch.randn(2, 3, 128, 128)  # yolov1: a 4x4 stride-32 feature map pooled to its 4x4 grid
     with torch.no_grad():
         eager = model(x)
-        traced = torch.jit.trace(model, x[:1])
-        torch.testing.assert_close(traced(x), eager, atol=1e-5, rtol=1e-4)
+    # Through the product's writers (TorchScript traced, ONNX by torch.export with a dynamic batch axis).
+    write_torchscript(model, (x[:1],), tmp_path / "model.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(load_torchscript(tmp_path / "model.pt")(x), eager, atol=1e-5, rtol=1e-4)
     ort = pytest.importorskip("onnxruntime")
     path = tmp_path / "model.onnx"
-    torch.onnx.export(model, (x[:1],), str(path), input_names=["images"], output_names=["raw"],
-                      dynamic_axes={"images": {0: "batch"}, "raw": {0: "batch"}}, dynamo=False)
+    write_onnx(model, (x[:1],), path, ["images"], ["raw"])
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (onnx_out,) = session.run(None, {"images": x.numpy()})
     np.testing.assert_allclose(onnx_out, eager.numpy(), atol=1e-4, rtol=1e-3)
@@ -87,3 +95,24 @@ def test_decoders_give_valid_boxes_inside_the_image():
     decoder = AnchorFreeDecoder(3, 8, 64, (8, 16, 32))
     boxes = decoder(torch.randn(2, 84, 4 * 8 + 3))
     assert boxes.shape == (2, 84, 7) and (boxes[..., 2:4] >= boxes[..., :2]).all()
+
+
+def test_prediction_pictures_label_detections_and_ground_truth_on_filled_bands(tmp_path):
+    """A detection's name sits on a band of its class colour above the box, the ground truth's on a white band
+    under its box; so on a matched box neither hides the other, and both read on any background."""
+    from PIL import Image, ImageColor
+
+    from modelworks.tasks.detection.report import PALETTE, plot_predictions
+
+    image = torch.zeros(3, 100, 100, dtype=torch.uint8)  # black: a filled band shows as its colour
+    truth = (torch.tensor([[20.0, 30.0, 60.0, 60.0]]), torch.tensor([1]))
+    result = {"boxes": torch.tensor([[20.0, 30.0, 60.0, 60.0]]), "scores": torch.tensor([0.9]),
+              "labels": torch.tensor([1])}
+    plot_predictions([image], [truth], [result], CLASSES, tmp_path / "grid.png", min_side=100)
+    grid = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB")).astype(int)
+    picture = grid[4:104, 4:104]  # make_grid's 4-pixel padding
+    colour = np.array(ImageColor.getrgb(PALETTE[1]))
+    above, below = picture[20:29, 21:40], picture[62:70, 21:27]  # inside each band ("b 0.90" above, "b" below)
+    assert (np.abs(above - colour).sum(-1) < 30).mean() > 0.4  # mostly the class colour (the rest is text)
+    assert (below.min(-1) > 225).mean() > 0.4  # mostly white
+    assert (np.abs(below - colour).sum(-1) < 30).mean() == 0

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from ..images import FASHION_MNIST_CLASSES, load_fashion_mnist
 from .writers import write_coco
@@ -78,6 +80,9 @@ def ensure_scenes(root: Path, cfg: SceneConfig, fashion_root: Path | None = None
             continue
         images, labels = pools[split]
         samples = compose_scenes(images[:, 0].numpy(), labels.numpy(), count, cfg, seed=cfg.seed * 3 + k)
+        # Generating the default set takes about 20 s, once: show it rather than seem to hang.
+        samples = tqdm(samples, total=count, desc=f"fmnist-scenes {split} (generated once)", unit="scene",
+                       file=sys.stderr, mininterval=0.5, dynamic_ncols=True)
         write_coco(partial / "annotations" / f"instances_{split}.json", partial / "images" / split, samples,
                    FASHION_MNIST_CLASSES)
     (partial / "settings.json").write_text(json.dumps(asdict(cfg)))

@@ -36,23 +36,30 @@ class ClassificationMetrics:
 
 
 class WorstErrors:
-    """The misclassified images the model was most confident about (largest loss), kept as it streams."""
+    """The misclassified images the model was most confident about (largest loss), kept as it streams, with the
+    probability the model gave its wrong answer."""
 
     def __init__(self, keep: int):
         self.keep = keep
-        self.images = self.losses = self.labels = self.predictions = None
+        self.images = self.losses = self.labels = self.predictions = self.probabilities = None
 
     def update(self, x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         loss = F.cross_entropy(logits, y, reduction="none")
         wrong = logits.argmax(1) != y
         if not wrong.any():
             return
-        parts = [x[wrong].float().cpu(), loss[wrong].cpu(), y[wrong].cpu(), logits[wrong].argmax(1).cpu()]
+        probability, prediction = logits[wrong].float().softmax(1).max(1)
+        parts = [x[wrong].float().cpu(), loss[wrong].cpu(), y[wrong].cpu(), prediction.cpu(), probability.cpu()]
         if self.images is not None:
             parts = [torch.cat([old, new]) for old, new in
-                     zip([self.images, self.losses, self.labels, self.predictions], parts)]
+                     zip([self.images, self.losses, self.labels, self.predictions, self.probabilities], parts)]
         order = parts[1].argsort(descending=True)[: self.keep]
-        self.images, self.losses, self.labels, self.predictions = (p[order] for p in parts)
+        self.images, self.losses, self.labels, self.predictions, self.probabilities = (p[order] for p in parts)
+
+
+def describe_error(classes: list[str], label: int, prediction: int, probability: float, loss: float) -> str:
+    """One error's title in the worst-errors grid: the true class, the answer with its probability, the loss."""
+    return f"true {classes[label]}\npred {classes[prediction]} {probability:.0%}\nloss {loss:.1f}"
 
 
 def _pyplot():
@@ -103,13 +110,14 @@ def plot_worst_errors(worst: WorstErrors, classes: list[str], mean: torch.Tensor
     fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.6, height), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, image, label, pred, loss in zip(axes.flat, images, worst.labels, worst.predictions, worst.losses):
+    for ax, image, label, pred, probability, loss in zip(axes.flat, images, worst.labels, worst.predictions,
+                                                         worst.probabilities, worst.losses):
         if image.shape[0] == 1:
             ax.imshow(image[0].numpy(), cmap="gray", vmin=0, vmax=1)
         else:
             ax.imshow(image.permute(1, 2, 0).numpy())
-        ax.set_title(f"true {classes[label]}\npred {classes[pred]}\nloss {loss:.1f}", fontsize=7)
-    fig.suptitle("most confident errors")
+        ax.set_title(describe_error(classes, int(label), int(pred), float(probability), float(loss)), fontsize=7)
+    fig.suptitle("most confident errors (the answer's probability)")
     fig.subplots_adjust(left=0.02, right=0.98, bottom=0.02, top=1 - 0.95 / height, hspace=0.6, wspace=0.15)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -161,16 +161,14 @@ class DetectionPredictor(Predictor):
         return response.detections[0].score if response.detections else 0.0
 
     def render(self, file: bytes, response: DetectionResponse) -> torch.Tensor:
-        from torchvision.utils import draw_bounding_boxes
-
-        from .report import PALETTE, label_font
+        from .report import PALETTE, draw_labelled_boxes
 
         image = decode_image_file(file, 3, f"send a {FORMATS} image", self.max_image_pixels)
         if not response.detections:
             return image
         side = max(image.shape[1:])
-        boxes = torch.tensor([d.box for d in response.detections])
+        boxes = [d.box for d in response.detections]
         names = [f"{d.label} {d.score:.2f}" for d in response.detections]
         colours = [PALETTE[d.index % len(PALETTE)] for d in response.detections]
-        return draw_bounding_boxes(image, boxes, names, colours, width=max(1, side // 200), font=label_font(),
+        return draw_labelled_boxes(image, boxes, names, colours, width=max(1, side // 200),
                                    font_size=max(10, side // 40))

@@ -3,7 +3,7 @@
 `DetectionRecorder` collects ground truth and detections in original-image pixels as batches stream; under DDP
 each rank holds its shard and `gather` brings them all to every rank, so every rank computes the same numbers
 (early stopping and the best checkpoint then agree). `coco_metrics` scores them: mAP@[.5:.95], mAP@.5,
-mAP@.75, mAP for small/medium/large objects, AR@100, and per-class AP.
+mAP@.75, mAP for small/medium/large objects (only the sizes the ground truth has), AR@100, and per-class AP.
 """
 
 from __future__ import annotations
@@ -69,7 +69,11 @@ def coco_metrics(recorder: DetectionRecorder, classes: list[str]) -> tuple[dict[
              "mar_small", "mar_medium", "mar_large"]
     T, R, K = 10, 101, len(classes)
     if not detections or not annotations:
-        return {name: 0.0 for name in names}, {name: 0.0 for name in classes}, -np.ones((T, R, K, 4, 3))
+        # COCO's area ranges: small below 32^2 pixels, medium to 96^2, large above.
+        sizes = {"small": (0, 32 ** 2), "medium": (32 ** 2, 96 ** 2), "large": (96 ** 2, float("inf"))}
+        present = {size for a in annotations for size, (low, high) in sizes.items() if low <= a["area"] < high}
+        return ({name: 0.0 for name in names if name.split("_")[-1] not in sizes or name.split("_")[-1] in present},
+                {name: 0.0 for name in classes}, -np.ones((T, R, K, 4, 3)))
     truth = COCO()
     truth.dataset = {"images": images, "annotations": annotations,
                      "categories": [{"id": k, "name": name} for k, name in enumerate(classes)]}
@@ -80,8 +84,10 @@ def coco_metrics(recorder: DetectionRecorder, classes: list[str]) -> tuple[dict[
         evaluation.evaluate()
         evaluation.accumulate()
         evaluation.summarize()
-    # -1 marks "no ground truth in this range" (e.g. no small objects): report it as 0, not as a negative AP.
-    summary = {name: max(float(v), 0.0) for name, v in zip(names, evaluation.stats)}
+    # -1 marks "no ground truth in this range": a size range with no objects (e.g. no large ones) has no score,
+    # so it is left out rather than shown as a failing 0; overall scores stay (0 when nothing could be matched).
+    summary = {name: max(float(v), 0.0) for name, v in zip(names, evaluation.stats)
+               if v >= 0 or not name.endswith(("_small", "_medium", "_large"))}
     precision = evaluation.eval["precision"]  # T, R, K, area ranges, max detections (1, 10, 100)
     per_class = {}
     for k, name in enumerate(classes):
@@ -138,24 +144,53 @@ def label_font() -> str | None:
     return str(path) if path.is_file() else None
 
 
+def draw_labelled_boxes(image: torch.Tensor, boxes, names: list[str], colours: list[str], width: int,
+                        font_size: int, below: bool = False) -> torch.Tensor:
+    """Boxes on a uint8 [3, H, W] image, each name on a filled band of the box's colour (legible on any
+    background, as on the demo page): above the box's top edge, or under its bottom edge with `below` (ground
+    truth, so it never hides the detection's label on a matched box). Bands are kept inside the image."""
+    from PIL import Image, ImageColor, ImageDraw, ImageFont
+
+    picture = Image.fromarray(image.permute(1, 2, 0).contiguous().numpy())
+    draw = ImageDraw.Draw(picture)
+    path = label_font()
+    font = ImageFont.truetype(path, font_size) if path else ImageFont.load_default()
+    W, H = picture.size
+    for box, name, colour in zip(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), names, colours):
+        x1, y1, x2, y2 = (float(v) for v in box)
+        draw.rectangle([x1, y1, x2, y2], outline=colour, width=width)
+        if not name:
+            continue
+        left, top, right, bottom = draw.textbbox((0, 0), name, font=font)
+        w, h = right - left + 4, bottom - top + 4
+        x = min(max(0.0, x1), max(0.0, W - w))
+        y = min(y2, H - h) if below else max(0.0, y1 - h)
+        draw.rectangle([x, y, x + w, y + h], fill=colour)
+        r, g, b = ImageColor.getrgb(colour)[:3]
+        ink = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "white"
+        draw.text((x + 2 - left, y + 2 - top), name, fill=ink, font=font)
+    return torch.from_numpy(np.asarray(picture).copy()).permute(2, 0, 1)
+
+
 def plot_predictions(images: list[torch.Tensor], truths: list[tuple], results: list[dict], classes: list[str],
                      path: Path, min_score: float = 0.3, min_side: int = 400, columns: int = 4) -> None:
-    """A grid of images with ground truth (thin white) and the detections scoring at least `min_score` (class
-    colour, name and score; the metrics use every detection, the picture only the confident ones). Small images
-    are enlarged first so the labels stay legible."""
-    from torchvision.utils import draw_bounding_boxes, make_grid, save_image
+    """A grid of images with ground truth (white, its class under the box) and the detections scoring at least
+    `min_score` (class colour, name and score above the box; the metrics use every detection, the picture only
+    the confident ones). Labels sit on filled bands; small images are enlarged first so they stay legible."""
+    from torchvision.utils import make_grid, save_image
 
     drawn = []
     for image, (boxes, labels), result in zip(images, truths, results):
         factor = max(1, int(np.ceil(min_side / max(image.shape[-2:]))))
         image = image.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
-        image = draw_bounding_boxes(image, boxes * factor, colors="white", width=1)
+        image = draw_labelled_boxes(image, (boxes * factor).numpy(), [classes[int(c)] for c in labels],
+                                    ["white"] * len(labels), width=1, font_size=11, below=True)
         confident = result["scores"] >= min_score
         result = {k: v[confident] for k, v in result.items()}
         if len(result["labels"]):
             names = [f"{classes[int(c)]} {s:.2f}" for c, s in zip(result["labels"], result["scores"])]
             colours = [PALETTE[int(c) % len(PALETTE)] for c in result["labels"]]
-            image = draw_bounding_boxes(image, result["boxes"] * factor, names, colours, width=2, font=label_font(),
+            image = draw_labelled_boxes(image, (result["boxes"] * factor).numpy(), names, colours, width=2,
                                         font_size=13)
         drawn.append(image)
     size = max(max(d.shape[-2:]) for d in drawn)
