@@ -6,6 +6,7 @@ whose restricted unpickler refuses any other object: a tampered file cannot run 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -39,6 +40,15 @@ def load(path: Path, map_location: str | torch.device = "cpu") -> dict:
     except Exception as exc:  # truncated file, foreign pickle, wrong format: all unusable
         raise CheckpointError(f"{path}: cannot be loaded as a modelworks checkpoint ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0][:200]}); it is corrupt or not ours") from None
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256: ties what was fitted to a checkpoint (e.g. calibration.json) to those exact weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def rng_state() -> dict:
