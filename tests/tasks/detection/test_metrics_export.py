@@ -87,3 +87,25 @@ def test_decoders_give_valid_boxes_inside_the_image():
     decoder = AnchorFreeDecoder(3, 8, 64, (8, 16, 32))
     boxes = decoder(torch.randn(2, 84, 4 * 8 + 3))
     assert boxes.shape == (2, 84, 7) and (boxes[..., 2:4] >= boxes[..., :2]).all()
+
+
+def test_score_calibration_of_a_hand_made_example():
+    from modelworks.tasks.detection.report import score_calibration
+
+    far = np.array([[200, 200, 220, 220]], np.float32)
+    detections = {
+        # Image 1: class a found (0.9), class b's object found but called a (0.92): bin 13, precision 1/2.
+        1: (np.stack([GT[1][0][0], GT[1][0][1]]), np.array([0.9, 0.92]), np.array([0, 0])),
+        # Image 2: a box on nothing (0.32), the first object (0.30), a duplicate of it (0.28, its object already
+        # taken), all in bin 4: precision 1/3; the second object found below the served threshold (0.10): ignored.
+        2: (np.concatenate([far, GT[2][0][:1], GT[2][0][:1], GT[2][0][1:]]), np.array([0.32, 0.30, 0.28, 0.10]),
+            np.array([0, 0, 0, 0])),
+    }
+    summary, bins = score_calibration(recorder(detections), min_score=0.25)
+    # 2/5 x |1/2 - 0.91| + 3/5 x |1/3 - 0.30| = 0.164 + 0.02
+    assert summary["score_ece"] == pytest.approx(0.184, abs=1e-6)
+    assert summary["score_precision"] == pytest.approx(2 / 5) and summary["score_mean"] == pytest.approx(0.544)
+    assert summary["score_detections"] == 5
+    table = bins.table()
+    assert table["count"][4] == 3 and table["count"][13] == 2 and sum(table["count"]) == 5
+    assert table["accuracy"][4] == pytest.approx(1 / 3) and table["confidence"][13] == pytest.approx(0.91)
