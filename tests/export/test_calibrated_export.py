@@ -42,8 +42,7 @@ def calibrated_run(tiny_run_dir, tmp_path_factory) -> tuple[Path, dict, dict]:
     task, cfg = load_run(run_dir)
     before = evaluate_run(task, cfg, run_dir)
     task, cfg = load_run(run_dir)
-    record = calibrate_run(task, cfg, run_dir)
-    print(record)
+    calibrate_run(task, cfg, run_dir)
     task, cfg = load_run(run_dir)
     after = evaluate_run(task, cfg, run_dir)
     return run_dir, before, after

@@ -65,11 +65,13 @@ class ReliabilityBins:
         confidence, predicted = logits.float().softmax(1).max(1)
         self.update(confidence, predicted == labels)
 
-    def table(self) -> dict[str, list[float]]:
-        """Per bin: its lower edge, sample count, mean confidence and accuracy (NaN for an empty bin)."""
-        counts = self.counts
-        return {"bin_lower": [i / self.n_bins for i in range(self.n_bins)], "count": counts.tolist(),
-                "confidence": (self.confidence_sums / counts).tolist(), "accuracy": (self.correct_sums / counts).tolist()}
+    def table(self) -> dict[str, list]:
+        """Per bin, JSON-ready: its lower edge, sample count, mean confidence and accuracy (None for an empty bin)."""
+        def per_bin(sums: torch.Tensor) -> list[float | None]:
+            return [float(total / n) if n else None for total, n in zip(sums.tolist(), self.counts.tolist())]
+
+        return {"bin_lower": [i / self.n_bins for i in range(self.n_bins)], "count": self.counts.tolist(),
+                "confidence": per_bin(self.confidence_sums), "accuracy": per_bin(self.correct_sums)}
 
     def ece(self) -> float:
         """sum over bins of (share of samples) x |accuracy - mean confidence|."""

@@ -204,7 +204,8 @@ class ClassificationTask(Task):
             temperature = fit_temperature(logits, labels)
             ece = MulticlassCalibrationError(self.num_classes, n_bins=ECE_BINS, norm="l1").to(logits.device)
             return {"temperature": temperature, "tta": self.cfg.model.tta, "samples": len(labels),
-                    "ece_uncalibrated": ece(logits, labels).item(), "ece": ece(logits / temperature, labels).item(),
+                    "ece_uncalibrated": ece(logits.softmax(1), labels).item(),
+                    "ece": ece((logits / temperature).softmax(1), labels).item(),
                     "nll_uncalibrated": F.cross_entropy(logits, labels).item(),
                     "nll": F.cross_entropy(logits / temperature, labels).item()}
 
@@ -235,7 +236,7 @@ class ClassificationTask(Task):
                                                               norm="l1").to(logits.device)
             metrics.update(logits, y)
             if uncalibrated is not None:
-                uncalibrated.update(raw, y)
+                uncalibrated.update(raw.softmax(1), y)  # probabilities: logits all in [0, 1] would pass as such
             if worst is not None:
                 worst.update(x, logits, y)
             if bins is not None:
