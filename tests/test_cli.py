@@ -23,11 +23,27 @@ def test_train_writes_the_run_directory(tmp_path, capsys):
     assert f"run finished at step 7: {run_dir}" in out
     assert "test/acc1" in out
     for name in ("config.yaml", "command.txt", "environment.json", "metrics.jsonl", "summary.json",
-                 "checkpoints/last.pt", "checkpoints/best.pt", "evaluation/test.json"):
+                 "checkpoints/last.pt", "checkpoints/best.pt", "evaluation/test.json", "calibration.json",
+                 "evaluation/reliability.png"):
         assert (run_dir / name).is_file(), name
+    # train calibrates at its end, so the test report is of the calibrated model it will export.
+    assert "calibration (" in out
+    report = json.loads((run_dir / "evaluation" / "test.json").read_text())
+    assert {"test/ece", "test/ece_uncalibrated", "val/temperature"} <= set(report)
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["model"]["widths"] == [8, 16, 16, 32] and saved["name"] == "first"
     assert {"python", "torch", "torchvision"} <= set(json.loads((run_dir / "environment.json").read_text()))
+
+
+def test_calibrate_fits_the_temperature_of_an_existing_run(tiny_run_dir, tmp_path, capsys):
+    import shutil
+
+    run_dir = shutil.copytree(tiny_run_dir, tmp_path / "run")
+    assert main(["calibrate", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    fitted = json.loads((run_dir / "calibration.json").read_text())["fitted"]
+    assert f"temperature       {fitted['temperature']:.4f}" in out
+    assert f"next: modelworks evaluate {run_dir}, then modelworks export {run_dir} --force" in out
 
 
 def test_reproduce_command_replays_the_saved_config(tmp_path, capsys):

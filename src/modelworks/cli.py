@@ -1,7 +1,8 @@
-"""The `modelworks` command: verbs train / evaluate / export / predict / serve / recipes.
+"""The `modelworks` command: verbs train / calibrate / evaluate / export / predict / serve / recipes.
 
     modelworks train classification --recipe fashion-mnist --set optim.lr=0.002
     modelworks train --resume runs/classification/NAME
+    modelworks calibrate runs/classification/NAME     # train does this itself; for runs trained before it did
     modelworks evaluate runs/classification/NAME
     modelworks export runs/classification/NAME --quantize int8
     modelworks predict runs/classification/NAME/package images/ --out predictions.jsonl
@@ -33,6 +34,18 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override one config value, e.g. --set optim.lr=0.002 (repeatable)")
     train.add_argument("--name", help="run directory name (default: <recipe>-<timestamp>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoints/last.pt")
+
+    calibrate = verbs.add_parser(
+        "calibrate", help="fit the probability calibration on the validation split (train does it at the end)",
+        description="Fit a finished run's post-hoc calibration on its validation split (classification: one "
+                    "temperature dividing the logits, Guo et al. 2017) and keep it in RUN_DIR/calibration.json; "
+                    "`evaluate` reports calibrated metrics with it and `export` puts it inside the graph. "
+                    "`train` calibrates at its end; run this for a run trained before that, or for other "
+                    "--checkpoint/--set choices.")
+    calibrate.add_argument("run_dir")
+    calibrate.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    calibrate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="change an inference setting first, e.g. --set model.tta=flip or train.device=cpu")
 
     evaluate = verbs.add_parser("evaluate", help="test metrics and plots for a finished run")
     evaluate.add_argument("run_dir")
@@ -131,7 +144,7 @@ def load_run_config(run_dir: Path, overrides: list[str]):
 
 def run_train(args: argparse.Namespace, argv: list[str]) -> int:
     from .engine import distributed, rundir
-    from .engine.loop import evaluate_run, fit
+    from .engine.loop import calibrate_run, evaluate_run, fit
     from .engine.precision import resolve_device
 
     if args.resume:
@@ -168,9 +181,27 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
         print_table("best validation", result.best)
     if result.status == "interrupted":
         return 130
+    record = calibrate_run(task, cfg, run_dir)
+    if record is not None:
+        print_table(f"calibration ({run_dir / 'calibration.json'})", record["fitted"])
     if cfg.train.test_at_end:
         metrics = evaluate_run(task, cfg, run_dir, "test", fallback_to_val=True)
         print_table(f"report ({run_dir / 'evaluation'})", metrics)
+    return 0
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from .engine.loop import calibrate_run
+
+    run_dir = Path(args.run_dir)
+    task_cls, cfg = load_run_config(run_dir, args.overrides)
+    record = calibrate_run(task_cls(cfg), cfg, run_dir, args.checkpoint)
+    if record is None:
+        print(f"{task_cls.name}: nothing to calibrate (the task has no post-hoc calibration)")
+        return 0
+    print_table(f"calibration of {record['checkpoint']} on the validation split ({run_dir / 'calibration.json'})",
+                record["fitted"])
+    print(f"next: modelworks evaluate {run_dir}, then modelworks export {run_dir} --force")
     return 0
 
 
@@ -283,6 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "train":
             return run_train(args, argv)
+        if args.verb == "calibrate":
+            return run_calibrate(args)
         if args.verb == "evaluate":
             return run_evaluate(args)
         if args.verb == "export":

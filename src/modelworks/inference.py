@@ -41,7 +41,7 @@ def export_run(run_dir: Path, out: Path | None, options_kwargs: dict, checkpoint
     """`modelworks export RUN_DIR`: rebuild the run's model on the CPU and write its verified package."""
     from .engine import rundir
     from .engine.batches import eval_indices, fetch, train_indices
-    from .engine.loop import load_for_evaluation
+    from .engine.loop import load_for_evaluation, restore_calibration
     from .export.build import ExportOptions, build_package
 
     raw = rundir.read_config_dict(run_dir)
@@ -63,6 +63,9 @@ def export_run(run_dir: Path, out: Path | None, options_kwargs: dict, checkpoint
     cpu = torch.device("cpu")
     splits = task.datasets(cpu)  # also teaches the task what the data decides (class names)
     model = load_for_evaluation(task, run_dir, cpu, cfg, checkpoint)
+    _, note = restore_calibration(task, run_dir, checkpoint)  # the task puts it inside the exported graph
+    if note:
+        log(f"  note: {note}")
 
     batch_size = cfg.train.eval_batch_size
     val_batches = (task.prepare_batch(b, None) for b in

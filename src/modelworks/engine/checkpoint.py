@@ -6,6 +6,7 @@ whose restricted unpickler refuses any other object: a tampered file cannot run 
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import tempfile
@@ -122,6 +123,15 @@ def restoring(path: Path, part: str):
 
 def listing(names: list[str]) -> str:
     return ", ".join(names[:SHOWN]) + (", ..." if len(names) > SHOWN else "")
+
+
+def sha256_file(path: Path) -> str:
+    """The file's sha256: ties what was fitted to a checkpoint (e.g. calibration.json) to those exact weights."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def rng_state() -> dict:

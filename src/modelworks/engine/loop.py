@@ -8,6 +8,7 @@ stopping and RNG state) resumes the uninterrupted run exactly.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import signal
 import time
@@ -292,11 +293,17 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     return FitResult(run_dir, step, status, best_metrics)
 
 
-def load_for_evaluation(task, run_dir: Path, device: torch.device, cfg: RunConfig, which: str = "best") -> nn.Module:
-    """The run's model with its best (or last) weights, the EMA weights when the run kept an average."""
+def checkpoint_path(run_dir: Path, which: str = "best") -> Path:
+    """checkpoints/best.pt (last.pt for a run stopped before its first evaluation) or checkpoints/last.pt."""
     path = run_dir / "checkpoints" / f"{which}.pt"
     if which == "best" and not path.is_file():
         path = run_dir / "checkpoints" / "last.pt"
+    return path
+
+
+def load_for_evaluation(task, run_dir: Path, device: torch.device, cfg: RunConfig, which: str = "best") -> nn.Module:
+    """The run's model with its best (or last) weights, the EMA weights when the run kept an average."""
+    path = checkpoint_path(run_dir, which)
     state = checkpoint.load(path, device, keys=("model",))
     model = prepare_model(task, device, cfg)
     if state.get("ema") is None:
@@ -305,6 +312,55 @@ def load_for_evaluation(task, run_dir: Path, device: torch.device, cfg: RunConfi
         ema = state["ema"]
         checkpoint.load_model_weights(model, ema.get("module") if isinstance(ema, dict) else ema, path, "ema.module")
     return model.eval()
+
+
+CALIBRATION_FILE = "calibration.json"  # in the run directory, beside checkpoints/
+
+
+def calibrate_run(task, cfg: RunConfig, run_dir: Path, which: str = "best") -> dict | None:
+    """Fit the task's post-hoc calibration (`task.calibrate`) on the whole validation split with the run's best
+    (or last) weights, and keep it in RUN_DIR/calibration.json, where evaluation and export find it. None (and
+    nothing written) for a task without calibration."""
+    device = resolve_device(cfg.train.device)
+    precision = choose_precision(cfg.train.precision, device)
+    splits = task.datasets(device)
+    model = load_for_evaluation(task, run_dir, device, cfg, which)
+    indices = eval_indices(len(splits.val), cfg.train.eval_batch_size, 0, 1)
+    batches = (task.prepare_batch(b, None)
+               for b in fetch(splits.val, indices, device, cfg.train.num_workers, splits.collate_fn))
+    with torch.no_grad(), precision.autocast():
+        fitted = task.calibrate(model, batches)
+    if fitted is None:
+        return None
+    path = checkpoint_path(run_dir, which)
+    record = {"checkpoint": path.name, "checkpoint_sha256": checkpoint.sha256_file(path), "split": "val",
+              "fitted": fitted}
+    rundir.write_json(run_dir / CALIBRATION_FILE, record)
+    return record
+
+
+def restore_calibration(task, run_dir: Path, which: str = "best") -> tuple[dict[str, float], str | None]:
+    """Give the task the calibration fitted for this checkpoint (`task.adopt_calibration`), or none when the run
+    has none or it was fitted for other weights. Returns its numbers as `val/...` keys for a report, and a note
+    for the user when the task would have used a calibration it did not get."""
+    path = run_dir / CALIBRATION_FILE
+    fitted, why = None, f"{path} does not exist"
+    if path.is_file():
+        try:
+            record = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{path}: not valid JSON ({exc}); delete it and run `modelworks calibrate "
+                                  f"{run_dir}` again") from None
+        weights = checkpoint_path(run_dir, which)
+        if weights.is_file() and record["checkpoint_sha256"] == checkpoint.sha256_file(weights):
+            fitted = record["fitted"]
+        else:
+            why = f"{path} was fitted for other weights ({record['checkpoint']} before it changed)"
+    note = task.adopt_calibration(fitted)
+    if note and fitted is None:
+        note = f"{note} ({why}); fit it with `modelworks calibrate {run_dir}`"
+    values = {f"val/{k}": v for k, v in (fitted or {}).items() if isinstance(v, float)}
+    return values, note
 
 
 def evaluate_run(task, cfg: RunConfig, run_dir: Path, split: str = "test", which: str = "best",
@@ -321,10 +377,15 @@ def evaluate_run(task, cfg: RunConfig, run_dir: Path, split: str = "test", which
     if dataset is None:
         raise ConfigError(f"--split {split}: this data source has no {split} split")
     model = load_for_evaluation(task, run_dir, device, cfg, which)
+    calibration, note = restore_calibration(task, run_dir, which)
+    if note:
+        print(note)
     report_dir = run_dir / "evaluation"
     report_dir.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
     metrics = evaluate_split(task, model, dataset, splits.collate_fn, cfg, device, precision, split, report_dir)
     metrics[f"{split}/seconds"] = time.perf_counter() - tic
+    # The fitted values (val/temperature, ...) beside the metrics they produced.
+    metrics.update({k: v for k, v in calibration.items() if k not in metrics})
     rundir.write_json(report_dir / f"{split}.json", metrics)
     return metrics

@@ -159,6 +159,18 @@ class Task:
         With `report_dir`, also write the task's plots there. Must be correct under DDP (each rank sees a shard)."""
         raise NotImplementedError
 
+    def calibrate(self, model: nn.Module, batches: Iterable[Any]) -> dict | None:
+        """Post-hoc calibration, fitted after training on prepared validation batches of the whole split (rank 0
+        alone), e.g. classification's temperature (Guo et al. 2017). Returns JSON-able values, keys without the
+        split prefix, which the engine keeps in RUN_DIR/calibration.json and gives back through
+        `adopt_calibration` before evaluation and export. None (the default): nothing to calibrate."""
+        return None
+
+    def adopt_calibration(self, calibration: dict | None) -> str | None:
+        """Use what `calibrate` returned (None: the run has none) in `evaluate`, `export_module` and
+        `predictor`. Returns a note for the user when the calibration is missing or does not apply."""
+        return None
+
     def describe(self, model: nn.Module) -> str:
         """One line for the start of a run: model name and size."""
         params = sum(p.numel() for p in model.parameters())

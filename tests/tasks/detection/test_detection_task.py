@@ -3,6 +3,8 @@ batch overfit to near-perfect mAP (what the contract's loss checks cannot see)."
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -111,8 +113,16 @@ def test_one_batch_overfits_to_near_perfect_map(name, tmp_path):
                 module.reset_running_stats()
                 module.momentum = None  # a cumulative average: one pass gives the batch's exact statistics
         model(batch["images"])
-        metrics = task.evaluate(model.eval(), [batch])
+        report_dir = tmp_path / "report"
+        report_dir.mkdir()
+        metrics = task.evaluate(model.eval(), [batch], report_dir)
     assert metrics["map50"] > 0.95, metrics
+    # The report's score calibration: served detections of a model that found every object are mostly right.
+    assert metrics["score_detections"] >= 8 and metrics["score_precision"] > 0.5, metrics
+    assert 0 <= metrics["score_ece"] <= 1
+    assert (report_dir / "score_reliability.png").stat().st_size > 1000
+    table = json.loads((report_dir / "score_reliability.json").read_text())
+    assert sum(table["count"]) == metrics["score_detections"] and table["min_score"] == 0.25
 
 
 def test_uncached_split_batches_equal_cached_ones(tmp_path):

@@ -116,3 +116,25 @@ def test_prediction_pictures_label_detections_and_ground_truth_on_filled_bands(t
     assert (np.abs(above - colour).sum(-1) < 30).mean() > 0.4  # mostly the class colour (the rest is text)
     assert (below.min(-1) > 225).mean() > 0.4  # mostly white
     assert (np.abs(below - colour).sum(-1) < 30).mean() == 0
+
+
+def test_score_calibration_of_a_hand_made_example():
+    from modelworks.tasks.detection.report import score_calibration
+
+    far = np.array([[200, 200, 220, 220]], np.float32)
+    detections = {
+        # Image 1: class a found (0.9), class b's object found but called a (0.92): bin 13, precision 1/2.
+        1: (np.stack([GT[1][0][0], GT[1][0][1]]), np.array([0.9, 0.92]), np.array([0, 0])),
+        # Image 2: a box on nothing (0.32), the first object (0.30), a duplicate of it (0.28, its object already
+        # taken), all in bin 4: precision 1/3; the second object found below the served threshold (0.10): ignored.
+        2: (np.concatenate([far, GT[2][0][:1], GT[2][0][:1], GT[2][0][1:]]), np.array([0.32, 0.30, 0.28, 0.10]),
+            np.array([0, 0, 0, 0])),
+    }
+    summary, bins = score_calibration(recorder(detections), min_score=0.25)
+    # 2/5 x |1/2 - 0.91| + 3/5 x |1/3 - 0.30| = 0.164 + 0.02
+    assert summary["score_ece"] == pytest.approx(0.184, abs=1e-6)
+    assert summary["score_precision"] == pytest.approx(2 / 5) and summary["score_mean"] == pytest.approx(0.544)
+    assert summary["score_detections"] == 5
+    table = bins.table()
+    assert table["count"][4] == 3 and table["count"][13] == 2 and sum(table["count"]) == 5
+    assert table["accuracy"][4] == pytest.approx(1 / 3) and table["confidence"][13] == pytest.approx(0.91)

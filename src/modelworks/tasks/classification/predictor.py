@@ -47,7 +47,8 @@ class ClassScore(BaseModel):
 
 class ClassificationResponse(BaseModel):
     label: str = Field(description="The most probable class.")
-    probability: float = Field(description="Its softmax probability.")
+    probability: float = Field(description="Its probability: the softmax of the calibrated logits when the "
+                                           "manifest's predictor.calibration has a temperature.")
     top_k: list[ClassScore]
 
 
@@ -69,8 +70,15 @@ class ImageClassifierPredictor(Predictor):
 
     @staticmethod
     def build_spec(channels: int, height: int, width: int, mean: Sequence[float], std: Sequence[float],
-                   labels: list[str], resize: bool, tta: str) -> dict:
-        """The manifest's description of the model's input, labels and preprocessing."""
+                   labels: list[str], resize: bool, tta: str, temperature: float | None = None) -> dict:
+        """The manifest's description of the model's input, labels and preprocessing. `temperature`: the
+        calibration the graph applies (None: an uncalibrated model, its raw softmax served)."""
+        if temperature is None:
+            calibration = {"temperature": None, "method": "none: the model's raw softmax; fit a temperature with "
+                                                          "`modelworks calibrate RUN_DIR` and export again"}
+        else:
+            calibration = {"temperature": temperature, "method": "temperature scaling (Guo et al. 2017) fitted on "
+                           "the validation split; inside the graph: its logits are already divided by it"}
         return {
             "inputs": [{"name": "images", "shape": ["batch", channels, height, width], "dtype": "float32"}],
             "outputs": ["logits"],
@@ -81,6 +89,7 @@ class ImageClassifierPredictor(Predictor):
                 "scale": "1/255", "mean": list(mean), "std": list(std),
             },
             "test_time_augmentation": tta,  # inside the graph: every runtime serves the evaluated model
+            "calibration": calibration,
         }
 
     @property

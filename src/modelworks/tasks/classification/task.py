@@ -10,11 +10,13 @@ from typing import Iterable, Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics.classification import MulticlassCalibrationError
 
 from ...data import images as image_data
 from ...errors import DataError
 from ...data.augment import AugmentConfig, augment_batch
 from ..base import Splits, StepOutput, Task
+from ..calibration import ECE_BINS, ReliabilityBins, fit_temperature, plot_reliability
 from .models import build_classifier
 from .predictor import ImageClassifierPredictor
 from . import report
@@ -71,21 +73,27 @@ def shift_image(x: torch.Tensor, pixels: int) -> torch.Tensor:
 
 
 class TTAClassifier(nn.Module):
-    """A classifier with its test-time augmentation: the mean logits over the views `tta` names. The same module
-    computes evaluation's logits and is the exported graph, so every runtime serves the evaluated model."""
+    """A classifier with its test-time augmentation: the mean logits over the views `tta` names, divided by the
+    calibration temperature. The same module computes evaluation's logits and is the exported graph, so every
+    runtime serves the evaluated model and its calibrated probabilities."""
 
-    def __init__(self, model: nn.Module, tta: str):
+    def __init__(self, model: nn.Module, tta: str, temperature: float = 1.0):
         super().__init__()
         self.model = model
         self.tta = tta
+        self.temperature = float(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tta == "none":
-            return self.model(x).float()
-        views = [x, x.flip(-1)]
-        if self.tta == "flip_shift":
-            views += [shift_image(views[0], 1), shift_image(views[1], -1)]
-        return torch.stack([self.model(v).float() for v in views]).mean(0)
+            logits = self.model(x).float()
+        else:
+            views = [x, x.flip(-1)]
+            if self.tta == "flip_shift":
+                views += [shift_image(views[0], 1), shift_image(views[1], -1)]
+            logits = torch.stack([self.model(v).float() for v in views]).mean(0)
+        if self.temperature != 1.0:  # an uncalibrated model exports the same graph as before calibration existed
+            logits = logits / self.temperature
+        return logits
 
 
 class ClassificationTask(Task):
@@ -105,6 +113,9 @@ class ClassificationTask(Task):
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
         self.classes: list[str] = []
+        # Temperature scaling (tasks/calibration.py): 1 until `adopt_calibration` gives the run's fitted value.
+        self.temperature = 1.0
+        self.calibrated = False
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -177,24 +188,66 @@ class ClassificationTask(Task):
         return StepOutput(loss, {"acc1": acc.detach()}, len(y))
 
     def logits(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The uncalibrated logits of the model as served (with its test-time augmentation)."""
         return TTAClassifier(model, self.cfg.model.tta)(x)
+
+    # ------------------------------------------------------------------------------------------ calibration
+
+    def calibrate(self, model: nn.Module, batches: Iterable) -> dict:
+        """Fit the temperature on the validation split's served logits (Guo et al. 2017)."""
+        logits, labels = [], []
+        for x, y in batches:
+            logits.append(self.logits(model, x).float())
+            labels.append(y)
+        logits, labels = torch.cat(logits), torch.cat(labels)
+        with torch.autocast(logits.device.type, enabled=False):
+            temperature = fit_temperature(logits, labels)
+            ece = MulticlassCalibrationError(self.num_classes, n_bins=ECE_BINS, norm="l1").to(logits.device)
+            return {"temperature": temperature, "tta": self.cfg.model.tta, "samples": len(labels),
+                    "ece_uncalibrated": ece(logits.softmax(1), labels).item(),
+                    "ece": ece((logits / temperature).softmax(1), labels).item(),
+                    "nll_uncalibrated": F.cross_entropy(logits, labels).item(),
+                    "nll": F.cross_entropy(logits / temperature, labels).item()}
+
+    def adopt_calibration(self, calibration: dict | None) -> str | None:
+        self.temperature, self.calibrated = 1.0, False
+        if calibration is None:
+            return "no calibration: probabilities are the model's raw softmax (temperature 1)"
+        if calibration["tta"] != self.cfg.model.tta:
+            return (f"the temperature {calibration['temperature']:.4f} was fitted with model.tta="
+                    f"{calibration['tta']}, not {self.cfg.model.tta}: not used (temperature 1); fit one for this "
+                    "setting with `modelworks calibrate RUN_DIR --set model.tta=...`")
+        self.temperature, self.calibrated = float(calibration["temperature"]), True
+        return None
 
     # ------------------------------------------------------------------------------------------ evaluation
 
     def evaluate(self, model: nn.Module, batches: Iterable, report_dir: Path | None = None) -> dict[str, float]:
-        metrics = None
+        metrics = uncalibrated = None
         worst = report.WorstErrors(keep=32) if report_dir is not None else None
+        bins = (ReliabilityBins(), ReliabilityBins()) if report_dir is not None else None  # uncalibrated, served
         for x, y in batches:
-            logits = self.logits(model, x)
+            raw = self.logits(model, x)
+            logits = raw / self.temperature  # the served logits: what every metric below scores
             if metrics is None:  # on the batches' device, known only once the first one arrives
                 metrics = report.ClassificationMetrics(self.num_classes, device=logits.device)
+                if self.calibrated:
+                    uncalibrated = MulticlassCalibrationError(self.num_classes, n_bins=ECE_BINS,
+                                                              norm="l1").to(logits.device)
             metrics.update(logits, y)
+            if uncalibrated is not None:
+                uncalibrated.update(raw.softmax(1), y)  # probabilities: logits all in [0, 1] would pass as such
             if worst is not None:
                 worst.update(x, logits, y)
+            if bins is not None:
+                bins[0].update_logits(raw, y)
+                bins[1].update_logits(logits, y)
         if metrics is None:
             raise DataError("evaluate: the split has no samples on this rank; use a smaller world size")
         results = metrics.compute()
         summary = {k: v for k, v in results.items() if not isinstance(v, torch.Tensor)}
+        if uncalibrated is not None:
+            summary["ece_uncalibrated"] = uncalibrated.compute().item()
         if report_dir is None:
             return summary
         classes = self.classes or [str(i) for i in range(self.num_classes)]
@@ -204,12 +257,18 @@ class ClassificationTask(Task):
         mean, std = self.mean.cpu(), self.std.cpu()
         report.plot_worst_errors(worst, classes, mean, std, report_dir / "worst_errors.png")
         (report_dir / "confusion_matrix.json").write_text(json.dumps(results["confusion"].tolist()))
+        panels = [("uncalibrated softmax", bins[0])]
+        if self.calibrated:
+            panels.append((f"calibrated: temperature {self.temperature:.3f} (served)", bins[1]))
+        plot_reliability(panels, report_dir / "reliability.png")
+        (report_dir / "reliability.json").write_text(json.dumps(
+            {"temperature": self.temperature, "uncalibrated": bins[0].table(), "served": bins[1].table()}))
         return summary
 
     # ------------------------------------------------------------------------------------------ export
 
     def export_module(self, model: nn.Module) -> nn.Module:
-        return TTAClassifier(model, self.cfg.model.tta)
+        return TTAClassifier(model, self.cfg.model.tta, self.temperature)
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         return (torch.zeros(1, self.channels, self.image_size, self.image_size),)
@@ -222,11 +281,15 @@ class ClassificationTask(Task):
         labels = self.classes or [str(i) for i in range(self.num_classes)]
         spec = ImageClassifierPredictor.build_spec(
             self.channels, self.image_size, self.image_size, self.mean.flatten().tolist(),
-            self.std.flatten().tolist(), labels, resize=self.kind == "imagefolder", tta=self.cfg.model.tta)
+            self.std.flatten().tolist(), labels, resize=self.kind == "imagefolder", tta=self.cfg.model.tta,
+            temperature=self.temperature if self.calibrated else None)
         return ImageClassifierPredictor(spec)
 
     def adopt_spec(self, spec: dict) -> None:
         self.classes = list(spec["labels"])
+        # A package from before calibration existed has no "calibration": its graph divides by nothing.
+        temperature = spec.get("calibration", {}).get("temperature")
+        self.temperature, self.calibrated = (1.0, False) if temperature is None else (float(temperature), True)
 
     def graph_inputs(self, batch) -> tuple[torch.Tensor, ...]:
         return (batch[0],)

@@ -78,20 +78,26 @@ def postprocess(predictions: torch.Tensor, score_threshold: float, iou_threshold
     return results
 
 
-def count_matches(boxes: torch.Tensor, labels: torch.Tensor, other_boxes: torch.Tensor, other_labels: torch.Tensor,
-                  iou_threshold: float) -> int:
-    """How many of `boxes` (in order, e.g. by score) find a partner in `other_boxes` of the same label with IoU
-    >= iou_threshold, each partner used once (greedy, the way COCO matches detections to ground truth)."""
+def match_detections(boxes: torch.Tensor, labels: torch.Tensor, other_boxes: torch.Tensor,
+                     other_labels: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Which of `boxes` (in order, e.g. by score) find a partner in `other_boxes` of the same label with IoU
+    >= iou_threshold, each partner used once (greedy, the way COCO matches detections to ground truth): bool [N]."""
+    matched = torch.zeros(len(boxes), dtype=torch.bool)
     if not len(boxes) or not len(other_boxes):
-        return 0
+        return matched
     iou = box_iou(boxes.float(), other_boxes.float())
     iou[labels[:, None] != other_labels[None, :]] = -1
     taken = torch.zeros(len(other_boxes), dtype=torch.bool, device=iou.device)
-    matches = 0
-    for row in iou:
+    for i, row in enumerate(iou):
         row = row.masked_fill(taken, -1)
         j = int(row.argmax())
         if row[j] >= iou_threshold:
             taken[j] = True
-            matches += 1
-    return matches
+            matched[i] = True
+    return matched
+
+
+def count_matches(boxes: torch.Tensor, labels: torch.Tensor, other_boxes: torch.Tensor, other_labels: torch.Tensor,
+                  iou_threshold: float) -> int:
+    """How many of `boxes` find a partner in `other_boxes` (see match_detections)."""
+    return int(match_detections(boxes, labels, other_boxes, other_labels, iou_threshold).sum())

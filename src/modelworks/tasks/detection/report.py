@@ -3,7 +3,11 @@
 `DetectionRecorder` collects ground truth and detections in original-image pixels as batches stream; under DDP
 each rank holds its shard and `gather` brings them all to every rank, so every rank computes the same numbers
 (early stopping and the best checkpoint then agree). `coco_metrics` scores them: mAP@[.5:.95], mAP@.5,
-mAP@.75, mAP for small/medium/large objects (only the sizes the ground truth has), AR@100, and per-class AP.
+mAP@.75, mAP for small/medium/large objects (only the sizes the ground truth has), AR@100, and per-class AP. `score_calibration` measures whether a
+detection's score means what it says: the precision of the detections in each score bin (matched to ground truth
+at IoU 0.5), and its ECE-like summary, the detection ECE of Kueppers et al. 2020 ("Multivariate Confidence
+Calibration for Object Detection"). The served top score is the server's drift signal: this says how far it can
+be read as a probability of being right.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import torch
 
 from ...engine import distributed
 from ...errors import ModelworksError
+from ..calibration import ReliabilityBins
+from .boxes import match_detections
 
 
 class DetectionRecorder:
@@ -94,6 +100,31 @@ def coco_metrics(recorder: DetectionRecorder, classes: list[str]) -> tuple[dict[
         p = precision[:, :, k, 0, -1]
         per_class[name] = float(p[p > -1].mean()) if (p > -1).any() else 0.0
     return summary, per_class, precision
+
+
+def score_calibration(recorder: DetectionRecorder, min_score: float, iou_threshold: float = 0.5
+                      ) -> tuple[dict[str, float], ReliabilityBins]:
+    """Detection ECE over the detections scoring at least `min_score` (those a request is served by default):
+    per image, detections by descending score are matched greedily to same-class ground truth at
+    `iou_threshold`; then over 15 equal-width score bins, sum of (share of detections) x |precision - mean score|.
+    Returns ({"score_ece", "score_precision", "score_mean", "score_detections"}, the bins for the diagram)."""
+    truth = {image_id: (boxes, labels) for image_id, boxes, labels in recorder.ground_truth}
+    bins = ReliabilityBins()
+    for image_id, boxes, scores, labels in recorder.detections:
+        keep = scores >= min_score
+        order = np.argsort(-scores[keep], kind="stable")
+        boxes, scores, labels = boxes[keep][order], scores[keep][order], labels[keep][order]
+        gt_boxes, gt_labels = truth.get(image_id, (np.zeros((0, 4), np.float32), np.zeros(0, np.int64)))
+        matched = match_detections(torch.as_tensor(boxes).reshape(-1, 4), torch.as_tensor(labels).long(),
+                                   torch.as_tensor(gt_boxes).reshape(-1, 4), torch.as_tensor(gt_labels).long(),
+                                   iou_threshold)
+        bins.update(torch.as_tensor(scores, dtype=torch.float64), matched)
+    n = float(bins.counts.sum())
+    summary = {"score_ece": bins.ece() if n else float("nan"),
+               "score_precision": float(bins.correct_sums.sum()) / n if n else float("nan"),
+               "score_mean": float(bins.confidence_sums.sum()) / n if n else float("nan"),
+               "score_detections": n}
+    return summary, bins
 
 
 def _pyplot():

@@ -20,6 +20,7 @@ from ...data.images import FASHION_MNIST_CLASSES, split_indices
 from ...engine import distributed
 from ...errors import ConfigError, DataError
 from ..base import Splits, StepOutput, Task
+from ..calibration import plot_reliability
 from . import report
 from .boxes import count_matches, postprocess
 from .loss import AnchorFreeLoss, TaskAlignedAssigner, YOLOv1Loss
@@ -290,6 +291,14 @@ class DetectionTask(Task):
         if shown:
             summary["ms_per_image_batch1"] = self._latency_batch1(model, [s[0] for s in shown])
         report.plot_precision_recall(precision, classes, report_dir / "precision_recall.png")
+        served = self.cfg.model.predict_score_threshold
+        calibration, bins = report.score_calibration(recorder, served)
+        summary.update(calibration)
+        plot_reliability([(f"detections scoring >= {served} (served by default)", bins)],
+                         report_dir / "score_reliability.png", xlabel="detection score",
+                         ylabel="precision (matched at IoU 0.5)")
+        (report_dir / "score_reliability.json").write_text(json.dumps(
+            {"min_score": served, "iou_threshold": 0.5, **bins.table()}))
         report.plot_predictions([s[0] for s in shown], [s[1] for s in shown], [s[2] for s in shown], classes,
                                 report_dir / "predictions.png")
         return summary
