@@ -156,6 +156,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                  config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log.info(f"{task.describe(model)} | device {device} x{world} | {precision.name} | "
              f"{steps_per_epoch} steps/epoch, {total_steps} steps | train {len(splits.train)} val {len(splits.val)}")
+    for note in splits.notes:
+        log.info(note)
     if resume:
         log.info(f"resumed at step {step} (epoch {step / steps_per_epoch:.2f})")
 
