@@ -55,7 +55,9 @@ def plan_steps(remaining_s: float, seconds_per_step: float, seconds_per_evaluati
 
 def measure(train_step: Callable[[], None], evaluate: Callable[[], None], synchronize: Callable[[], None]
             ) -> tuple[float, float]:
-    """(seconds per training step, seconds per evaluation: `evaluate` validates and saves), after WARMUP_STEPS untimed steps. The step
+    """(seconds per training step, seconds per evaluation: `evaluate` validates and saves), after WARMUP_STEPS
+    untimed steps. The step time is the median of TIMED_STEPS single steps: one step stalled by a neighbour's job
+    or a late one-off initialisation would move a mean of so few by its whole length, and every step after it."""(seconds per training step, seconds per evaluation: `evaluate` validates and saves), after WARMUP_STEPS untimed steps. The step
     time is the median of TIMED_STEPS single steps: one step stalled by a neighbour's job or a late one-off
     initialisation would move a mean of so few by its whole length, and every step of the run after it."""
     for _ in range(WARMUP_STEPS):
