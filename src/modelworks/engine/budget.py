@@ -57,9 +57,7 @@ def measure(train_step: Callable[[], None], evaluate: Callable[[], None], synchr
             ) -> tuple[float, float]:
     """(seconds per training step, seconds per evaluation: `evaluate` validates and saves), after WARMUP_STEPS
     untimed steps. The step time is the median of TIMED_STEPS single steps: one step stalled by a neighbour's job
-    or a late one-off initialisation would move a mean of so few by its whole length, and every step after it."""(seconds per training step, seconds per evaluation: `evaluate` validates and saves), after WARMUP_STEPS untimed steps. The step
-    time is the median of TIMED_STEPS single steps: one step stalled by a neighbour's job or a late one-off
-    initialisation would move a mean of so few by its whole length, and every step of the run after it."""
+    or a late one-off initialisation would move a mean of so few by its whole length, and every step after it."""
     for _ in range(WARMUP_STEPS):
         train_step()
     times = []
