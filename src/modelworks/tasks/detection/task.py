@@ -314,15 +314,17 @@ class DetectionTask(Task):
             return summary
         summary.update({f"ap/{name}": ap for name, ap in per_class.items()})
         if shown:
-            summary["ms_per_image_batch1"] = self._latency_batch1(model, [s[0] for s in shown])
+            summary["ms_per_image_batch1_model"] = self._latency_batch1_model(model, [s[0] for s in shown])
         report.plot_precision_recall(precision, classes, report_dir / "precision_recall.png")
         report.plot_predictions([s[0] for s in shown], [s[1] for s in shown], [s[2] for s in shown], classes,
                                 report_dir / "predictions.png")
         return summary
 
-    def _latency_batch1(self, model: nn.Module, images: list[torch.Tensor]) -> float:
-        """End-to-end milliseconds per image at batch 1 (prepare, forward, decode, NMS) of the inference model
-        (Conv + BatchNorm fused, as exported), after one warm-up."""
+    def _latency_batch1_model(self, model: nn.Module, images: list[torch.Tensor]) -> float:
+        """Milliseconds per image at batch 1 of the inference model (Conv + BatchNorm fused, as exported) from an
+        already decoded and letterboxed uint8 tensor: scaling, forward, box decoding and NMS, after one warm-up.
+        Not end to end: reading, decoding and letterboxing the file come on top; bench/detection.py times the
+        exported package from file bytes to boxes for that figure."""
         device = next(model.parameters()).device
         model = fuse_for_inference(model)
         times = []
