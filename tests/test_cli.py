@@ -106,3 +106,13 @@ def test_image_folder_tree_without_a_test_split_finishes_with_exit_0(tmp_path, c
     write_image_folder(tmp_path / "flat", ["a", "b", "c"], per_class=8, size=20)
     code = main(image_folder_args(tmp_path, "flat"))
     assert code == 0, capsys.readouterr().err
+
+
+def test_a_run_failing_before_its_first_step_leaves_no_folder(tmp_path, capsys):
+    args = tiny_cli_args(tmp_path, "no-data", **{"train.batch_size": 4096})  # larger than the data: fit refuses
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "classification" / "no-data"
+    assert f"removed {run_dir}: the run stopped before anything was saved" in err and "modelworks: error:" in err
+    assert not run_dir.exists()
+    assert main(tiny_cli_args(tmp_path, "no-data", **{"train.epochs": 1, "train.test_at_end": False})) == 0

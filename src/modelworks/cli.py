@@ -146,6 +146,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
             cfg.name = args.name
 
     distributed.init(resolve_device(cfg.train.device, distributed.local_device_index()).type)
+    created = False  # whether this command made the run folder, and so may remove it again
     if not args.resume:
         # Rank 0 names the run (it holds a timestamp) and every rank uses that name.
         run_dir = Path(distributed.broadcast_object(str(rundir.new_run_dir(cfg))))
@@ -154,11 +155,19 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
             raise ConfigError(f"--name: run directory {run_dir} already holds a run; choose another "
                                          f"name or continue it with --resume {run_dir}")
         if distributed.is_main():
+            created = not run_dir.exists()
             rundir.write_run_files(run_dir, cfg, ["modelworks", *argv])
         distributed.barrier()
 
     task = task_cls(cfg)
-    result = fit(task, cfg, run_dir, resume=bool(args.resume))
+    try:
+        result = fit(task, cfg, run_dir, resume=bool(args.resume))
+    except BaseException:
+        # A run that fails before its first step (bad data, a short budget, Ctrl-C while loading) should not
+        # leave a folder that looks like a run; one that trained keeps its files and says where they are.
+        if created:
+            print(rundir.discard_if_untrained(run_dir), file=sys.stderr)
+        raise
     is_main = distributed.is_main()
     distributed.shutdown()  # the test report runs on rank 0 alone, over the whole test split
     if not is_main:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -76,3 +77,14 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     kept = [line for line in path.read_text().splitlines(keepends=True)
             if line.strip() and json.loads(line).get("step", 0) <= step]
     path.write_text("".join(kept))
+
+
+def discard_if_untrained(run_dir: Path) -> str:
+    """After a failed start: remove a run folder that holds nothing a user could use (no checkpoint, no
+    metrics line; its config is the command they just typed), else keep it. Says which, for the error report."""
+    checkpoints = list((run_dir / "checkpoints").glob("*.pt")) if (run_dir / "checkpoints").is_dir() else []
+    metrics = run_dir / "metrics.jsonl"
+    if checkpoints or (metrics.is_file() and metrics.stat().st_size):
+        return f"the run's files so far are in {run_dir}"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return f"removed {run_dir}: the run stopped before anything was saved"
