@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="data source, e.g. fashion-mnist, cifar10, imagefolder:PATH")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config value, e.g. --set optim.lr=0.002 (repeatable)")
-    train.add_argument("--name", help="run directory name (default: <recipe>-<timestamp>)")
+    train.add_argument("--name", help="run directory name, and the exported model's (default: <recipe>-<time>, "
+                                      "<recipe>-<data>-<time> with other data than the recipe's)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoints/last.pt")
 
     evaluate = verbs.add_parser("evaluate", help="test metrics and plots for a finished run")
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="all", choices=["all", "onnx", "torchscript"],
                         help="graph formats besides the safetensors weights (default: all)")
     export.add_argument("--quantize", choices=["int8"], help="also write an int8 ONNX model (static PTQ)")
-    export.add_argument("--name", help="model name in the API (default: the run's recipe)")
+    export.add_argument("--name", help="model name in the API (default: the run's name without its time stamp)")
     export.add_argument("--version", help="model version (default: the run directory's name)")
     export.add_argument("--checkpoint", default="best", choices=["best", "last"])
     export.add_argument("--atol", type=float, default=1e-3,

@@ -75,7 +75,8 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     task: str
-    name: str = ""  # run directory name; empty: <recipe>-<timestamp>
+    name: str = ""  # run directory name, and the exported model's; empty: <recipe>-<time>, or <recipe>-<data>-<time>
+    # when the data is not the recipe's (engine/rundir.py default_run_name)
     output_dir: str = "runs"  # runs land in <output_dir>/<task>/<name>
     recipe: str = ""  # filled in by the loader, for the record
     model: Any = None  # typed by the task's ModelConfig

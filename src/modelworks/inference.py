@@ -66,8 +66,9 @@ def export_run(run_dir: Path, out: Path | None, options_kwargs: dict, checkpoint
 
     summary = _read_json(run_dir / "summary.json")
     metrics = _read_json(run_dir / "evaluation" / "test.json") or (summary or {}).get("best", {})
-    recipe = Path(cfg.recipe).stem if cfg.recipe else ""
-    options = ExportOptions(**{"name": recipe or cfg.task, "version": run_dir.name, **options_kwargs})
+    # Named after the run (its name less the time stamp: the recipe, plus the data when it was not the recipe's),
+    # so a raccoon model trained with the bccd recipe is not served as "bccd".
+    options = ExportOptions(**{"name": rundir.model_name(run_dir.name), "version": run_dir.name, **options_kwargs})
     out = Path(out) if out else run_dir / "package"
     source = {"run_dir": str(run_dir.resolve()), "checkpoint": checkpoint,
               "step": (summary or {}).get("best", {}).get("step") if checkpoint == "best" else

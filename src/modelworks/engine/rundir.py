@@ -7,8 +7,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import platform
+import re
 import shlex
 import shutil
 import sys
@@ -21,9 +23,56 @@ import yaml
 from ..config import RunConfig, to_dict
 
 
+STAMP = re.compile(r"-\d{8}-\d{6}$")  # the time a default run name ends with
+GENERIC_NAMES = {"", ".", "..", "data", "dataset", "annotations", "images", "labels", "jpegimages", "train", "val",
+                 "valid", "test"}
+
+
+def data_label(source: str) -> str:
+    """A short name for a data source: the source itself (fashion-mnist), else the folder or file it points at,
+    skipping the names every data set shares (data.yaml, annotations/, images/, train/), lower case."""
+    kind, _, location = source.partition(":")
+    if not location:
+        return kind
+    path = Path(location.split(":")[0].replace("{split}", ""))  # coco: the annotation file, not the image folder
+    for part in [path.stem, *(p.name for p in path.parents)]:
+        label = re.sub(r"[^a-z0-9._-]+", "-", part.lower()).strip("-._")
+        if label.lower() not in GENERIC_NAMES and not label.startswith("instances"):
+            return label
+    return kind
+
+
+def default_run_name(cfg: RunConfig) -> str:
+    """<recipe>-<time>; with the recipe's data swapped for other data, <recipe>-<data>-<time>; with no recipe,
+    <data>-<time>. The model is then named for what it learned from (a raccoon model trained with the bccd
+    recipe is not a "bccd" model)."""
+    from ..config import read_recipe
+    from ..errors import ConfigError
+
+    source = getattr(cfg.data, "source", "") or ""
+    parts = []
+    if cfg.recipe:
+        parts.append(Path(cfg.recipe).stem)
+        try:
+            recipe_source = (read_recipe(cfg.task, cfg.recipe).get("data") or {}).get("source")
+        except ConfigError:  # a recipe file moved since: name the data, which is certain
+            recipe_source = None
+        default_source = next((f.default for f in dataclasses.fields(cfg.data) if f.name == "source"), None) \
+            if dataclasses.is_dataclass(cfg.data) else None
+        if source and source != (recipe_source or default_source):
+            parts.append(data_label(source))
+    else:
+        parts.append(data_label(source) if source else "custom")
+    return "-".join(parts) + "-" + time.strftime("%Y%m%d-%H%M%S")
+
+
+def model_name(run_name: str) -> str:
+    """A run's name without the time a default name ends with: the name of the model it trained."""
+    return STAMP.sub("", run_name)
+
+
 def new_run_dir(cfg: RunConfig) -> Path:
-    name = cfg.name or f"{Path(cfg.recipe).stem or 'custom'}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(cfg.output_dir) / cfg.task / name
+    return Path(cfg.output_dir) / cfg.task / (cfg.name or default_run_name(cfg))
 
 
 def write_json(path: Path, data) -> None:
