@@ -63,6 +63,8 @@ class DetectionModelConfig:
 @dataclass
 class DetectionDataConfig:
     source: str = "fmnist-scenes"  # fmnist-scenes | voc:PATH | coco:ANNOTATIONS.json:IMAGES_DIR | yolo:DATA.yaml
+    # (voc: a VOCdevkit tree, annotations/ + images/, or XML beside each image; without ImageSets/Main split
+    # files, data.val_fraction and data.test_fraction are held out)
     # (COCO: put {split} in both paths, e.g. coco:ann/instances_{split}.json:images/{split}, to use its splits)
     root: str = "data"  # fmnist-scenes: where Fashion-MNIST is looked for and the scenes are written
     image_size: int = 160  # images are letterboxed to this square size (pixels; a multiple of 32)
@@ -101,9 +103,10 @@ def download_voc(root: Path, download: bool) -> None:
     """Fetch PASCAL VOC into `root` (a .../VOCdevkit/VOC<year> path) with torchvision's checksummed downloader."""
     year = root.name[3:] if root.name.startswith("VOC") else ""
     if not download or year not in ("2007", "2012") or root.parent.name != "VOCdevkit":
-        raise DataError(f"data.source=voc:{root}: the folder does not exist. Point it at a VOCdevkit-style folder "
-                        "(Annotations/, JPEGImages/, ImageSets/Main/), or name .../VOCdevkit/VOC2007 or VOC2012 "
-                        "and set data.download=true to fetch PASCAL VOC (needs internet)")
+        raise DataError(f"data.source=voc:{root}: the folder does not exist. Point it at a VOC folder "
+                        "(Annotations/ + JPEGImages/, annotations/ + images/, or XML beside each image), or name "
+                        ".../VOCdevkit/VOC2007 or VOC2012 and set data.download=true to fetch PASCAL VOC (needs "
+                        "internet)")
     from torchvision.datasets import VOCDetection
 
     for image_set in ("trainval", "test") if year == "2007" else ("trainval",):
