@@ -145,7 +145,7 @@ def our_row(label: str, recipe: str, overrides: list[str], budget_s: float, devi
             "train_s": round(train_s, 1), "train_images_per_s": round(sum(rates) / max(len(rates), 1), 1),
             "ms_per_image_batch1": round(package_ms_per_image(run / "package", timing_images, threads), 2),
             # evaluate's own figure: eager PyTorch on an already-decoded tensor, for reference
-            "ms_per_image_batch1_eager": round(metrics[f"{eval_split}/ms_per_image_batch1"], 2), "run": str(run)}
+            "ms_per_image_batch1_eager": round(metrics[f"{eval_split}/ms_per_image_batch1_model"], 2), "run": str(run)}
 
 
 # ---------------------------------------------------------------------------------------------- the peer

@@ -57,6 +57,39 @@ def tiny_detection_raw(tmp_path: Path, **model) -> dict:
     return raw
 
 
+def detection_samples(n: int, seed: int = 0, width: int = 48, height: int = 40):
+    """Detection samples (image uint8 [H, W, 3], boxes xyxy [N, 4], labels in 0-2 [N]): random images with 1-3
+    integer boxes each (VOC stores integers)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+        k = int(rng.integers(1, 4))
+        x1, y1 = rng.integers(0, width // 2, k), rng.integers(0, height // 2, k)
+        x2, y2 = x1 + rng.integers(4, width // 2, k), y1 + rng.integers(4, height // 2, k)
+        out.append((image, np.stack([x1, y1, x2, y2], 1).astype(np.float32), rng.integers(0, 3, k)))
+    return out
+
+
+def write_labelling_tool_voc(root: Path, data, classes, layout: str) -> Path:
+    """The VOC XML of `write_voc`, laid out as labelling tools write it, without ImageSets/Main split files:
+    "lower" annotations/ + images/ (LabelImg, CVAT, Roboflow), "mixed" the same in other cases, "beside" each
+    XML file next to its image in one folder."""
+    import shutil
+
+    from modelworks.data.detection.writers import write_voc
+
+    devkit = write_voc(root / "devkit", {"train": data}, classes)
+    names = {"lower": ("annotations", "images"), "mixed": ("ANNOTATIONS", "Images"), "beside": ("", "")}[layout]
+    out = root / f"voc-{layout}"
+    shutil.copytree(devkit / "Annotations", out / names[0], dirs_exist_ok=True)
+    shutil.copytree(devkit / "JPEGImages", out / names[1], dirs_exist_ok=True)
+    shutil.rmtree(devkit)
+    return out
+
+
 def build_tiny_cfg(tmp_path: Path, **overrides) -> config_mod.RunConfig:
     """A validated RunConfig for a seconds-scale classification run on generated Fashion-MNIST files."""
     return config_mod.load_config(ClassificationTask, tiny_raw(tmp_path, **overrides))

@@ -264,3 +264,32 @@ def test_resume_with_an_optimizer_state_of_another_model_is_one_line_and_exit_2(
     assert err == (f"modelworks: error: {path}: its optimizer state does not fit this run (ValueError: loaded state "
                    "dict has a different number of parameter groups); resume with the run's own config.yaml, or "
                    "start a new run\n")
+
+
+def test_a_run_failing_before_its_first_step_leaves_no_folder(tmp_path, capsys):
+    args = tiny_cli_args(tmp_path, "no-data", **{"train.batch_size": 4096})  # larger than the data: fit refuses
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    run_dir = tmp_path / "runs" / "classification" / "no-data"
+    assert f"removed {run_dir}: the run stopped before anything was saved" in err and "modelworks: error:" in err
+    assert not run_dir.exists()
+    assert main(tiny_cli_args(tmp_path, "no-data", **{"train.epochs": 1, "train.test_at_end": False})) == 0
+
+
+@pytest.mark.parametrize("recipe, data, expected", [
+    ("bccd", None, "bccd"),  # the recipe's own data
+    ("bccd", "voc:/photos/Raccoon", "bccd-raccoon"),  # a raccoon model is not a "bccd" model
+    ("fmnist-scenes", "yolo:/sets/road signs/data.yaml", "fmnist-scenes-road-signs"),
+    (None, "voc:/photos/raccoon/", "raccoon"),
+    (None, "coco:/sets/kitchen/annotations/instances_{split}.json:/sets/kitchen/images/{split}", "kitchen"),
+    (None, None, "fmnist-scenes"),  # the task's default data
+])
+def test_runs_and_their_packages_are_named_after_recipe_and_data(recipe, data, expected):
+    from modelworks import config as config_mod
+    from modelworks.engine import rundir
+    from modelworks.tasks.detection.task import DetectionTask
+
+    cfg = config_mod.resolve(DetectionTask, recipe, [], data)
+    name = rundir.new_run_dir(cfg).name
+    assert rundir.model_name(name) == expected and name.startswith(expected + "-20")
+    assert rundir.model_name("raccoon-v2") == "raccoon-v2"  # a chosen name is kept whole

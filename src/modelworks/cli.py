@@ -32,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--data", help="data source, e.g. fashion-mnist, cifar10, imagefolder:PATH")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override one config value, e.g. --set optim.lr=0.002 (repeatable)")
-    train.add_argument("--name", help="run directory name (default: <recipe>-<timestamp>)")
+    train.add_argument("--name", help="run directory name, and the exported model's (default: <recipe>-<time>, "
+                                      "<recipe>-<data>-<time> with other data than the recipe's)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its checkpoints/last.pt")
 
     calibrate = verbs.add_parser(
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", default="all", choices=["all", "onnx", "torchscript"],
                         help="graph formats besides the safetensors weights (default: all)")
     export.add_argument("--quantize", choices=["int8"], help="also write an int8 ONNX model (static PTQ)")
-    export.add_argument("--name", help="model name in the API (default: the run's recipe)")
+    export.add_argument("--name", help="model name in the API (default: the run's name without its time stamp)")
     export.add_argument("--version", help="model version (default: the run directory's name)")
     export.add_argument("--checkpoint", default="best", choices=["best", "last"])
     export.add_argument("--atol", type=float, default=1e-3,
@@ -159,6 +160,7 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
             cfg.name = args.name
 
     distributed.init(resolve_device(cfg.train.device, distributed.local_device_index()).type)
+    created = False  # whether this command made the run folder, and so may remove it again
     if not args.resume:
         # Rank 0 names the run (it holds a timestamp) and every rank uses that name.
         run_dir = Path(distributed.broadcast_object(str(rundir.new_run_dir(cfg))))
@@ -167,11 +169,19 @@ def run_train(args: argparse.Namespace, argv: list[str]) -> int:
             raise ConfigError(f"--name: run directory {run_dir} already holds a run; choose another "
                                          f"name or continue it with --resume {run_dir}")
         if distributed.is_main():
+            created = not run_dir.exists()
             rundir.write_run_files(run_dir, cfg, ["modelworks", *argv])
         distributed.barrier()
 
     task = task_cls(cfg)
-    result = fit(task, cfg, run_dir, resume=bool(args.resume))
+    try:
+        result = fit(task, cfg, run_dir, resume=bool(args.resume))
+    except BaseException:
+        # A run that fails before its first step (bad data, a short budget, Ctrl-C while loading) should not
+        # leave a folder that looks like a run; one that trained keeps its files and says where they are.
+        if created:
+            print(rundir.discard_if_untrained(run_dir), file=sys.stderr)
+        raise
     is_main = distributed.is_main()
     distributed.shutdown()  # the test report runs on rank 0 alone, over the whole test split
     if not is_main:

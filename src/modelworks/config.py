@@ -53,6 +53,9 @@ class EarlyStopConfig:
 @dataclass
 class TrainConfig:
     epochs: float = 10.0  # may be fractional; total steps = ceil(epochs * steps_per_epoch)
+    time_budget_s: float = 0.0  # wall-clock seconds for training and its validation (the final test report
+    # comes after): sets the step count from a short timed probe instead of `epochs`, so the whole schedule
+    # (warm-up, decay, augmentation phases) fits the time (ultralytics' `time=`); 0: train for `epochs`
     batch_size: int = 128  # global batch across all ranks and accumulation micro-batches
     eval_batch_size: int = 512
     seed: int = 0
@@ -73,7 +76,8 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     task: str
-    name: str = ""  # run directory name; empty: <recipe>-<timestamp>
+    name: str = ""  # run directory name, and the exported model's; empty: <recipe>-<time>, or <recipe>-<data>-<time>
+    # when the data is not the recipe's (engine/rundir.py default_run_name)
     output_dir: str = "runs"  # runs land in <output_dir>/<task>/<name>
     recipe: str = ""  # filled in by the loader, for the record
     model: Any = None  # typed by the task's ModelConfig
@@ -310,6 +314,9 @@ def validate(cfg: RunConfig) -> list[str]:
         errors.append(f"train.batch_size: must be >= 1 (got {t.batch_size})")
     if t.epochs <= 0:
         errors.append(f"train.epochs: must be > 0 (got {t.epochs})")
+    if not t.time_budget_s >= 0 or t.time_budget_s == float("inf"):
+        errors.append(f"train.time_budget_s: must be a finite number of seconds >= 0, 0 for no budget "
+                      f"(got {t.time_budget_s})")
     if o.lr <= 0:
         errors.append(f"optim.lr: must be > 0 (got {o.lr})")
     if not 0 <= o.warmup_fraction < 1:

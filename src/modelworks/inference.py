@@ -51,8 +51,9 @@ def export_run(run_dir: Path, out: Path | None, options_kwargs: dict, checkpoint
     cfg = config_mod.load_config(task_cls, raw)
     cfg.train.device = "cpu"
     # Name and version are checked before the data and the checkpoint are loaded: a bad one fails in a moment.
-    recipe = Path(cfg.recipe).stem if cfg.recipe else ""
-    defaults = {"name": (recipe or cfg.task, "the run's recipe"),
+    # Named after the run (its name less the time stamp: the recipe, plus the data when it was not the recipe's),
+    # so a raccoon model trained with the bccd recipe is not served as "bccd".
+    defaults = {"name": (rundir.model_name(run_dir.absolute().name), "the run's name less its time stamp"),
                 "version": (run_dir.absolute().name, "the run directory's name")}  # absolute: `export .` works
     for key, (value, origin) in defaults.items():
         if key not in options_kwargs:

@@ -14,21 +14,10 @@ from modelworks.data.detection.formats import DataWarning, read_coco, read_voc, 
 from modelworks.data.detection.writers import write_coco, write_voc, write_yolo
 from modelworks.errors import DataError
 
+from helpers import detection_samples as samples, write_labelling_tool_voc
+
 CLASSES = ["cat", "dog", "bird"]
 BCCD = Path(__file__).resolve().parents[3] / "shared" / "data" / "bccd"
-
-
-def samples(n: int, seed: int = 0, width: int = 48, height: int = 40):
-    """Images with integer boxes (VOC stores integers), 1-3 per image."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
-        k = int(rng.integers(1, 4))
-        x1, y1 = rng.integers(0, width // 2, k), rng.integers(0, height // 2, k)
-        x2, y2 = x1 + rng.integers(4, width // 2, k), y1 + rng.integers(4, height // 2, k)
-        out.append((image, np.stack([x1, y1, x2, y2], 1).astype(np.float32), rng.integers(0, 3, k)))
-    return out
 
 
 def assert_same(data, expected):
@@ -277,3 +266,34 @@ def test_bccd_reads_through_the_voc_path():
     record = splits["train"].records[0]
     assert (record.width, record.height) == (640, 480)
     assert (record.boxes[:, 2] <= 640).all() and (record.boxes[:, :2] >= 0).all()
+
+
+# ---------------------------------------------------------------------------------------------- VOC as users have it
+
+
+@pytest.mark.parametrize("layout", ["lower", "mixed", "beside"])
+def test_voc_layouts_of_labelling_tools_read_without_split_files(tmp_path, layout):
+    data = samples(5)
+    root = write_labelling_tool_voc(tmp_path, data, CLASSES, layout)
+    found = formats.find_voc_layout(root)
+    assert found.splits == {} and len(found.all_ids()) == 5
+    assert_same(formats.read_voc_ids(found, found.all_ids(), CLASSES), data)
+
+
+def test_voc_image_is_found_by_the_xml_name_when_filename_disagrees(tmp_path):
+    root = write_labelling_tool_voc(tmp_path, samples(2), CLASSES, "lower")
+    xml = root / "annotations" / "train_000000.xml"
+    # LabelImg keeps the name the image had when it was labelled; CVAT writes the name without the extension.
+    xml.write_text(xml.read_text().replace("<filename>train_000000.jpg", "<filename>IMG_0042.JPG"))
+    layout = formats.find_voc_layout(root)
+    assert formats.read_voc_ids(layout, ["train_000000"], CLASSES).records[0].image.name == "train_000000.jpg"
+    (root / "images" / "train_000000.jpg").unlink()
+    with pytest.raises(DataError, match=r"train_000000\.xml: its image .*IMG_0042\.JPG does not exist"):
+        formats.read_voc_ids(layout, ["train_000000"], CLASSES)
+
+
+def test_voc_folder_without_annotations_says_which_layouts_work(tmp_path):
+    (tmp_path / "pictures").mkdir()
+    with pytest.raises(DataError, match=r"no VOC annotations found \(got folders: pictures\); expected Annotations/ "
+                                        r"\+ JPEGImages/ \(VOCdevkit\), annotations/ \+ images/"):
+        formats.find_voc_layout(tmp_path)

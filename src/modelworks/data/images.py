@@ -227,3 +227,16 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     n_val = int(round(n * val_fraction))
     return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+def hold_out(n: int, fractions: dict[str, float], seed: int) -> dict[str, torch.Tensor]:
+    """Indices of each held-out split (a fraction of `n` each, in the order given) and of the "train" rest, from
+    one seeded permutation; with `val` alone it is exactly `split_indices`."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    out, start = {}, 0
+    for name, fraction in fractions.items():
+        count = int(round(n * fraction))
+        out[name] = perm[start:start + count].sort().values
+        start += count
+    out["train"] = perm[start:].sort().values
+    return out

@@ -8,6 +8,8 @@ stopping and RNG state) resumes the uninterrupted run exactly.
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import json
 import math
 import signal
@@ -21,7 +23,7 @@ from torch import nn
 
 from ..config import RunConfig, to_dict
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
-from . import checkpoint, distributed, rundir
+from . import budget, checkpoint, distributed, rundir
 from .batches import augment_generator, eval_indices, fetch, split_batch, train_indices
 from .early_stop import EarlyStopper
 from .ema import EMA
@@ -102,8 +104,77 @@ def total_grad_norm(model: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
 
+def train_step(task, train_model: nn.Module, model: nn.Module, batch, optimizer, scaler, precision: Precision,
+               cfg: RunConfig, world: int, measure_norm: bool = False) -> tuple[list, torch.Tensor | None]:
+    """One optimizer step over `batch` (micro-batches accumulated): the step outputs and the gradient norm (when
+    clipping, or asked to `measure_norm`: the loop logs it for every run). The schedule and the EMA are the
+    caller's, so the budget probe can run steps without them."""
+    micro_batches = cfg.optim.accumulate_steps
+    parts = split_batch(batch, micro_batches)
+    outs, grad_norm = [], None
+    for i, part in enumerate(parts):
+        # DDP all-reduces gradients only on the last micro-batch.
+        sync = contextlib.nullcontext() if (world == 1 or i == len(parts) - 1) else train_model.no_sync()
+        with sync:
+            with precision.autocast():
+                out = task.step(train_model, part)
+            scaler.scale(out.loss / micro_batches).backward()
+        outs.append(out)
+    if cfg.optim.max_grad_norm > 0:
+        scaler.unscale_(optimizer)
+        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+    elif measure_norm:  # measured only when logged (one sync)
+        scaler.unscale_(optimizer)
+        grad_norm = total_grad_norm(model)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return outs, grad_norm
+
+
+def probe_budget(task, model: nn.Module, train_model: nn.Module, splits, cfg: RunConfig, device: torch.device,
+                 precision: Precision, eval_every: int, run_dir: Path, started: float) -> budget.BudgetPlan:
+    """Time a few training steps and one validation pass, then restore the model and the random state, and
+    plan the steps that fit `train.time_budget_s` (rank 0's plan, shared by every rank)."""
+    t = cfg.train
+    rank, world = distributed.rank(), distributed.world_size()
+    weights = copy.deepcopy(model.state_dict())
+    rng = checkpoint.rng_state()
+    optimizer, scaler = build_optimizer(model, cfg.optim), precision.scaler()
+
+    def batches():
+        for epoch in itertools.count():
+            indices = train_indices(len(splits.train), t.batch_size, t.seed, epoch, 0, rank, world)
+            yield from fetch(splits.train, indices, device, t.num_workers, splits.collate_fn)
+
+    stream = iter(batches())
+    probe_step = itertools.count()
+
+    def one_step() -> None:
+        batch = task.prepare_batch(next(stream), augment_generator(device, t.seed, next(probe_step), rank))
+        train_step(task, train_model, model, batch, optimizer, scaler, precision, cfg, world)
+
+    def one_evaluation() -> None:
+        evaluate_split(task, model, splits.val, splits.collate_fn, cfg, device, precision, "val")
+        if distributed.is_main():  # each evaluation saves `last`: on a small data set as slow as the pass itself
+            path = run_dir / "budget-probe.pt"
+            checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+            path.unlink()
+
+    synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    train_model.train()
+    seconds_per_step, seconds_per_evaluation = budget.measure(one_step, one_evaluation, synchronize)
+    model.load_state_dict(weights)
+    checkpoint.restore_rng_state(rng)
+    del optimizer, scaler, weights
+    plan = budget.make_plan(t.time_budget_s, time.perf_counter() - started, seconds_per_step,
+                            seconds_per_evaluation, eval_every)
+    return distributed.broadcast_object(plan)
+
+
 def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     """Train `task` as `cfg` says, writing into `run_dir` (rank 0 only). Resumes from checkpoints/last.pt."""
+    started = time.perf_counter()
     t = cfg.train
     device = resolve_device(t.device, distributed.local_device_index())
     if device.type == "cpu":
@@ -122,10 +193,27 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     if steps_per_epoch == 0:
         raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the training split "
                           f"({len(splits.train)} samples); lower it")
-    total_steps = math.ceil(t.epochs * steps_per_epoch)
     eval_every = t.eval_every_steps or steps_per_epoch
 
     model = prepare_model(task, device, cfg)
+    train_model = model
+    if world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if t.compile:
+        train_model = torch.compile(train_model)
+
+    ckpt_dir = run_dir / "checkpoints"
+    state = checkpoint.load(ckpt_dir / "last.pt", device, keys=checkpoint.TRAINING_KEYS) if resume else None
+    plan = None
+    if not t.time_budget_s:
+        total_steps = math.ceil(t.epochs * steps_per_epoch)
+    elif resume:  # the plan was made when the run started; its schedule must not change halfway
+        total_steps = int(state["total_steps"])
+    else:
+        plan = probe_budget(task, model, train_model, splits, cfg, device, precision, eval_every, run_dir, started)
+        total_steps = plan.total_steps
+
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_schedule(optimizer, cfg.optim, total_steps)
     scaler = precision.scaler()
@@ -134,12 +222,10 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     stopper = EarlyStopper(monitor_mode, t.early_stop.patience, t.early_stop.min_delta)
     step, best_metrics = 0, {}
 
-    ckpt_dir = run_dir / "checkpoints"
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         path = ckpt_dir / "last.pt"
-        state = checkpoint.load(path, device, keys=checkpoint.TRAINING_KEYS)
         checkpoint.load_model_weights(model, state["model"], path)
         if ema is not None and state["ema"] is None:
             raise CheckpointError(f"{path}: saved without an EMA, but train.ema.enabled is now true; resume with "
@@ -157,18 +243,24 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                                   f"configuration now gives {total_steps}; resume with the run's own config")
         if distributed.is_main():
             rundir.truncate_metrics(run_dir, step)  # lines logged after the checkpoint will be logged again
-
-    train_model = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if t.compile:
-        train_model = torch.compile(train_model)
+        del state
 
     log = Logger(run_dir, total_steps, step, enabled=distributed.is_main(),
                  config_text=yaml.safe_dump(to_dict(cfg), sort_keys=False))
     log.info(f"{task.describe(model)} | device {device} x{world} | {precision.name} | "
              f"{steps_per_epoch} steps/epoch, {total_steps} steps | train {len(splits.train)} val {len(splits.val)}")
+    for note in splits.notes:
+        log.info(note)
+    if plan is not None:
+        log.info(f"train.time_budget_s={t.time_budget_s:g}: {total_steps} steps ({total_steps / steps_per_epoch:.2f} "
+                 f"epochs; train.epochs is not used) from a probe of {1000 * plan.seconds_per_step:.0f} ms/step and "
+                 f"{plan.seconds_per_evaluation:.2f} s per validation and checkpoint, after {plan.spent_s:.1f} s of "
+                 "loading and probing")
+        if ema is not None and 1 / (1 - t.ema.decay) > total_steps / 2:
+            # Not changed for the user (decay is per step, not a fraction of the run), but worth knowing: an
+            # average over more than half the run leans on early, poor weights.
+            log.info(f"note: train.ema.decay={t.ema.decay:g} averages over ~{1 / (1 - t.ema.decay):.0f} steps, more "
+                     f"than half of this {total_steps}-step run; a lower decay suits a run this short")
     if resume:
         log.info(f"resumed at step {step} (epoch {step / steps_per_epoch:.2f})")
 
@@ -213,29 +305,14 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
             for raw_batch in fetch(splits.train, indices, device, t.num_workers, splits.collate_fn):
                 batch = task.prepare_batch(raw_batch, augment_generator(device, t.seed, step, rank),
                                            progress=step / total_steps)
-                parts = split_batch(batch, micro_batches)
-                grad_norm = None
-                for i, part in enumerate(parts):
-                    # DDP all-reduces gradients only on the last micro-batch.
-                    sync = contextlib.nullcontext() if (world == 1 or i == len(parts) - 1) else train_model.no_sync()
-                    with sync:
-                        with precision.autocast():
-                            out = task.step(train_model, part)
-                        scaler.scale(out.loss / micro_batches).backward()
+                logs_now = (step + 1) % t.log_every_steps == 0 or step + 1 == total_steps
+                outs, grad_norm = train_step(task, train_model, model, batch, optimizer, scaler, precision, cfg, world,
+                                             measure_norm=logs_now)
+                for out in outs:
                     loss_sum += out.loss.detach().double() * out.n
                     for key, value in out.logs.items():
                         log_sums[key] = log_sums.get(key, 0.0) + value.detach().double() * out.n
                     samples_since_log += out.n
-                logs_now = (step + 1) % t.log_every_steps == 0 or step + 1 == total_steps
-                if cfg.optim.max_grad_norm > 0:
-                    scaler.unscale_(optimizer)
-                    grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-                elif logs_now:  # logged for every run, clipped or not; measured only when logged (one sync)
-                    scaler.unscale_(optimizer)
-                    grad_norm = total_grad_norm(model)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 if ema is not None:
                     ema.update(model)
@@ -288,8 +365,12 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                 if status != "finished" or step >= total_steps:
                     break
             distributed.barrier()
+    summary = {"status": status, "step": step, "total_steps": total_steps, "best": best_metrics}
+    if plan is not None:
+        summary["time_budget"] = {**plan.as_dict(), "fit_s": round(time.perf_counter() - started, 2)}
+        log.info(f"trained in {summary['time_budget']['fit_s']:.0f} s of the {t.time_budget_s:g} s budget")
     log.close()
-    rundir.write_summary(run_dir, {"status": status, "step": step, "total_steps": total_steps, "best": best_metrics})
+    rundir.write_summary(run_dir, summary)
     return FitResult(run_dir, step, status, best_metrics)
 
 

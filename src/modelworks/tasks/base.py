@@ -8,7 +8,7 @@ comes through the methods below. Export and serving never branch on a task eithe
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
@@ -38,6 +38,8 @@ class Splits:
     val: Dataset
     test: Dataset | None = None
     collate_fn: Callable | None = None  # for data sets served through a DataLoader
+    notes: list[str] = field(default_factory=list)  # what the data decided that the config did not say (class
+    # names found in the annotations, held-out splits): the engine logs them, so nothing is decided silently
 
 
 class Predictor:

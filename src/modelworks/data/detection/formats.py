@@ -103,23 +103,78 @@ def _require_image(path: Path, where: str) -> Path:
 
 # ---------------------------------------------------------------------------------------------- PASCAL VOC
 
+# Folder names as labelling tools write them, compared case-insensitively: the devkit's Annotations/ +
+# JPEGImages/, and the annotations/ + images/ of LabelImg, CVAT and Roboflow exports.
+VOC_ANNOTATION_FOLDERS = ("annotations",)
+VOC_IMAGE_FOLDERS = ("jpegimages", "images")
+
+
+@dataclass
+class VocLayout:
+    """Where one VOC data set keeps its files; `splits` is empty when it has no ImageSets/Main/<split>.txt."""
+    root: Path
+    annotations: Path  # the folder of <id>.xml files
+    images: Path  # the folder their <filename> names (the same folder when XML lies beside each image)
+    splits: dict[str, list[str]]  # image ids per split file
+    description: str  # the layout in words, for the log
+
+    def all_ids(self) -> list[str]:
+        """Every annotated image id: the split files' ids, or every XML file's name when there are none."""
+        if self.splits:
+            return [image_id for ids in self.splits.values() for image_id in ids]
+        return sorted(p.stem for p in self.annotations.iterdir() if p.suffix.lower() == ".xml" and p.is_file())
+
+
+def _child(folder: Path, names: tuple[str, ...]) -> Path | None:
+    """The first subfolder of `folder` whose name is one of `names`, ignoring case."""
+    found = {p.name.lower(): p for p in folder.iterdir() if p.is_dir()}
+    return next((found[name] for name in names if name in found), None)
+
+
+def find_voc_layout(root: Path) -> VocLayout:
+    """Recognise a VOC folder as users have it: a VOCdevkit tree, annotations/ + images/ (any case), or XML
+    files beside their images; with or without ImageSets/Main/<split>.txt."""
+    if not root.is_dir():
+        raise DataError(f"data.source=voc:{root}: the folder does not exist")
+    annotations = _child(root, VOC_ANNOTATION_FOLDERS)
+    if annotations is not None:
+        images = _child(root, VOC_IMAGE_FOLDERS)
+        if images is None:
+            folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+            raise DataError(f"data.source=voc:{root}: has {annotations.name}/ but no image folder (got folders: "
+                            f"{', '.join(folders)}); put the images in JPEGImages/ or images/ beside it")
+        description = f"{annotations.name}/ + {images.name}/"
+    elif any(p.suffix.lower() == ".xml" for p in root.iterdir()):
+        annotations = images = root
+        description = "XML files beside their images"
+    else:
+        folders = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DataError(f"data.source=voc:{root}: no VOC annotations found (got folders: "
+                        f"{', '.join(folders) or 'none'}); expected Annotations/ + JPEGImages/ (VOCdevkit), "
+                        "annotations/ + images/ (LabelImg, CVAT, Roboflow), or .xml files beside their images")
+    image_sets = _child(root, ("imagesets",))
+    main = _child(image_sets, ("main",)) if image_sets is not None else None
+    splits = {}
+    for split in SPLITS:
+        path = main / f"{split}.txt" if main is not None else None
+        if path is not None and path.is_file():
+            splits[split] = [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return VocLayout(root, annotations, images, splits, description)
+
 
 def voc_split_ids(root: Path, split: str) -> list[str] | None:
     """Image ids of ImageSets/Main/<split>.txt, or None when the tree has no such split."""
-    path = root / "ImageSets" / "Main" / f"{split}.txt"
-    if not path.is_file():
-        return None
-    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]
+    return find_voc_layout(root).splits.get(split)
 
 
 def voc_class_names(root: Path, ids: list[str]) -> list[str]:
     """The devkit's 20 classes for a PASCAL VOC year folder, else the names found in these annotations, sorted."""
     if root.resolve().name.upper().startswith("VOC20"):
         return list(VOC_CLASSES)
+    layout = find_voc_layout(root)
     names = set()
     for image_id in ids:
-        path = root / "Annotations" / f"{image_id}.xml"
-        names.update(_voc_object_names(path))
+        names.update(_voc_object_names(layout.annotations / f"{image_id}.xml"))
     return sorted(names)
 
 
@@ -136,31 +191,51 @@ def _parse_xml(path: Path) -> ET.Element:
         raise DataError(f"{path}: not valid XML ({exc})") from None
 
 
+def _voc_image(layout: VocLayout, tree: ET.Element, image_id: str, where: str) -> Path:
+    """The image an annotation describes: its <filename> in the image folder, else the image named like the
+    XML file. Labelling tools disagree on <filename> (some drop the extension, some keep the name of a file
+    renamed since), while the XML and the image sharing a stem holds for all of them."""
+    filename = (tree.findtext("filename") or "").strip()
+    if filename and (layout.images / filename).is_file():
+        return layout.images / filename
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (layout.images / f"{image_id}{suffix}", layout.images / f"{image_id}{suffix.upper()}"):
+            if candidate.is_file():
+                return candidate
+    return _require_image(layout.images / (filename or f"{image_id}.jpg"), where)
+
+
 def read_voc(root: Path, split: str, classes: list[str]) -> DetectionSet:
-    """A VOCdevkit-style tree (Annotations/, JPEGImages/, ImageSets/Main/<split>.txt), one split."""
-    ids = voc_split_ids(root, split)
-    if ids is None:
-        found = sorted(p.stem for p in (root / "ImageSets" / "Main").glob("*.txt"))
+    """One split of a VOC data set listed by ImageSets/Main/<split>.txt (see `find_voc_layout` for the folders)."""
+    layout = find_voc_layout(root)
+    if split not in layout.splits:
         raise DataError(f"{root / 'ImageSets' / 'Main' / (split + '.txt')}: no such split file (found: "
-                        f"{', '.join(found) or 'none'}); a VOC tree needs Annotations/, JPEGImages/ and "
-                        "ImageSets/Main/{train,val}.txt")
+                        f"{', '.join(layout.splits) or 'none'}); a VOC tree lists its splits in "
+                        "ImageSets/Main/{train,val,test}.txt, or has none and data.val_fraction is held out")
+    return read_voc_ids(layout, layout.splits[split], classes)
+
+
+def read_voc_ids(layout: VocLayout, ids: list[str], classes: list[str]) -> DetectionSet:
+    """The annotations of these image ids, labels indexing `classes`."""
     index = {name: i for i, name in enumerate(classes)}
     records, dropped = [], []
     for image_id in ids:
-        path = root / "Annotations" / f"{image_id}.xml"
+        path = layout.annotations / f"{image_id}.xml"
         tree = _parse_xml(path)
-        filename = (tree.findtext("filename") or f"{image_id}.jpg").strip()
-        image = _require_image(root / "JPEGImages" / filename, str(path))
+        image = _voc_image(layout, tree, image_id, str(path))
         try:
             width, height = int(tree.findtext("size/width")), int(tree.findtext("size/height"))
         except (TypeError, ValueError):
+            width, height = _image_size(image)
+        if width <= 0 or height <= 0:  # some tools write <size> 0 0 when they never opened the image
             width, height = _image_size(image)
         boxes, labels = [], []
         for k, obj in enumerate(tree.iter("object")):
             name = (obj.findtext("name") or "").strip()
             if name not in index:
                 raise DataError(f"{path}: object {k} has unknown class name {name!r}; known classes: "
-                                f"{', '.join(classes)} (set data.classes to the full list)")
+                                f"{', '.join(classes)} (set data.classes to the full list, or to [] to take the "
+                                "names from the annotations)")
             try:
                 # VOC coordinates are 1-based inclusive pixel indices: pixel i covers [i - 1, i] in our frame.
                 # A point-sized annotation (xmax == xmin) is not shifted, so it stays zero-area and is reported.

@@ -16,7 +16,7 @@ from ...data.detection.augment import DetectionAugmentConfig, augment_detection_
 from ...data.detection.dataset import build_split, collate
 from ...data.detection.formats import DetectionSet, report_dropped
 from ...data.detection.scenes import SceneConfig, ensure_scenes
-from ...data.images import FASHION_MNIST_CLASSES, split_indices
+from ...data.images import FASHION_MNIST_CLASSES, hold_out
 from ...engine import distributed
 from ...errors import ConfigError, DataError
 from ..base import Splits, StepOutput, Task
@@ -64,13 +64,17 @@ class DetectionModelConfig:
 @dataclass
 class DetectionDataConfig:
     source: str = "fmnist-scenes"  # fmnist-scenes | voc:PATH | coco:ANNOTATIONS.json:IMAGES_DIR | yolo:DATA.yaml
+    # (voc: a VOCdevkit tree, annotations/ + images/, or XML beside each image; without ImageSets/Main split
+    # files, data.val_fraction and data.test_fraction are held out)
     # (COCO: put {split} in both paths, e.g. coco:ann/instances_{split}.json:images/{split}, to use its splits)
     root: str = "data"  # fmnist-scenes: where Fashion-MNIST is looked for and the scenes are written
     image_size: int = 160  # images are letterboxed to this square size (pixels; a multiple of 32)
     classes: list[str] = field(default_factory=list)  # voc: class names in label order; empty: the VOC
-    # devkit's 20 for VOC20xx folders, else the names found in the training annotations, sorted
+    # devkit's 20 for VOC20xx folders, else the names found in all the annotations, sorted (and logged)
     download: bool = False  # voc: fetch a missing VOCdevkit/VOC2007 or VOC2012 folder (torchvision, checksummed)
     val_fraction: float = 0.1  # held out of train when the source has no validation split
+    test_fraction: float = 0.0  # held out of train when the source has no test split; 0: the final report uses
+    # the validation split (a few hundred labelled images are worth more for training than a second held-out set)
     split_seed: int = 0
     cache_limit_mb: int = 2048  # splits whose decoded images fit are held in memory on the training device
     scenes: SceneConfig = field(default_factory=SceneConfig)  # fmnist-scenes only
@@ -88,6 +92,9 @@ class DetectionDataConfig:
                              f"(got {self.image_size})")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction: must be in (0, 1) (got {self.val_fraction})")
+        if not 0 <= self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"data.test_fraction: must be in [0, 1) and leave training images beside "
+                             f"data.val_fraction={self.val_fraction} (got {self.test_fraction})")
         if self.classes and kind != "voc":
             raise ValueError(f"data.classes: only a voc source takes its class list from the config; {kind} data "
                              "name their classes themselves (remove data.classes)")
@@ -97,9 +104,10 @@ def download_voc(root: Path, download: bool) -> None:
     """Fetch PASCAL VOC into `root` (a .../VOCdevkit/VOC<year> path) with torchvision's checksummed downloader."""
     year = root.name[3:] if root.name.startswith("VOC") else ""
     if not download or year not in ("2007", "2012") or root.parent.name != "VOCdevkit":
-        raise DataError(f"data.source=voc:{root}: the folder does not exist. Point it at a VOCdevkit-style folder "
-                        "(Annotations/, JPEGImages/, ImageSets/Main/), or name .../VOCdevkit/VOC2007 or VOC2012 "
-                        "and set data.download=true to fetch PASCAL VOC (needs internet)")
+        raise DataError(f"data.source=voc:{root}: the folder does not exist. Point it at a VOC folder "
+                        "(Annotations/ + JPEGImages/, annotations/ + images/, or XML beside each image), or name "
+                        ".../VOCdevkit/VOC2007 or VOC2012 and set data.download=true to fetch PASCAL VOC (needs "
+                        "internet)")
     from torchvision.datasets import VOCDetection
 
     for image_set in ("trainval", "test") if year == "2007" else ("trainval",):
@@ -128,6 +136,7 @@ class DetectionTask(Task):
                               f"{cells}x{cells} stride-32 feature map of data.image_size={self.image_size}; use "
                               f"an image size that is a multiple of {32 * cfg.model.grid} or a grid dividing {cells}")
         self.classes: list[str] = []
+        self.notes: list[str] = []  # what the data decided that the config did not say, for the run's log
         self._decoder: nn.Module | None = None
         self._criterion: nn.Module | None = None
 
@@ -147,12 +156,18 @@ class DetectionTask(Task):
             root = Path(self.location)
             if not root.is_dir():
                 download_voc(root, data.download)
-            available = [s for s in formats.SPLITS if formats.voc_split_ids(root, s) is not None]
-            if "train" not in available:
-                raise DataError(f"{root / 'ImageSets' / 'Main' / 'train.txt'}: a VOC source needs a train split; "
-                                "expected Annotations/, JPEGImages/ and ImageSets/Main/{train,val,test}.txt")
+            layout = formats.find_voc_layout(root)
             classes = self.class_names()
-            splits = {s: formats.read_voc(root, s, classes) for s in available}
+            if layout.splits and "train" not in layout.splits:
+                raise DataError(f"{root / 'ImageSets' / 'Main' / 'train.txt'}: a VOC source with split files needs "
+                                f"a train split (found: {', '.join(layout.splits)})")
+            if layout.splits:
+                splits = {s: formats.read_voc_ids(layout, ids, classes) for s, ids in layout.splits.items()}
+            else:
+                splits = {"train": formats.read_voc_ids(layout, layout.all_ids(), classes)}
+            self.notes.append(f"data: VOC layout {layout.description}"
+                              + (f", splits from ImageSets/Main ({', '.join(layout.splits)})" if layout.splits
+                                 else ", no ImageSets/Main split files"))
         elif self.kind == "coco":
             annotations, images = self.location.rsplit(":", 1)
             if "{split}" in annotations:
@@ -165,11 +180,17 @@ class DetectionTask(Task):
         else:
             _, folders, _ = formats.read_yolo_yaml(Path(self.location))
             splits = {s: formats.read_yolo(Path(self.location), s) for s in folders}
-        if "val" not in splits:
+        held_out = {name: fraction for name, fraction in (("test", data.test_fraction), ("val", data.val_fraction))
+                    if name not in splits and fraction > 0}
+        if held_out:
             train = splits["train"]
-            train_idx, val_idx = split_indices(len(train.records), data.val_fraction, data.split_seed)
-            splits["val"] = DetectionSet(train.classes, [train.records[i] for i in val_idx])
-            splits["train"] = DetectionSet(train.classes, [train.records[i] for i in train_idx], train.dropped)
+            for name, indices in hold_out(len(train.records), held_out, data.split_seed).items():
+                splits[name] = DetectionSet(train.classes, [train.records[i] for i in indices],
+                                            train.dropped if name == "train" else [])
+            self.notes.append("data: " + ", ".join(f"{name} {len(splits[name])} images ({fraction:g} of train, "
+                                                   f"data.{name}_fraction)" for name, fraction in held_out.items())
+                              + f" held out of the {len(train)} training images with data.split_seed="
+                              f"{data.split_seed}")
         for split in splits.values():
             if split.classes != splits["train"].classes:
                 raise DataError(f"data.source={self.cfg.data.source}: the splits name different classes "
@@ -184,7 +205,8 @@ class DetectionTask(Task):
             raise DataError(f"data.source={self.cfg.data.source}: the train or val split has no images")
         make = lambda s: build_split(s, self.image_size, device, self.cfg.data.cache_limit_mb)  # noqa: E731
         return Splits(make(splits["train"]), make(splits["val"]),
-                      make(splits["test"]) if "test" in splits else None, collate_fn=collate)
+                      make(splits["test"]) if "test" in splits else None, collate_fn=collate,
+                      notes=list(dict.fromkeys(self.notes)))
 
     def class_names(self) -> list[str]:
         """The label order, read from the source's metadata without decoding images."""
@@ -195,8 +217,15 @@ class DetectionTask(Task):
             self.classes = list(FASHION_MNIST_CLASSES)
         elif self.kind == "voc":
             root = Path(self.location)
-            self.classes = list(data.classes) or formats.voc_class_names(root, formats.voc_split_ids(root, "train")
-                                                                         or [])
+            if data.classes:
+                self.classes = list(data.classes)
+            else:
+                if not root.is_dir():
+                    download_voc(root, data.download)
+                # Every split's annotations, so a class seen only in val or test is not an unknown name there.
+                self.classes = formats.voc_class_names(root, formats.find_voc_layout(root).all_ids())
+                self.notes.append(f"data: {len(self.classes)} classes from the annotations (data.classes not set), "
+                                  f"sorted: {', '.join(self.classes)}")
         elif self.kind == "coco":
             path = Path(self.location.rsplit(":", 1)[0].format(split="train"))
             try:
@@ -289,7 +318,7 @@ class DetectionTask(Task):
             return summary
         summary.update({f"ap/{name}": ap for name, ap in per_class.items()})
         if shown:
-            summary["ms_per_image_batch1"] = self._latency_batch1(model, [s[0] for s in shown])
+            summary["ms_per_image_batch1_model"] = self._latency_batch1_model(model, [s[0] for s in shown])
         report.plot_precision_recall(precision, classes, report_dir / "precision_recall.png")
         served = self.cfg.model.predict_score_threshold
         calibration, bins = report.score_calibration(recorder, served)
@@ -303,9 +332,11 @@ class DetectionTask(Task):
                                 report_dir / "predictions.png")
         return summary
 
-    def _latency_batch1(self, model: nn.Module, images: list[torch.Tensor]) -> float:
-        """End-to-end milliseconds per image at batch 1 (prepare, forward, decode, NMS) of the inference model
-        (Conv + BatchNorm fused, as exported), after one warm-up."""
+    def _latency_batch1_model(self, model: nn.Module, images: list[torch.Tensor]) -> float:
+        """Milliseconds per image at batch 1 of the inference model (Conv + BatchNorm fused, as exported) from an
+        already decoded and letterboxed uint8 tensor: scaling, forward, box decoding and NMS, after one warm-up.
+        Not end to end: reading, decoding and letterboxing the file come on top; bench/detection.py times the
+        exported package from file bytes to boxes for that figure."""
         device = next(model.parameters()).device
         model = fuse_for_inference(model)
         times = []

@@ -1,0 +1,84 @@
+"""A wall-clock budget for a run (`train.time_budget_s`): the number of steps from a short timed probe.
+
+The step count is fixed before the first real step, so everything the run expresses as a fraction of itself
+(learning-rate warm-up and decay, augmentation phases such as closing mosaic, anything driven by
+step / total_steps) fits the time, instead of being cut off when a clock runs out. The probe trains a few steps
+of the real model on real batches with a throwaway optimizer and times one validation pass and one
+checkpoint save (what follows each evaluation); `fit` then restores
+the weights and the random state, so the run starts exactly where it would have without a budget.
+
+Like ultralytics' `time=`, the budget covers the training and its validation passes and checkpoints, counted
+from the start of `fit`; the final test report comes after it. Steps per second measured over a few steps are an
+estimate: a machine that slows down (other jobs, thermal limits) ends the run late by the same ratio.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+from ..errors import ConfigError
+
+WARMUP_STEPS = 3  # untimed: allocation, kernel selection (cudnn, oneDNN) and torch.compile land in the first steps
+TIMED_STEPS = 8
+
+@dataclass
+class BudgetPlan:
+    budget_s: float
+    spent_s: float  # from the start of fit to the end of the probe: data, model, probe
+    seconds_per_step: float
+    seconds_per_evaluation: float  # a validation pass and the checkpoint saved after it
+    eval_every_steps: int
+    total_steps: int
+
+    def as_dict(self) -> dict:
+        return asdict(self)  # unrounded: the summary then reproduces the plan exactly
+
+
+def run_cost_s(steps: int, seconds_per_step: float, seconds_per_evaluation: float, eval_every_steps: int) -> float:
+    """Predicted seconds of a run of `steps`: each step, plus an evaluation every `eval_every_steps` and at the end."""
+    return steps * seconds_per_step + math.ceil(steps / eval_every_steps) * seconds_per_evaluation
+
+
+def plan_steps(remaining_s: float, seconds_per_step: float, seconds_per_evaluation: float,
+               eval_every_steps: int) -> int:
+    """The most steps whose predicted cost fits in `remaining_s` (0 when not even one does)."""
+    per_step = seconds_per_step + seconds_per_evaluation / eval_every_steps
+    steps = max(int((remaining_s - seconds_per_evaluation) / per_step), 0)
+    while run_cost_s(steps + 1, seconds_per_step, seconds_per_evaluation, eval_every_steps) <= remaining_s:
+        steps += 1
+    return steps
+
+
+def measure(train_step: Callable[[], None], evaluate: Callable[[], None], synchronize: Callable[[], None]
+            ) -> tuple[float, float]:
+    """(seconds per training step, seconds per evaluation: `evaluate` validates and saves), after WARMUP_STEPS
+    untimed steps. The step time is the median of TIMED_STEPS single steps: one step stalled by a neighbour's job
+    or a late one-off initialisation would move a mean of so few by its whole length, and every step after it."""
+    for _ in range(WARMUP_STEPS):
+        train_step()
+    times = []
+    for _ in range(TIMED_STEPS):
+        synchronize()
+        tic = time.perf_counter()
+        train_step()
+        synchronize()
+        times.append(time.perf_counter() - tic)
+    tic = time.perf_counter()
+    evaluate()
+    synchronize()
+    return statistics.median(times), time.perf_counter() - tic
+
+
+def make_plan(budget_s: float, spent_s: float, seconds_per_step: float, seconds_per_evaluation: float,
+              eval_every_steps: int) -> BudgetPlan:
+    steps = plan_steps(budget_s - spent_s, seconds_per_step, seconds_per_evaluation, eval_every_steps)
+    if steps < 1:
+        needed = spent_s + run_cost_s(1, seconds_per_step, seconds_per_evaluation, eval_every_steps)
+        raise ConfigError(f"train.time_budget_s: {budget_s:g} s leaves no time to train ({spent_s:.1f} s went to "
+                          f"loading and the speed probe, a step takes {seconds_per_step:.2f} s and a validation "
+                          f"pass {seconds_per_evaluation:.1f} s); raise it above {math.ceil(needed)} s")
+    return BudgetPlan(budget_s, spent_s, seconds_per_step, seconds_per_evaluation, eval_every_steps, steps)
