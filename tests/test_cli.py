@@ -147,10 +147,10 @@ RULE = "1-64 letters, digits, '.', '_' and '-', starting with a letter or digit"
 @pytest.mark.parametrize("run_name, flags, changes, message", [
     ("run", ["--version", "v-日本"], {}, f"--version: 'v-日本' is not a valid version; use {RULE}"),
     ("run", ["--name", "my model"], {}, f"--name: 'my model' is not a valid name; use {RULE}"),
-    ("run 日本", [], {}, f"--version: 'run 日本' is not a valid version; it defaults to the run directory's name: "
-                       f"pass --version with {RULE}"),
-    ("run", [], {"recipe": "/recipes/my recipe.yaml"}, f"--name: 'my recipe' is not a valid name; it defaults to "
-                                                       f"the run's recipe: pass --name with {RULE}"),
+    ("run 日本", ["--name", "ok"], {}, f"--version: 'run 日本' is not a valid version; it defaults to the run "
+                                     f"directory's name: pass --version with {RULE}"),
+    ("run 日本", [], {}, f"--name: 'run 日本' is not a valid name; it defaults to the run's name less its time "
+                       f"stamp: pass --name with {RULE}"),
 ])
 def test_export_refuses_an_invalid_name_or_version_before_any_work(tiny_run_dir, tmp_path, capsys, run_name, flags,
                                                                    changes, message):
