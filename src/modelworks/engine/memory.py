@@ -40,3 +40,20 @@ def keep_freed_memory() -> bool:
     _applied = all(mallopt(param, value) == 1 for param, value in (
         (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD), (_M_TOP_PAD, _TOP_PAD)))
     return _applied
+
+
+def release_freed_memory() -> bool:
+    """Hand memory that is free inside the process back to the kernel (glibc's malloc_trim), after something large
+    was released: an unloaded model version. Its ONNX Runtime arenas and buffers, freed while other threads kept
+    allocating, leave free pages scattered through the heaps that glibc does not return on its own; a server that
+    loads and unloads versions under traffic then grows by the size of those holes at each cycle (seen: about
+    12 MB/min in bench/soak.py). True when it ran (Linux with glibc)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        return False
+    return True

@@ -46,6 +46,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Route
 
 from ..errors import ConfigError, InputError, InputTooLarge, ModelworksError
+from ..engine.memory import release_freed_memory
 from ..export.package import NAME_PATTERN  # model names, versions and request ids: one character set
 from .batching import Batcher, Draining, InferenceFailed, Overloaded
 from .http import httptools_protocol
@@ -377,7 +378,11 @@ class ModelServer:
         return route.describe()
 
     def retire(self, version: Version) -> None:
-        task = asyncio.get_running_loop().create_task(version.batcher.drain())
+        async def drain_and_release():
+            await version.batcher.drain()
+            release_freed_memory()
+
+        task = asyncio.get_running_loop().create_task(drain_and_release())
         self.retiring.add(task)
         task.add_done_callback(self.retiring.discard)
 
@@ -778,6 +783,9 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
             route.history = [{v: w for v, w in h.items() if v != version} for h in route.history]
             await retired.batcher.drain()
             server.metrics.forget_version(name, version)
+            del retired
+            gc.collect()  # the version's model, runtime session and batcher, before their memory is handed back
+            release_freed_memory()
             log("version unloaded", model=name, version=version)
             return route.describe()
 
