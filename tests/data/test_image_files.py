@@ -15,6 +15,9 @@ from modelworks.data.image_files import default_max_pixels, read_image, read_ima
 from modelworks.errors import InputError, InputTooLarge
 
 FORMATS = ["PNG", "GIF", "WEBP", "JPEG"]
+# image_files.py filters Pillow's bomb warning at import, for the process; pytest resets the filters per test, and
+# these tests open many bombs on purpose.
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
 
 @st.composite

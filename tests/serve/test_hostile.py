@@ -122,7 +122,9 @@ def test_decoding_runs_off_the_event_loop_and_within_the_deadline(tiny_package):
 
     response, probes = asyncio.run(with_app(app_for(tiny_package), body))
     assert response.status_code == 200, response.text
-    assert len(probes) >= 3 and max(probes) < 0.05, probes
+    # Decoded on the loop, the probes would wait out the whole decode (one or two, each as long as it); in the pool
+    # they keep answering. A single slow probe (a collection, a busy CI machine) is not the decode.
+    assert len(probes) >= 3 and sorted(probes)[len(probes) // 2] < 0.02, probes
 
     tight = asyncio.run(with_app(app_for(tiny_package, timeout_s=0.02), lambda client: client.post(
         "/v1/models/tiny/predict", json={"image": b64(big), "resize": True})))
