@@ -205,3 +205,15 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
     torch.manual_seed(whole.train.seed)  # fit() seeds before building the model
     initial = LinearTask(whole).build_model().state_dict()
     assert not torch.allclose(a["weight"], initial["weight"])  # it trained
+
+
+def test_a_batch_larger_than_the_training_split_is_fitted_to_it_and_says_so():
+    from modelworks.engine.loop import batch_size_for
+    from modelworks.errors import ConfigError
+
+    assert batch_size_for(128, 5000, 1) == (128, None)
+    size, note = batch_size_for(128, 22, 1)
+    assert size == 16 and "more than the 22 training samples: training with batches of 16" in note
+    assert batch_size_for(128, 22, 4)[0] == 16 and batch_size_for(96, 50, 3)[0] == 30  # a multiple of the unit
+    with pytest.raises(ConfigError, match="has 3 samples, fewer than one batch of 4"):
+        batch_size_for(128, 3, 4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -172,6 +173,22 @@ def probe_budget(task, model: nn.Module, train_model: nn.Module, splits, cfg: Ru
     return distributed.broadcast_object(plan)
 
 
+def batch_size_for(batch_size: int, n_train: int, unit: int) -> tuple[int, str | None]:
+    """The batch size to train with, and a note when it is not the configured one. A batch larger than the
+    training split would give zero steps per epoch: a small data set (a labelling tool's first few dozen images)
+    trains with the largest power-of-two batch that fits it, a multiple of `unit` (world size x accumulation),
+    and the log says so, rather than stopping a user who gave no batch size at all."""
+    if batch_size <= n_train:
+        return batch_size, None
+    fitted = 1 << (n_train.bit_length() - 1) if n_train > 0 else 0
+    fitted -= fitted % unit
+    if fitted < unit:
+        raise ConfigError(f"train.batch_size: the training split has {n_train} samples, fewer than one batch of "
+                          f"{unit} (world size x optim.accumulate_steps); add data or lower optim.accumulate_steps")
+    return fitted, (f"train.batch_size={batch_size} is more than the {n_train} training samples: training with "
+                    f"batches of {fitted} instead (optim.lr unchanged); set train.batch_size to choose")
+
+
 def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     """Train `task` as `cfg` says, writing into `run_dir` (rank 0 only). Resumes from checkpoints/last.pt."""
     started = time.perf_counter()
@@ -189,10 +206,12 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     precision = choose_precision(t.precision, device)
 
     splits = task.datasets(device)
+    batch_size, note = batch_size_for(t.batch_size, len(splits.train), world * micro_batches)
+    if note:
+        splits.notes.append(note)
+        t = dataclasses.replace(t, batch_size=batch_size)
+        cfg = dataclasses.replace(cfg, train=t)
     steps_per_epoch = len(splits.train) // t.batch_size
-    if steps_per_epoch == 0:
-        raise ConfigError(f"train.batch_size: {t.batch_size} is larger than the training split "
-                          f"({len(splits.train)} samples); lower it")
     eval_every = t.eval_every_steps or steps_per_epoch
 
     model = prepare_model(task, device, cfg)
