@@ -104,6 +104,22 @@ def read_image(source: bytes | Path | str, channels: int | None, max_pixels: int
     return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
 
+def screen_header(prefix: bytes, max_pixels: int, *, where: str = "image", field: str | None = "image") -> bool:
+    """Check the first bytes of an image file against `max_pixels`, the rest not yet read: InputTooLarge past it,
+    True when the header fits, False when the prefix is too short to tell or is not a header Pillow knows (the
+    full read decides then)."""
+    try:
+        with _open(prefix, where, field, "", max_pixels) as image:
+            width, height = image.size
+    except InputTooLarge:
+        raise
+    except InputError:
+        return False
+    if width * height > max_pixels:
+        raise too_large(where, f"{width}x{height} pixels", max_pixels, field)
+    return True
+
+
 def read_image_size(path: Path | str, max_pixels: int) -> tuple[int, int]:
     """(width, height) of an image file from its header, refused past `max_pixels` as read_image would."""
     with _open(path, str(path), None, "remove or replace the file", max_pixels) as image:

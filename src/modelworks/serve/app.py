@@ -53,6 +53,7 @@ from .http import httptools_protocol
 from .logs import configure_logging, log
 from .metrics import Metrics
 from .routing import ModelRoute, Version
+from .screening import screen_upload
 
 ADMIN_TOKEN_ENV = "MODELWORKS_ADMIN_TOKEN"
 CALLER_HEADER = "x-caller-id"
@@ -115,6 +116,10 @@ def error_response(request: Request, status: int, code: str, message: str, field
                    headers: dict | None = None) -> JSONResponse:
     state = request.scope.setdefault("state", {})
     state["error"] = code
+    if not state.get("body_done", True):
+        # Answered before the body was read (a file refused from its header): close the connection rather than
+        # read and discard the rest of a body that may be megabytes long.
+        headers = {**(headers or {}), "Connection": "close"}
     return JSONResponse({"error": {"code": code, "message": message, "field": field},
                          "request_id": state.get("request_id")}, status_code=status, headers=headers)
 
@@ -195,9 +200,19 @@ class ModelServer:
 
     # ------------------------------------------------------------------------------------------ predict
 
-    async def read_request(self, predictor, request: Request):
+    async def read_request(self, predictor, request: Request, screens: list | None = None):
         # `predictor` may be the class: only its Request model and file_field are read here.
-        """(typed request, raw file or None) from a JSON or multipart body."""
+        """(typed request, raw file or None) from a JSON or multipart body. `screens`: the predictors that judge
+        the file by its first bytes before the rest of the body is read (Predictor.screen_file)."""
+        screens = [p for p in screens or () if p.screen_bytes > 0]
+        if predictor.file_field is not None and screens:
+            try:
+                request = await screen_upload(request, predictor.file_field, [p.screen_file for p in screens],
+                                              max(p.screen_bytes for p in screens))
+            except InputTooLarge as exc:
+                raise ApiError(413, "input_too_large", str(exc), exc.field) from None
+            except InputError as exc:
+                raise ApiError(422, "invalid_input", str(exc), exc.field) from None
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         fields = list(predictor.Request.model_fields)
         if content_type == "multipart/form-data":
@@ -257,7 +272,8 @@ class ModelServer:
         route.arriving[key] = state  # a batch about to run waits for arriving requests (up to max_wait_ms)
         try:
             async with asyncio.timeout(remaining_s()):
-                parsed_request, file = await self.read_request(route.predictor_class, request)
+                screens = [version.model.predictor for version in route.versions.values()]
+                parsed_request, file = await self.read_request(route.predictor_class, request, screens)
                 item, version = await self.parse(route, state, parsed_request, file)
         except TimeoutError:
             if not state["body_done"]:
@@ -432,7 +448,9 @@ class RequestContext:
         request_id = supplied if NAME_PATTERN.match(supplied) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         caller = headers.get(CALLER_HEADER.encode())
-        state.update(request_id=request_id, arrival=arrival, body_at=arrival, body_done=False,
+        length = headers.get(b"content-length")
+        expects_body = length not in (None, b"0") or b"chunked" in headers.get(b"transfer-encoding", b"").lower()
+        state.update(request_id=request_id, arrival=arrival, body_at=arrival, body_done=not expects_body,
                      caller=caller.decode("latin-1") if caller else None)
         status, started = 500, False
 
@@ -468,7 +486,6 @@ class RequestContext:
             return message
 
         try:
-            length = headers.get(b"content-length")
             if caller is not None and len(caller) > MAX_CALLER_ID:
                 await self.refuse(send_with_id, state, 400, "invalid_header", f"{CALLER_HEADER}: longer than "
                                   f"{MAX_CALLER_ID} characters (got {len(caller)}); send a user or session id")

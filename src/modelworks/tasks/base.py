@@ -100,6 +100,17 @@ class Predictor:
         of `file_field` (an upload or a file on disk). Raise InputError naming the field and the fix."""
         raise NotImplementedError
 
+    # How many leading bytes of the file `screen_file` may look at; 0: no screening (the default).
+    screen_bytes: ClassVar[int] = 0
+
+    def screen_file(self, prefix: bytes) -> bool:
+        """Judge a file by its first bytes while the rest of the request is still arriving: the server refuses it
+        without reading the rest (a decompression bomb states its size in its header). Raise InputError (e.g.
+        InputTooLarge) to refuse; return True once the prefix settles that the file passes, False while more bytes
+        could change the verdict. `parse` must still check everything: a body that arrives in one piece is not
+        screened."""
+        return True
+
     def parse_inline(self, request: BaseModel, file: bytes | None = None) -> Any | None:
         """`parse`, when it is cheap for this request (a small file: tens of microseconds), else None. The server
         calls this on its event loop and, on None, runs `parse` in its decode pool: a handoff costs more than

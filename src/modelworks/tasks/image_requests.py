@@ -12,11 +12,11 @@ import binascii
 import torch
 
 from ..data.image_files import FORMAT_NAMES as FORMATS
-from ..data.image_files import IMAGE_SUFFIXES, default_max_pixels, read_image
+from ..data.image_files import IMAGE_SUFFIXES, default_max_pixels, read_image, screen_header
 from ..errors import InputError
 
 __all__ = ["FORMATS", "IMAGE_SUFFIXES", "decode_base64", "decode_image_file", "default_max_pixels", "small_file",
-           "INLINE_PIXELS"]
+           "INLINE_PIXELS", "ScreensImageHeaders"]
 
 # What a predictor may decode on the server's event loop (Predictor.parse_inline): a file of at most 64 KB (base64
 # included) declaring at most 256 x 256 pixels decodes in well under 0.1 ms, less than handing it to another thread
@@ -54,3 +54,19 @@ def decode_image_file(data: bytes, channels: int | None, fix: str, max_pixels: i
     """An image file's content -> uint8 [C, H, W] (data/image_files.read_image: the header is checked against
     `max_pixels` before decoding). `channels`: 1, 3, or None for as stored; `fix` ends the undecodable message."""
     return read_image(data, channels, max_pixels, where=field, field=field, fix=fix)
+
+
+class ScreensImageHeaders:
+    """Predictor mixin: a server refuses an image past `max_image_pixels` from the header at the start of the upload
+    (Predictor.screen_file), before reading the rest of the body. 64 KB reaches a JPEG's size marker behind the
+    usual EXIF and colour profile; PNG, GIF and WebP state theirs in the first 30 bytes."""
+
+    screen_bytes = 64 * 1024
+    max_image_pixels: int | None
+    file_field: str | None
+
+    def screen_file(self, prefix: bytes) -> bool:
+        if self.max_image_pixels is None:
+            return True
+        field = self.file_field or "image"
+        return screen_header(prefix, self.max_image_pixels, where=field, field=field)

@@ -20,8 +20,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...errors import InputError
 from ..base import Predictor
 from ...errors import InputTooLarge
-from ..image_requests import (INLINE_PIXELS, IMAGE_SUFFIXES, decode_base64, decode_image_file, default_max_pixels,
-                              small_file)
+from ..image_requests import (INLINE_PIXELS, IMAGE_SUFFIXES, ScreensImageHeaders, decode_base64, decode_image_file,
+                              default_max_pixels, small_file)
 
 COLOR_NAMES = {1: "grayscale", 3: "RGB"}
 
@@ -52,7 +52,7 @@ class ClassificationResponse(BaseModel):
     top_k: list[ClassScore]
 
 
-class ImageClassifierPredictor(Predictor):
+class ImageClassifierPredictor(ScreensImageHeaders, Predictor):
     Request = ImageRequest
     Response = ClassificationResponse
     file_field = "image"

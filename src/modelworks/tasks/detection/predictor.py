@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ...data.detection.dataset import FILL, letterbox
 from ..base import Predictor
-from ..image_requests import FORMATS, IMAGE_SUFFIXES, decode_base64, decode_image_file, default_max_pixels
+from ..image_requests import (FORMATS, IMAGE_SUFFIXES, ScreensImageHeaders, decode_base64, decode_image_file,
+                              default_max_pixels)
 from .boxes import postprocess
 from .models import build_decoder
 
@@ -75,7 +76,7 @@ class DetectionItem:
     max_detections: int
 
 
-class DetectionPredictor(Predictor):
+class DetectionPredictor(ScreensImageHeaders, Predictor):
     Request = DetectionRequest
     Response = DetectionResponse
     file_field = "image"
