@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -280,9 +281,11 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    from .engine.memory import limit_malloc_arenas
     from .inference import open_model
     from .serve.app import ServeSettings, run_server
 
+    limit_malloc_arenas(os.cpu_count() or 1)  # before any runtime thread starts
     weights = parse_split(args.split, len(args.packages))
     settings = ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_bytes=args.max_body_bytes,

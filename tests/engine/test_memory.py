@@ -37,3 +37,11 @@ def test_tuned_allocator_reuses_freed_pages_instead_of_faulting_them_back():
     # runs here; its adaptive thresholds make the figure vary, so it is not asserted); tuned, the pages stay.
     tuned = faults_per_cycle("tuned")
     assert tuned < 0.25 * pages_touched, (tuned, pages_touched)
+
+
+def test_malloc_arenas_can_be_capped_for_a_server():
+    import sys
+
+    from modelworks.engine.memory import limit_malloc_arenas
+
+    assert limit_malloc_arenas(2) is sys.platform.startswith("linux")
