@@ -267,7 +267,8 @@ def test_resume_with_an_optimizer_state_of_another_model_is_one_line_and_exit_2(
 
 
 def test_a_run_failing_before_its_first_step_leaves_no_folder(tmp_path, capsys):
-    args = tiny_cli_args(tmp_path, "no-data", **{"train.batch_size": 4096})  # larger than the data: fit refuses
+    (tmp_path / "empty").mkdir()
+    args = tiny_cli_args(tmp_path, "no-data", **{"data.source": f"imagefolder:{tmp_path / 'empty'}"})  # fit: no data
     assert main(args) == 2
     err = capsys.readouterr().err
     run_dir = tmp_path / "runs" / "classification" / "no-data"
