@@ -115,3 +115,24 @@ def test_the_dashboards_queries_parse(tmp_path):
     broken.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [
         {"record": "x:y", "expr": "sum by (job (rate(modelworks_requests_total[1m]))"}]}]}))
     assert promtool("check", "rules", str(broken)).returncode != 0
+
+
+@needs_promtool
+def test_the_prometheus_config_loads_with_its_rules():
+    result = promtool("check", "config", str(DEPLOY / "prometheus" / "prometheus.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 1 rule files found" in result.stdout  # alerts.yml, found beside it
+    scrape = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())["scrape_configs"]
+    assert [job["job_name"] for job in scrape] == ["modelworks"]  # what the rules select
+
+
+def test_the_compose_file_mounts_files_that_exist():
+    """Docker is not needed by the tests; what they can check is that each file the compose file mounts or
+    builds from is where it says."""
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    assert set(services) == {"modelworks", "prometheus", "grafana"}
+    assert (DEPLOY / services["modelworks"]["build"]["context"] / services["modelworks"]["build"]["dockerfile"]
+            ).is_file()
+    mounts = [volume.split(":")[0] for service in services.values() for volume in service.get("volumes", [])]
+    local = [mount for mount in mounts if mount.startswith("./")]
+    assert len(local) == 4 and all((DEPLOY / mount).exists() for mount in local), local
