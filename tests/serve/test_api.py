@@ -159,6 +159,7 @@ def test_probes_metrics_models_and_openapi(tiny_package, images):
         assert metric(text, "modelworks_batch_size_count", model="tiny", version="v1") >= 1
         assert metric(text, "modelworks_prediction_confidence_count", model="tiny", version="v1") == 1
         assert "modelworks_queue_depth" in text and "modelworks_inference_seconds_bucket" in text
+        assert "\nmodelworks_ready 1.0\n" in text and "\nmodelworks_queue_capacity 256.0\n" in text
         schema = client.get("/openapi.json").json()
         operation = schema["paths"]["/v1/models/tiny/predict"]["post"]
         content = operation["requestBody"]["content"]
@@ -174,7 +175,8 @@ def test_probes_metrics_models_and_openapi(tiny_package, images):
 def test_while_draining_readyz_is_503_new_predictions_are_refused_and_accepted_ones_answered(tiny_package,
                                                                                              images):
     """The lifespan's drain, in process: a prediction is held in the graph (its runtime waits on an event) when
-    shutdown begins; meanwhile /readyz answers 503 "draining" and a new prediction 503 with Retry-After, and
+    shutdown begins; meanwhile /readyz answers 503 "draining" (and the modelworks_ready gauge reads 0) and a new
+    prediction 503 with Retry-After, and
     once the graph is released the held request still gets its answer and shutdown completes."""
     import threading
 
@@ -203,13 +205,15 @@ def test_while_draining_readyz_is_503_new_predictions_are_refused_and_accepted_o
             assert not in_flight.done() and not shutdown.done()
             ready = await client.get("/readyz")
             refused = await client.post("/v1/models/tiny/predict", json=json_body(images[0][0]))
+            metrics = (await client.get("/metrics")).text
             release.set()
             answered = await in_flight
             await asyncio.wait_for(shutdown, 20)
-        return ready, refused, answered
+        return ready, refused, answered, metrics
 
-    ready, refused, answered = asyncio.run(scenario())
+    ready, refused, answered, metrics = asyncio.run(scenario())
     assert (ready.status_code, ready.json()) == (503, {"status": "draining"})
+    assert "\nmodelworks_ready 0.0\n" in metrics  # what the readiness alert reads
     assert refused.status_code == 503 and refused.json()["error"]["code"] == "draining"
     assert refused.headers["retry-after"] == "1"
     assert answered.status_code == 200 and answered.json()["prediction"]["label"] == LABELS[images[1][0]]

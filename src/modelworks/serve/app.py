@@ -166,6 +166,8 @@ class ModelServer:
         self.metrics = Metrics()
         self.ready = False
         self.draining = False
+        self.metrics.ready.set_function(lambda: float(self.ready and self.servable))
+        self.metrics.queue_capacity.set(settings.max_queue)
         self.admin_lock = asyncio.Lock()
         self.retiring: set[asyncio.Task] = set()  # drains of replaced versions, kept referenced until done
         # Requests' files are decoded here, not on the event loop: a large image must not stall other requests'

@@ -32,6 +32,12 @@ class Metrics:
                                     LABELS, buckets=CONFIDENCE_BUCKETS, registry=r)
         self.traffic_weight = Gauge("modelworks_traffic_weight", "Share of traffic routed to each version (A/B)",
                                     LABELS, registry=r)
+        # Unlabelled: one value per server. An alert reads readiness here rather than probing /readyz, and the
+        # queue's bound here to turn modelworks_queue_depth into a saturation ratio.
+        self.ready = Gauge("modelworks_ready", "1 while /readyz answers 200 (every model has a loaded, warmed-up "
+                           "version with traffic); 0 while starting or draining", registry=r)
+        self.queue_capacity = Gauge("modelworks_queue_capacity", "Requests one version's queue holds before it "
+                                    "answers 503 overloaded (max_queue)", registry=r)
 
     def forget_version(self, model: str, version: str) -> None:
         """Remove every series of an unloaded version. The queue-depth gauge's callback holds the version's batcher
