@@ -20,6 +20,14 @@ def pyplot():
     return plt
 
 
+def label_font() -> Path | None:
+    """matplotlib's bundled DejaVu Sans: legible headers (PIL's default bitmap font is tiny)."""
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    return path if path.is_file() else None
+
+
 def plot_overfit(result: OverfitResult, path: Path, title: str) -> None:
     """The loss per step on a log scale, the target line, and the verdict in the title."""
     plt = pyplot()
@@ -43,7 +51,7 @@ def plot_overfit(result: OverfitResult, path: Path, title: str) -> None:
 def save_view_grid(rows: list[list[torch.Tensor]], path: Path, headers: list[str], min_side: int = 128) -> None:
     """One row per sample, one column per view; small images are enlarged (nearest pixel, by a whole factor)
     to `min_side`, and each column gets its header."""
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
     from torchvision.utils import make_grid
 
     images = [image for row in rows for image in row]
@@ -61,8 +69,9 @@ def save_view_grid(rows: list[list[torch.Tensor]], path: Path, headers: list[str
     picture = Image.new("RGB", (grid.shape[-1], grid.shape[-2] + band), "white")
     picture.paste(Image.fromarray(grid.permute(1, 2, 0).numpy()), (0, band))
     draw = ImageDraw.Draw(picture)
+    font = ImageFont.truetype(str(label_font()), 13) if label_font() else ImageFont.load_default()
     for column, header in enumerate(headers):
-        draw.text((padding + column * (width + padding) + 2, 5), header, fill="black")
+        draw.text((padding + column * (width + padding) + 2, 3), header, fill="black", font=font)
     picture.save(path)
 
 

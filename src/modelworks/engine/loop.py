@@ -201,7 +201,9 @@ def log_hparams(log: Logger, cfg: RunConfig, step: int, best: dict, last: dict) 
     (written here as `best/val/...` scalars) and the last evaluation's (already logged as `val/...`)."""
     best_values = {f"best/{key}": value for key, value in best.items() if key != "step"}
     log.tensorboard_scalars(step, best_values)
-    log.hparams(flatten(cfg), [*best_values, *last])
+    # As YAML writes them: torch's summary would store a bool as the number 0 or 1.
+    settings = {k: str(v).lower() if isinstance(v, bool) else v for k, v in flatten(cfg).items()}
+    log.hparams(settings, [*best_values, *last])
 
 
 def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
