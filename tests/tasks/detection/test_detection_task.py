@@ -147,8 +147,8 @@ def test_draw_batch_draws_each_box_where_the_loss_sees_it(tmp_path):
     from modelworks.tasks.detection.report import PALETTE
 
     task = DetectionTask(load_config(DetectionTask, tiny_detection_raw(tmp_path)))
-    batch = {"images": torch.zeros(1, 3, 64, 64), "boxes": torch.tensor([[[8.0, 16.0, 24.0, 48.0], [0, 0, 64, 64]]]),
-             "labels": torch.tensor([[2, -1]])}
+    boxes = torch.tensor([[[8.0, 16.0, 24.0, 48.0], [0, 0, 64, 64]]])
+    batch = {"images": torch.zeros(1, 3, 64, 64), "boxes": boxes, "labels": torch.tensor([[2, -1]])}
     (drawn,) = task.draw_batch(batch, min_side=64)
     colour = torch.tensor([int(PALETTE[2][i:i + 2], 16) for i in (1, 3, 5)], dtype=torch.uint8)
     assert drawn.shape == (3, 64, 64) and drawn.dtype == torch.uint8

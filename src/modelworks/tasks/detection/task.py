@@ -271,9 +271,9 @@ class DetectionTask(Task):
             pixels = pixels.repeat_interleave(factor, -2).repeat_interleave(factor, -1)
             keep = labels >= 0  # -1: padding, or a box the augmentation pushed out of the picture
             names = [classes[int(c)] for c in labels[keep]]
-            drawn.append(draw_bounding_boxes(
-                pixels, boxes[keep] * factor, names, [report.PALETTE[int(c) % len(report.PALETTE)] for c in labels[keep]],
-                width=2, font=font, font_size=12, fill_labels=True))
+            colours = [report.PALETTE[int(c) % len(report.PALETTE)] for c in labels[keep]]
+            drawn.append(draw_bounding_boxes(pixels, boxes[keep] * factor, names, colours, width=2, font=font,
+                                             font_size=12, fill_labels=True))
         return drawn
 
     # ------------------------------------------------------------------------------------------ model
