@@ -156,7 +156,7 @@ def clone(batch):
 # this many times below the median parameter's: a depth-wise symptom. Measured over the first 50 steps of the
 # shipped recipes (`modelworks debug TASK --recipe R gradients`, 2026-12-01): fastnet's parameters spread over
 # 14x; the detector's learning ones lie within ~300x of the median (its bottom-up PAN path the lowest), while
-# its stride-16 and stride-32 box heads, which the assigner gives no objects that early, sit 1e6-1e11x below.
+# its stride-16 and stride-32 box heads, to which the assigner gives no objects on that data, sit 1e6-1e11x below.
 SPREAD_LIMIT = 1e3
 # "Exploding" is a symptom over time, not depth: the gradient norm over the last quarter of the steps this many
 # times its norm over the first quarter (medians), on runs of at least 4 steps. Healthy runs shrink or hold it.
