@@ -8,6 +8,7 @@
     modelworks predict runs/classification/NAME/package images/ --out predictions.jsonl
     modelworks predict runs/detection/NAME/package photos/ --out boxes.jsonl --save-images annotated/
     modelworks serve runs/classification/NAME/package --port 8000
+    modelworks debug classification --recipe fashion-mnist overfit    # also: augment, gradients
 """
 
 from __future__ import annotations
@@ -120,6 +121,31 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-s", type=float, default=15.0,
                        help="on SIGTERM/Ctrl-C, how long in-flight requests may take to finish")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    debug = verbs.add_parser(
+        "debug", help="check a model before a long run: overfit one batch, see augmentations, gradient flow",
+        description="Checks to run before training, for any task and recipe (docs/debugging.md). Each writes a "
+                    "picture and a JSON file (default: <output_dir>/<task>/debug/<command>.png) and exits 1 when "
+                    "it finds a problem: `overfit` trains on one fixed batch and fails unless the loss falls to "
+                    "--target of its start; `augment` draws samples and their augmented views (an image-free task "
+                    "says it has nothing to draw and exits 0); `gradients` tables every parameter's gradient over "
+                    "the first --steps of the run and flags no, zero, non-finite, vanishing or exploding ones.")
+    debug.add_argument("task", help=f"one of: {', '.join(TASKS)}")
+    debug.add_argument("command", choices=DEBUG_COMMANDS)
+    debug.add_argument("--recipe", help="a shipped recipe name or a YAML file, as for train")
+    debug.add_argument("--data", help="data source, as for train")
+    debug.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override one config value, as for train (repeatable)")
+    debug.add_argument("--out", help="the picture to write; its JSON goes beside it")
+    debug.add_argument("--steps", type=int, help="overfit: steps on the batch (default 200); gradients: training "
+                                                 "steps (default 50)")
+    debug.add_argument("--batch-size", type=int, help="overfit: samples in the fixed batch (default 16)")
+    debug.add_argument("--target", type=float, help="overfit: pass when the last loss is at most this fraction "
+                                                    "of the first (default: the task's, 0.05 for most)")
+    debug.add_argument("--samples", type=int, help="augment: samples, one per row (default 8)")
+    debug.add_argument("--views", type=int, help="augment: augmented views of each (default 3)")
+    debug.add_argument("--progress", type=float, help="augment: the fraction of training done, for augmentation "
+                                                      "that changes over a run (default 0: the start)")
 
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.add_argument("task", nargs="?")
@@ -314,6 +340,70 @@ def parse_split(split: str | None, n: int) -> list[float]:
     return weights
 
 
+DEBUG_COMMANDS = ("overfit", "augment", "gradients")
+DEBUG_OPTIONS = {"overfit": ("steps", "batch_size", "target"), "augment": ("samples", "views", "progress"),
+                 "gradients": ("steps",)}
+
+
+def run_debug(args: argparse.Namespace) -> int:
+    import json
+
+    from .engine import debug
+    from .engine import debug_plots as plots
+
+    for command, options in DEBUG_OPTIONS.items():
+        for option in options:
+            if getattr(args, option) is not None and option not in DEBUG_OPTIONS[args.command]:
+                raise ConfigError(f"--{option.replace('_', '-')}: an option of `debug {command}`, not of "
+                                  f"`debug {args.command}`")
+    task_cls = get_task(args.task)
+    # The task's overrides first, so a user's --set of the same key wins.
+    task_overrides = list(task_cls.overfit_overrides) if args.command == "overfit" else []
+    cfg = config_mod.resolve(task_cls, args.recipe, [*task_overrides, *args.overrides], args.data)
+    if task_overrides:
+        print(f"overfit: with {', '.join(task_overrides)} (the task's setting for a loss that can reach zero)")
+    task = task_cls(cfg)
+    out = Path(args.out) if args.out else Path(cfg.output_dir) / task_cls.name / "debug" / f"{args.command}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    title = f"{task_cls.name} {cfg.recipe or '(defaults)'}"
+    given = {k: v for k, v in vars(args).items() if k in DEBUG_OPTIONS[args.command] and v is not None}
+
+    if args.command == "overfit":
+        result = debug.overfit_batch(task, cfg, **given)
+        plots.plot_overfit(result, out, title)
+        record = {"passed": result.passed, "verdict": result.verdict(), "losses": result.losses,
+                  "batch_size": result.batch_size, "target_ratio": result.target_ratio, "lr": result.lr,
+                  "logs": result.logs}
+        message, failed = result.verdict(), not result.passed
+    elif args.command == "augment":
+        rows = debug.augmented_views(task, cfg, **given)
+        if rows is None:
+            print(f"{task_cls.name}: nothing to draw (its batches hold no images); augment shows image tasks")
+            return 0
+        views = len(rows[0]) - 1
+        plots.save_view_grid(rows, out, ["original"] + [f"augmented (step {i})" for i in range(views)])
+        record = {"samples": len(rows), "views": views, "progress": given.get("progress", 0.0)}
+        message, failed = f"{len(rows)} samples, each as prepared and in {views} augmented views", False
+    else:
+        report = debug.gradient_flow(task, cfg, **given)
+        print(debug.gradient_table(report))
+        plots.plot_gradient_flow(report, out, title)
+        record = {"steps": report.steps, "median_grad_rms": report.median_grad_rms,
+                  "parameters": [{"name": p.name, "shape": list(p.shape), "requires_grad": p.requires_grad,
+                                  "flags": p.flags, "grad_norms": p.grad_norms, "weight_norms": p.weight_norms}
+                                 for p in report.parameters]}
+        flagged = report.flagged
+        failed = bool(flagged)
+        message = (f"{len(flagged)} of {len(report.parameters)} parameters flagged over {report.steps} steps:\n  "
+                   + "\n  ".join(f"{p.name}: {'; '.join(p.flags)}" for p in flagged) if flagged else
+                   f"no parameter flagged over {report.steps} steps: every one gets a finite gradient within "
+                   f"{debug.SPREAD_LIMIT:.0e}x of the median parameter's")
+    out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+    print(message)
+    print(f"wrote {out} and {out.with_suffix('.json')}")
+    return 1 if failed else 0
+
+
 def run_recipes(args: argparse.Namespace) -> int:
     for name in [args.task] if args.task else TASKS:
         get_task(name)
@@ -337,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_predict(args)
         if args.verb == "serve":
             return run_serve(args)
+        if args.verb == "debug":
+            return run_debug(args)
         return run_recipes(args)
     except ModelworksError as exc:
         print(f"modelworks: error: {exc}", file=sys.stderr)

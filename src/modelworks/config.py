@@ -51,6 +51,14 @@ class EarlyStopConfig:
 
 
 @dataclass
+class DebugConfig:
+    activations: bool = False  # per-layer activation statistics into TensorBoard: mean, std and the fraction of
+    # exact zeros (dead ReLUs) of each layer's output on sampled training steps, histograms at each evaluation
+    every_steps: int = 100  # sample one training step in this many: hooks exist only during a sampled step,
+    # so the other steps run at full speed (bench/debug_overhead.py measures the cost)
+
+
+@dataclass
 class TrainConfig:
     epochs: float = 10.0  # may be fractional; total steps = ceil(epochs * steps_per_epoch)
     time_budget_s: float = 0.0  # wall-clock seconds for training and its validation (the final test report
@@ -71,6 +79,7 @@ class TrainConfig:
     test_at_end: bool = True  # run `evaluate` (test split, report and plots) when training finishes
     ema: EMAConfig = field(default_factory=EMAConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 @dataclass
@@ -208,6 +217,17 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def flatten(cfg: Any) -> dict[str, bool | int | float | str | None]:
+    """The config as `a.b.c: value` pairs (TensorBoard's hyperparameters); lists become their text."""
+    flat = {}
+    for key, value in to_dict(cfg).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+        else:
+            flat[key] = value if value is None or isinstance(value, (bool, int, float, str)) else str(value)
+    return flat
+
+
 # ---------------------------------------------------------------------------------------------- recipes
 
 
@@ -328,6 +348,12 @@ def validate(cfg: RunConfig) -> list[str]:
     if o.name == "sgd" and o.nesterov and o.momentum <= 0:
         errors.append(f"optim.nesterov: Nesterov SGD needs optim.momentum > 0 (got {o.momentum}); "
                       "set optim.nesterov=false or a momentum such as 0.9")
+    if t.debug.every_steps < 1:
+        errors.append(f"train.debug.every_steps: must be >= 1 (got {t.debug.every_steps})")
+    if t.debug.activations and t.compile:
+        # Hooks added and removed on sampled steps would make torch.compile recompile the model each time.
+        errors.append("train.debug.activations: cannot be combined with train.compile=true (the hooks would "
+                      "recompile the model on every sampled step); turn one of them off")
     if not 0 <= t.ema.decay < 1:
         errors.append(f"train.ema.decay: must be in [0, 1) (got {t.ema.decay})")
     return errors

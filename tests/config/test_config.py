@@ -101,10 +101,17 @@ def test_all_problems_are_reported_together():
     ("train.ema.decay=1.0", r"train\.ema\.decay: must be in \[0, 1\) \(got 1\.0\)"),
     ("data.val_fraction=0", r"data\.val_fraction: must be in \(0, 1\) \(got 0\.0\)"),
     ("data.channels=2", r"data\.channels: must be 1 or 3 \(got 2\)"),
+    ("train.debug.every_steps=0", r"train\.debug\.every_steps: must be >= 1 \(got 0\)"),
 ])
 def test_cross_field_checks(assignment, message):
     with pytest.raises(ConfigError, match=message):
         load(assignment)
+
+
+def test_activation_hooks_and_compile_are_refused_together():
+    with pytest.raises(ConfigError, match=r"train\.debug\.activations: cannot be combined with train\.compile=true "
+                                          r"\(the hooks would recompile the model on every sampled step\); turn one"):
+        load("train.debug.activations=true", "train.compile=true")
 
 
 def test_missing_task_is_reported():

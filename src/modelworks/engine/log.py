@@ -66,6 +66,28 @@ class Logger:
             for key, value in values.items():
                 self.tb.add_scalar(key, value, step)
 
+    def tensorboard_scalars(self, step: int, values: dict[str, float]) -> None:
+        """Values for TensorBoard alone (many per step, such as per-layer statistics), kept out of metrics.jsonl."""
+        if self.tb is not None:
+            for key, value in values.items():
+                self.tb.add_scalar(key, value, step)
+
+    def histogram(self, step: int, tag: str, values) -> None:
+        if self.tb is not None:
+            self.tb.add_histogram(tag, values, step)
+
+    def hparams(self, hyperparameters: dict, metric_tags: list[str]) -> None:
+        """TensorBoard's HPARAMS view: this run's settings beside its metrics, one row per run, so `tensorboard
+        --logdir runs` compares runs side by side. Written into the run's own event files (SummaryWriter.add_hparams
+        would open a sub-run beside it), so the row and the curves are one run. The view reads each metric from the
+        run's scalar of that tag (its last value): log the scalars too."""
+        if self.tb is None:
+            return
+        from torch.utils.tensorboard.summary import hparams
+
+        for summary in hparams(hyperparameters, dict.fromkeys(metric_tags, 0.0)):
+            self.tb.file_writer.add_summary(summary)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()

@@ -22,9 +22,10 @@ import torch
 import yaml
 from torch import nn
 
-from ..config import RunConfig, to_dict
+from ..config import RunConfig, flatten, to_dict
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
 from . import budget, checkpoint, distributed, rundir
+from .activations import ActivationMonitor
 from .batches import augment_generator, eval_indices, fetch, split_batch, train_indices
 from .early_stop import EarlyStopper
 from .ema import EMA
@@ -105,14 +106,13 @@ def total_grad_norm(model: nn.Module) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)).float())
 
 
-def train_step(task, train_model: nn.Module, model: nn.Module, batch, optimizer, scaler, precision: Precision,
-               cfg: RunConfig, world: int, measure_norm: bool = False) -> tuple[list, torch.Tensor | None]:
-    """One optimizer step over `batch` (micro-batches accumulated): the step outputs and the gradient norm (when
-    clipping, or asked to `measure_norm`: the loop logs it for every run). The schedule and the EMA are the
-    caller's, so the budget probe can run steps without them."""
-    micro_batches = cfg.optim.accumulate_steps
+def accumulate_gradients(task, train_model: nn.Module, batch, scaler, precision: Precision, micro_batches: int,
+                         world: int) -> list:
+    """Forward and backward over `batch` cut into micro-batches, gradients summed (scaled by the scaler); returns
+    each micro-batch's StepOutput. The optimizer is the caller's, so `modelworks debug gradients` can read the
+    gradients between the two."""
     parts = split_batch(batch, micro_batches)
-    outs, grad_norm = [], None
+    outs = []
     for i, part in enumerate(parts):
         # DDP all-reduces gradients only on the last micro-batch.
         sync = contextlib.nullcontext() if (world == 1 or i == len(parts) - 1) else train_model.no_sync()
@@ -121,16 +121,45 @@ def train_step(task, train_model: nn.Module, model: nn.Module, batch, optimizer,
                 out = task.step(train_model, part)
             scaler.scale(out.loss / micro_batches).backward()
         outs.append(out)
-    if cfg.optim.max_grad_norm > 0:
-        scaler.unscale_(optimizer)
-        grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-    elif measure_norm:  # measured only when logged (one sync)
-        scaler.unscale_(optimizer)
-        grad_norm = total_grad_norm(model)
+    return outs
+
+
+def clip_gradients(model: nn.Module, max_grad_norm: float) -> torch.Tensor:
+    """The global gradient norm before clipping; clips to `max_grad_norm` when it is > 0. Gradients must be
+    unscaled first (scaler.unscale_)."""
+    if max_grad_norm > 0:
+        return nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    return total_grad_norm(model)
+
+
+def apply_gradients(optimizer, scaler) -> None:
+    """The optimizer step (skipped by the fp16 scaler on inf/NaN gradients), then the gradients are released."""
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+
+
+def train_step(task, train_model: nn.Module, model: nn.Module, batch, optimizer, scaler, precision: Precision,
+               cfg: RunConfig, world: int, measure_norm: bool = False) -> tuple[list, torch.Tensor | None]:
+    """One optimizer step over `batch` (micro-batches accumulated): the step outputs and the gradient norm (when
+    clipping, or asked to `measure_norm`: the loop logs it for every run). The schedule and the EMA are the
+    caller's, so the budget probe can run steps without them."""
+    outs = accumulate_gradients(task, train_model, batch, scaler, precision, cfg.optim.accumulate_steps, world)
+    grad_norm = None
+    if cfg.optim.max_grad_norm > 0 or measure_norm:  # measured only when logged (one sync)
+        scaler.unscale_(optimizer)
+        grad_norm = clip_gradients(model, cfg.optim.max_grad_norm)
+    apply_gradients(optimizer, scaler)
     return outs, grad_norm
+
+
+def endless_train_batches(splits, cfg: RunConfig, device: torch.device, rank: int, world: int):
+    """Raw training batches as fit() draws them from step 0 (epoch after epoch), without end: for the budget
+    probe and the debug commands, which take as many steps as they need."""
+    t = cfg.train
+    for epoch in itertools.count():
+        indices = train_indices(len(splits.train), t.batch_size, t.seed, epoch, 0, rank, world)
+        yield from fetch(splits.train, indices, device, t.num_workers, splits.collate_fn)
 
 
 def probe_budget(task, model: nn.Module, train_model: nn.Module, splits, cfg: RunConfig, device: torch.device,
@@ -143,12 +172,7 @@ def probe_budget(task, model: nn.Module, train_model: nn.Module, splits, cfg: Ru
     rng = checkpoint.rng_state()
     optimizer, scaler = build_optimizer(model, cfg.optim), precision.scaler()
 
-    def batches():
-        for epoch in itertools.count():
-            indices = train_indices(len(splits.train), t.batch_size, t.seed, epoch, 0, rank, world)
-            yield from fetch(splits.train, indices, device, t.num_workers, splits.collate_fn)
-
-    stream = iter(batches())
+    stream = endless_train_batches(splits, cfg, device, rank, world)
     probe_step = itertools.count()
 
     def one_step() -> None:
@@ -187,6 +211,16 @@ def batch_size_for(batch_size: int, n_train: int, unit: int) -> tuple[int, str |
                           f"{unit} (world size x optim.accumulate_steps); add data or lower optim.accumulate_steps")
     return fitted, (f"train.batch_size={batch_size} is more than the {n_train} training samples: training with "
                     f"batches of {fitted} instead (optim.lr unchanged); set train.batch_size to choose")
+
+
+def log_hparams(log: Logger, cfg: RunConfig, step: int, best: dict, last: dict) -> None:
+    """The resolved config and the run's metrics in TensorBoard's HPARAMS view: the best validation values
+    (written here as `best/val/...` scalars) and the last evaluation's (already logged as `val/...`)."""
+    best_values = {f"best/{key}": value for key, value in best.items() if key != "step"}
+    log.tensorboard_scalars(step, best_values)
+    # As YAML writes them: torch's summary would store a bool as the number 0 or 1.
+    settings = {k: str(v).lower() if isinstance(v, bool) else v for k, v in flatten(cfg).items()}
+    log.hparams(settings, [*best_values, *last])
 
 
 def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
@@ -282,6 +316,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                      f"than half of this {total_steps}-step run; a lower decay suits a run this short")
     if resume:
         log.info(f"resumed at step {step} (epoch {step / steps_per_epoch:.2f})")
+    activations = ActivationMonitor(model, log, t.debug.activations, t.debug.every_steps)
 
     def save(name: str) -> None:
         if not distributed.is_main():
@@ -315,7 +350,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                 "or use train.precision=fp32")
         last_checked_step = step
 
-    status = "finished"
+    status, last_metrics = "finished", {}
     train_model.train()
     with StopRequest() as stop:
         while step < total_steps and status == "finished":
@@ -325,8 +360,9 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                 batch = task.prepare_batch(raw_batch, augment_generator(device, t.seed, step, rank),
                                            progress=step / total_steps)
                 logs_now = (step + 1) % t.log_every_steps == 0 or step + 1 == total_steps
-                outs, grad_norm = train_step(task, train_model, model, batch, optimizer, scaler, precision, cfg, world,
-                                             measure_norm=logs_now)
+                with activations.watch_training(step + 1):
+                    outs, grad_norm = train_step(task, train_model, model, batch, optimizer, scaler, precision, cfg,
+                                                 world, measure_norm=logs_now)
                 for out in outs:
                     loss_sum += out.loss.detach().double() * out.n
                     for key, value in out.logs.items():
@@ -356,8 +392,10 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                 if step % eval_every == 0 or step == total_steps:
                     check_finite()
                     eval_model = ema.module if ema is not None else model
-                    metrics = evaluate_split(task, eval_model, splits.val, splits.collate_fn, cfg, device, precision,
-                                             "val")
+                    with activations.watch_evaluation(eval_model, step):
+                        metrics = evaluate_split(task, eval_model, splits.val, splits.collate_fn, cfg, device,
+                                                 precision, "val")
+                    last_metrics = metrics
                     improved = stopper.improved(metrics[monitor_key])
                     if improved:
                         best_metrics = {**metrics, "step": step}
@@ -384,6 +422,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                 if status != "finished" or step >= total_steps:
                     break
             distributed.barrier()
+    log_hparams(log, cfg, step, best_metrics, last_metrics)
     summary = {"status": status, "step": step, "total_steps": total_steps, "best": best_metrics}
     if plan is not None:
         summary["time_budget"] = {**plan.as_dict(), "fit_s": round(time.perf_counter() - started, 2)}

@@ -147,6 +147,12 @@ class Task:
     ModelConfig: ClassVar[type]
     DataConfig: ClassVar[type]
     uses_channels_last: ClassVar[bool] = False  # conv nets run faster in NHWC on CPU (oneDNN) and GPU
+    # `modelworks debug overfit`: the fraction of its first value the loss must fall to on one fixed batch. A loss
+    # with an irreducible part (soft targets, whose entropy stays) sets a higher one and says why.
+    overfit_target: ClassVar[float] = 0.05
+    # `--set` overrides `debug overfit` applies before the user's own: regularisers that put a floor under the
+    # loss (classification's label smoothing), so a model that fits its batch shows a loss near zero.
+    overfit_overrides: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -163,6 +169,11 @@ class Task:
         `progress`: the fraction of training done at this step, for augmentation that changes over the run
         (detection turns mosaic off for the last part)."""
         return batch
+
+    def draw_batch(self, batch: Any) -> list[torch.Tensor] | None:
+        """A prepared batch as pictures, uint8 [3, H, W] each, the targets drawn on them where they are spatial
+        (detection: the boxes), for `modelworks debug augment`. None (the default): nothing to draw (text, ids)."""
+        return None
 
     def step(self, model: nn.Module, batch: Any) -> StepOutput:
         raise NotImplementedError

@@ -138,3 +138,25 @@ def test_uncached_split_batches_equal_cached_ones(tmp_path):
         assert torch.equal(batches[0][key], batches[1][key]), key
     assert batches[0]["images"].shape == (3, 3, 64, 64)  # 48-pixel images scaled up into 64
     torch.testing.assert_close(batches[0]["scales"], torch.full((3,), 64 / 48))
+
+
+def test_draw_batch_draws_each_box_where_the_loss_sees_it(tmp_path):
+    """`modelworks debug augment` draws the boxes after augmentation: a box flipped with its image is drawn at
+    its new place, and padding slots (label -1) are not drawn."""
+    from helpers import tiny_detection_raw
+    from modelworks.tasks.detection.report import PALETTE
+
+    task = DetectionTask(load_config(DetectionTask, tiny_detection_raw(tmp_path)))
+    boxes = torch.tensor([[[8.0, 16.0, 24.0, 48.0], [0, 0, 64, 64]]])
+    batch = {"images": torch.zeros(1, 3, 64, 64), "boxes": boxes, "labels": torch.tensor([[2, -1]])}
+    (drawn,) = task.draw_batch(batch, min_side=64)
+    colour = torch.tensor([int(PALETTE[2][i:i + 2], 16) for i in (1, 3, 5)], dtype=torch.uint8)
+    assert drawn.shape == (3, 64, 64) and drawn.dtype == torch.uint8
+    assert torch.equal(drawn[:, 40, 8], colour)  # the box's left edge
+    assert torch.equal(drawn[:, 40, 40], torch.zeros(3, dtype=torch.uint8))  # outside it: the image
+    assert torch.equal(drawn[:, 63, 63], torch.zeros(3, dtype=torch.uint8))  # the padding slot's frame: not drawn
+    flipped = {**batch, "images": batch["images"].flip(-1), "boxes": torch.tensor([[[40.0, 16.0, 56.0, 48.0]]]),
+               "labels": torch.tensor([[2]])}
+    (moved,) = task.draw_batch(flipped, min_side=128)  # enlarged 2x, boxes with it
+    assert moved.shape == (3, 128, 128)
+    assert torch.equal(moved[:, 80, 112], colour) and torch.equal(moved[:, 80, 16], torch.zeros(3, dtype=torch.uint8))

@@ -102,6 +102,8 @@ class ClassificationTask(Task):
     ModelConfig = ClassificationModelConfig
     DataConfig = ClassificationDataConfig
     uses_channels_last = True
+    # Label smoothing's target keeps its entropy: at 0.2 over 10 classes a perfect fit still costs 0.87.
+    overfit_overrides = ("model.label_smoothing=0",)
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -160,6 +162,12 @@ class ClassificationTask(Task):
         if self.cfg.train.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, labels
+
+    def draw_batch(self, batch) -> list[torch.Tensor]:
+        """The images as the model sees them, normalisation undone."""
+        x = batch[0].float() * self.std.to(batch[0].device) + self.mean.to(batch[0].device)
+        pixels = (x.clamp(0, 1) * 255).round().to(torch.uint8).cpu().contiguous()
+        return [image.expand(3, -1, -1) for image in pixels]
 
     # ------------------------------------------------------------------------------------------ model
 
