@@ -8,6 +8,7 @@
     modelworks predict runs/classification/NAME/package images/ --out predictions.jsonl
     modelworks predict runs/detection/NAME/package photos/ --out boxes.jsonl --save-images annotated/
     modelworks serve runs/classification/NAME/package --port 8000
+    modelworks generate runs/language_model/NAME --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = verbs.add_parser("evaluate", help="test metrics and plots for a finished run")
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--split", default="test", choices=["test", "val", "train"])
+    evaluate.add_argument("--split", choices=["test", "val", "train"],
+                          help="default: test, or val for a data source without a test split")
     evaluate.add_argument("--checkpoint", default="best", choices=["best", "last"])
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="change an evaluation setting, e.g. --set model.tta=flip or train.device=cpu")
@@ -119,6 +121,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--drain-s", type=float, default=15.0,
                        help="on SIGTERM/Ctrl-C, how long in-flight requests may take to finish")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    generate = verbs.add_parser("generate", help="sample text from a language model run or package, streamed",
+                                description="Continue a prompt with a run's best checkpoint (eager PyTorch) or a "
+                                            "model package (any runtime), printing the text as it is sampled.")
+    generate.add_argument("model", metavar="RUN_OR_PACKAGE")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--min-p", type=float, default=0.0)
+    generate.add_argument("--repetition-penalty", type=float, default=1.0)
+    generate.add_argument("--presence-penalty", type=float, default=0.0)
+    generate.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--n", type=int, default=1, help="independent samples (seeds seed, seed+1, ...)")
+    generate.add_argument("--runtime", default="onnx", choices=["eager", "torchscript", "onnx", "int8"],
+                          help="for a package (a run directory always runs eager PyTorch)")
+    generate.add_argument("--checkpoint", default="best", choices=["best", "last"])
 
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.add_argument("task", nargs="?")
@@ -220,8 +241,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     task_cls, cfg = load_run_config(run_dir, args.overrides)
-    metrics = evaluate_run(task_cls(cfg), cfg, run_dir, args.split, args.checkpoint)
-    print_table(f"{args.split} ({run_dir / 'evaluation'})", metrics)
+    metrics = evaluate_run(task_cls(cfg), cfg, run_dir, args.split or "test", args.checkpoint,
+                           fallback_to_val=args.split is None)
+    print_table(f"{args.split or 'evaluation'} ({run_dir / 'evaluation'})", metrics)
     return 0
 
 
@@ -311,6 +333,59 @@ def parse_split(split: str | None, n: int) -> list[float]:
     return weights
 
 
+def open_generator(path: Path, runtime: str, checkpoint: str):
+    """The predictor and graph runner of a package, or of a run's checkpoint in eager PyTorch."""
+    import torch
+
+    from .export.runtime import GraphSet, TorchRunner
+
+    if (path / "manifest.json").is_file():
+        from .inference import open_model
+
+        model = open_model(path, runtime)
+        return model.predictor, model.runner
+    from .engine.loop import load_for_evaluation
+
+    task_cls, cfg = load_run_config(path, ["train.device=cpu"])
+    task = task_cls(cfg)
+    task.datasets(torch.device("cpu"))  # what the data decides: the vocabulary
+    model = load_for_evaluation(task, path, torch.device("cpu"), cfg, checkpoint)
+    graphs = task.export_graphs(model)
+    return task.predictor(), GraphSet({name: TorchRunner(g.module, g.input_names) for name, g in graphs.items()})
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    path = Path(args.model)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such run directory or package")
+    if args.n < 1:
+        raise ConfigError(f"--n: must be >= 1 (got {args.n})")
+    predictor, run = open_generator(path, args.runtime, args.checkpoint)
+    if not hasattr(predictor, "step"):
+        raise ConfigError(f"{path}: a {type(predictor).__name__} does not generate text; use `modelworks predict`")
+    fields = {"prompt": args.prompt, "max_tokens": args.max_new_tokens, "temperature": args.temperature,
+              "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+              "repetition_penalty": args.repetition_penalty, "presence_penalty": args.presence_penalty,
+              "stop": args.stop}
+    try:
+        requests = [predictor.Request(**fields, seed=None if args.seed is None else args.seed + i)
+                    for i in range(args.n)]
+    except ValueError as exc:  # pydantic's ValidationError: a value out of its range
+        raise ConfigError(f"generate: {exc}") from None
+    for i, request in enumerate(requests):
+        sequence = predictor.start(predictor.parse(request))
+        if args.n > 1:
+            print(f"--- sample {i + 1}")
+        sys.stdout.write(args.prompt)
+        while not sequence.finished:
+            (delta,) = predictor.step([sequence], run)
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        response = predictor.respond(sequence)
+        print(f"\n[{response.completion_tokens} tokens, finish_reason {response.finish_reason}]", file=sys.stderr)
+    return 0
+
+
 def run_recipes(args: argparse.Namespace) -> int:
     for name in [args.task] if args.task else TASKS:
         get_task(name)
@@ -334,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_predict(args)
         if args.verb == "serve":
             return run_serve(args)
+        if args.verb == "generate":
+            return run_generate(args)
         return run_recipes(args)
     except ModelworksError as exc:
         print(f"modelworks: error: {exc}", file=sys.stderr)

@@ -207,7 +207,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     state = checkpoint.load(ckpt_dir / "last.pt", device, keys=checkpoint.TRAINING_KEYS) if resume else None
     plan = None
     if not t.time_budget_s:
-        total_steps = math.ceil(t.epochs * steps_per_epoch)
+        total_steps = t.steps or math.ceil(t.epochs * steps_per_epoch)
     elif resume:  # the plan was made when the run started; its schedule must not change halfway
         total_steps = int(state["total_steps"])
     else:
@@ -345,6 +345,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                     log.info(f"step {step} epoch {step / steps_per_epoch:.2f}: {format_values(metrics)}"
                              + (" (best)" if improved else ""))
                     log.scalars(step, metrics, epoch=round(step / steps_per_epoch, 4))
+                    if distributed.is_main():
+                        log.texts(step, task.samples(eval_model))
                     save("last")
                     if improved:
                         save("best")
