@@ -265,7 +265,7 @@ def run_export(args: argparse.Namespace) -> int:
         int8 = manifest["int8"]
         drops = ", ".join(f"{k} {v * 100:+.2f} points" for k, v in int8["drop"].items())
         print(f"  int8: drop vs fp32 ONNX {drops}; speed-up " +
-              ", ".join(f"batch {b}: {s:.2f}x" for b, s in int8["speedup"].items()))
+              ", ".join(f"{b if ' ' in b else 'batch ' + b}: {s:.2f}x" for b, s in int8["speedup"].items()))
     return 0
 
 
@@ -382,7 +382,8 @@ def run_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(delta.text)
             sys.stdout.flush()
         response = predictor.respond(sequence)
-        print(f"\n[{response.completion_tokens} tokens, finish_reason {response.finish_reason}]", file=sys.stderr)
+        sys.stdout.write("\n")
+        print(f"[{response.completion_tokens} tokens, finish_reason {response.finish_reason}]", file=sys.stderr)
     return 0
 
 

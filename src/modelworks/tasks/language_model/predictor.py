@@ -41,7 +41,7 @@ class CompletionRequest(BaseModel):
     min_p: float = Field(0.0, ge=0, le=1, description="Drop tokens less probable than min_p x the top one.")
     repetition_penalty: float = Field(1.0, gt=0, description="> 1 discourages tokens already in the text.")
     presence_penalty: float = Field(0.0, description="Subtracted from the logit of every token generated so far.")
-    stop: list[str] = Field(default_factory=list, description="Stop before any of these strings.")
+    stop: str | list[str] | None = Field(None, description="Stop before this string, or any of these strings.")
     seed: int | None = Field(None, description="Seed of this request's sampling; equal seeds give equal text.")
 
 
@@ -125,11 +125,12 @@ class TextGenerator(Predictor):
         if not 1 <= request.max_tokens <= self.max_tokens_limit:
             raise InputError(f"max_tokens: must be between 1 and {self.max_tokens_limit} (got {request.max_tokens})",
                              "max_tokens")
-        if any(not s for s in request.stop):
+        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+        if any(not s for s in stop):
             raise InputError("stop: an empty stop string would stop at once; remove it", "stop")
         options = SamplingOptions(request.temperature, request.top_k, request.top_p, request.min_p,
                                   request.repetition_penalty, request.presence_penalty)
-        return GenerationItem(ids, request.max_tokens, options, list(request.stop), request.seed)
+        return GenerationItem(ids, request.max_tokens, options, stop, request.seed)
 
     # ------------------------------------------------------------------------------------------ the loop
 

@@ -186,8 +186,8 @@ class LanguageModelTask(Task):
     def decoder_config(self) -> DecoderConfig:
         m = self.cfg.model
         n_layer, n_head, n_embd = m.shape()
-        if not self.vocab_size:
-            raise DataError("language_model: the vocabulary is not known yet; datasets() or adopt_spec() first")
+        if not self.vocab_size:  # the tokenizer decides it: read (or train) it from the data, as datasets() does
+            self.datasets(torch.device("cpu"))
         return DecoderConfig(vocab_size=self.vocab_size, context=m.context, n_layer=n_layer,
                              n_head=n_head, n_embd=n_embd, norm=m.norm, positions=m.positions, mlp=m.mlp,
                              qk_norm=m.qk_norm, tie_embeddings=m.tie_embeddings, zero_init_proj=m.zero_init_proj,
