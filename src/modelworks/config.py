@@ -27,8 +27,6 @@ class OptimConfig:
     name: Literal["adamw", "sgd", "muon"] = "adamw"  # muon: torch.optim.Muon for the hidden weight matrices
     # (Jordan et al. 2024), AdamW at `lr` for the rest (embeddings, output layer, norms, biases)
     lr: float = 1e-3  # peak learning rate (OneCycle's max_lr)
-    muon_lr: float = 0.02  # muon only: the peak rate of the matrices Muon updates
-    beta2: float = 0.999  # AdamW's second-moment decay (0.99 for small-batch language models, as nanoGPT uses)
     weight_decay: float = 5e-4  # decoupled for AdamW; L2 for SGD
     momentum: float = 0.9  # SGD momentum, or AdamW's beta1
     nesterov: bool = True  # SGD only
@@ -38,6 +36,8 @@ class OptimConfig:
     # OneCycleLR, which the seed uses; `momentum` then has no effect. false keeps `momentum` fixed
     max_grad_norm: float = 0.0  # clip the global gradient norm to this; 0 disables clipping
     accumulate_steps: int = 1  # micro-batches per optimizer step (global batch stays train.batch_size)
+    muon_lr: float = 0.02  # muon only: the peak rate of the matrices Muon updates
+    beta2: float = 0.999  # AdamW's second-moment decay (0.99 for small-batch language models, as nanoGPT uses)
 
 
 @dataclass
