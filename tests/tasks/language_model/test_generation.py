@@ -145,3 +145,15 @@ def test_wrongly_typed_fields_are_refused_by_the_request_model():
         CompletionRequest(prompt="a", stop=5)
     with pytest.raises(ValidationError, match="max_tokens"):
         CompletionRequest(prompt="a", max_tokens="3")
+
+
+def test_cross_attention_reads_the_memory():
+    """The hook captioning uses: with cross_attention, the logits depend on the memory sequence."""
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=10, context=8, n_layer=1, n_head=2, n_embd=16, cross_attention=True,
+                                  zero_init_proj=False)).eval()
+    tokens = torch.randint(0, 10, (2, 5))
+    memory = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        a, b = model(tokens, memory=memory), model(tokens, memory=memory + 1)
+    assert a.shape == (2, 5, 10) and not torch.allclose(a, b)
