@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence as SequenceType
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
