@@ -157,3 +157,23 @@ def test_cross_attention_reads_the_memory():
     with torch.no_grad():
         a, b = model(tokens, memory=memory), model(tokens, memory=memory + 1)
     assert a.shape == (2, 5, 10) and not torch.allclose(a, b)
+
+
+def test_streamed_deltas_of_byte_level_tokens_join_into_valid_text():
+    """A BPE token may end inside a UTF-8 character: deltas never hand out half a character, and their
+    concatenation is the response's text."""
+    from modelworks.data.text import BPETokenizer
+
+    tokenizer = BPETokenizer.train(["héllo wörld ✓ ünïcode " * 30], vocab_size=300)
+    graphs = {"prefill": {"inputs": [], "outputs": []}}
+    gen = TextGenerator(TextGenerator.build_spec(tokenizer, 48, graphs), tokenizer)
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, context=48, n_layer=1, n_head=2, n_embd=16,
+                                  zero_init_proj=False)).eval()
+    sequence = gen.start(gen.parse(CompletionRequest(prompt="h", max_tokens=40, temperature=1.5, seed=3)))
+    deltas = []
+    with torch.no_grad():
+        while not sequence.finished:
+            deltas += [d.text for d in gen.step([sequence], eager_runner(model))]
+    assert "".join(deltas) == gen.respond(sequence).text
+    assert not any(d.endswith("\ufffd") for d in deltas[:-1])  # no delta stops inside a character
