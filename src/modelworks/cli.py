@@ -348,6 +348,8 @@ def open_generator(path: Path, runtime: str, checkpoint: str, threads: int | Non
         return model.predictor, model.runner
     from .engine.loop import load_for_evaluation
 
+    if threads:
+        torch.set_num_threads(threads)
     task_cls, cfg = load_run_config(path, ["train.device=cpu"])
     task = task_cls(cfg)
     task.datasets(torch.device("cpu"))  # what the data decides: the vocabulary
