@@ -1,4 +1,5 @@
-"""The `modelworks` command: verbs train / calibrate / evaluate / export / predict / serve / recipes.
+"""The `modelworks` command: verbs train / calibrate / evaluate / export / predict / serve / debug / generate /
+recipes.
 
     modelworks train classification --recipe fashion-mnist --set optim.lr=0.002
     modelworks train --resume runs/classification/NAME
@@ -9,6 +10,8 @@
     modelworks predict runs/detection/NAME/package photos/ --out boxes.jsonl --save-images annotated/
     modelworks serve runs/classification/NAME/package --port 8000
     modelworks debug classification --recipe fashion-mnist overfit    # also: augment, gradients
+
+    modelworks generate runs/language_model/NAME --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = verbs.add_parser("evaluate", help="test metrics and plots for a finished run")
     evaluate.add_argument("run_dir")
-    evaluate.add_argument("--split", default="test", choices=["test", "val", "train"])
+    evaluate.add_argument("--split", choices=["test", "val", "train"],
+                          help="default: test, or val for a data source without a test split")
     evaluate.add_argument("--checkpoint", default="best", choices=["best", "last"])
     evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                           help="change an evaluation setting, e.g. --set model.tta=flip or train.device=cpu")
@@ -146,6 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     debug.add_argument("--views", type=int, help="augment: augmented views of each (default 3)")
     debug.add_argument("--progress", type=float, help="augment: the fraction of training done, for augmentation "
                                                       "that changes over a run (default 0: the start)")
+
+    generate = verbs.add_parser("generate", help="sample text from a language model run or package, streamed",
+                                description="Continue a prompt with a run's best checkpoint (eager PyTorch) or a "
+                                            "model package (any runtime), printing the text as it is sampled.")
+    generate.add_argument("model", metavar="RUN_OR_PACKAGE")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--max-new-tokens", type=int, default=200)
+    generate.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--min-p", type=float, default=0.0)
+    generate.add_argument("--repetition-penalty", type=float, default=1.0)
+    generate.add_argument("--presence-penalty", type=float, default=0.0)
+    generate.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--n", type=int, default=1, help="independent samples (seeds seed, seed+1, ...)")
+    generate.add_argument("--runtime", default="onnx", choices=["eager", "torchscript", "onnx", "int8"],
+                          help="for a package (a run directory always runs eager PyTorch)")
+    generate.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    generate.add_argument("--threads", type=int,
+                          help="CPU threads for the runtime (1 is fastest for one stream of a small model)")
 
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.add_argument("task", nargs="?")
@@ -247,8 +272,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run_dir)
     task_cls, cfg = load_run_config(run_dir, args.overrides)
-    metrics = evaluate_run(task_cls(cfg), cfg, run_dir, args.split, args.checkpoint)
-    print_table(f"{args.split} ({run_dir / 'evaluation'})", metrics)
+    metrics = evaluate_run(task_cls(cfg), cfg, run_dir, args.split or "test", args.checkpoint,
+                           fallback_to_val=args.split is None)
+    print_table(f"{args.split or 'evaluation'} ({run_dir / 'evaluation'})", metrics)
     return 0
 
 
@@ -270,7 +296,7 @@ def run_export(args: argparse.Namespace) -> int:
         int8 = manifest["int8"]
         drops = ", ".join(f"{k} {v * 100:+.2f} points" for k, v in int8["drop"].items())
         print(f"  int8: drop vs fp32 ONNX {drops}; speed-up " +
-              ", ".join(f"batch {b}: {s:.2f}x" for b, s in int8["speedup"].items()))
+              ", ".join(f"{b if ' ' in b else 'batch ' + b}: {s:.2f}x" for b, s in int8["speedup"].items()))
     return 0
 
 
@@ -403,6 +429,63 @@ def run_debug(args: argparse.Namespace) -> int:
     print(f"wrote {out} and {out.with_suffix('.json')}")
     return 1 if failed else 0
 
+def open_generator(path: Path, runtime: str, checkpoint: str, threads: int | None = None):
+    """The predictor and graph runner of a package, or of a run's checkpoint in eager PyTorch."""
+    import torch
+
+    from .export.runtime import GraphSet, TorchRunner
+
+    if (path / "manifest.json").is_file():
+        from .inference import open_model
+
+        model = open_model(path, runtime, threads)
+        return model.predictor, model.runner
+    from .engine.loop import load_for_evaluation
+
+    if threads:
+        torch.set_num_threads(threads)
+    task_cls, cfg = load_run_config(path, ["train.device=cpu"])
+    task = task_cls(cfg)
+    task.datasets(torch.device("cpu"))  # what the data decides: the vocabulary
+    model = load_for_evaluation(task, path, torch.device("cpu"), cfg, checkpoint)
+    graphs = task.export_graphs(model)
+    return task.predictor(), GraphSet({name: TorchRunner(g.module, g.input_names) for name, g in graphs.items()})
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    path = Path(args.model)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: no such run directory or package")
+    if args.n < 1:
+        raise ConfigError(f"--n: must be >= 1 (got {args.n})")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads: must be >= 1 (got {args.threads})")
+    predictor, run = open_generator(path, args.runtime, args.checkpoint, args.threads)
+    if not hasattr(predictor, "step"):
+        raise ConfigError(f"{path}: a {type(predictor).__name__} does not generate text; use `modelworks predict`")
+    fields = {"prompt": args.prompt, "max_tokens": args.max_new_tokens, "temperature": args.temperature,
+              "top_k": args.top_k, "top_p": args.top_p, "min_p": args.min_p,
+              "repetition_penalty": args.repetition_penalty, "presence_penalty": args.presence_penalty,
+              "stop": args.stop}
+    try:
+        requests = [predictor.Request(**fields, seed=None if args.seed is None else args.seed + i)
+                    for i in range(args.n)]
+    except ValueError as exc:  # pydantic's ValidationError: a value out of its range
+        raise ConfigError(f"generate: {exc}") from None
+    for i, request in enumerate(requests):
+        sequence = predictor.start(predictor.parse(request))
+        if args.n > 1:
+            print(f"--- sample {i + 1}")
+        sys.stdout.write(args.prompt)
+        while not sequence.finished:
+            (delta,) = predictor.step([sequence], run)
+            sys.stdout.write(delta.text)
+            sys.stdout.flush()
+        response = predictor.respond(sequence)
+        sys.stdout.write("\n")
+        print(f"[{response.completion_tokens} tokens, finish_reason {response.finish_reason}]", file=sys.stderr)
+    return 0
+
 
 def run_recipes(args: argparse.Namespace) -> int:
     for name in [args.task] if args.task else TASKS:
@@ -429,6 +512,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_serve(args)
         if args.verb == "debug":
             return run_debug(args)
+        if args.verb == "generate":
+            return run_generate(args)
         return run_recipes(args)
     except ModelworksError as exc:
         print(f"modelworks: error: {exc}", file=sys.stderr)

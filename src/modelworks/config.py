@@ -24,7 +24,8 @@ from .errors import ConfigError
 
 @dataclass
 class OptimConfig:
-    name: Literal["adamw", "sgd"] = "adamw"
+    name: Literal["adamw", "sgd", "muon"] = "adamw"  # muon: torch.optim.Muon for the hidden weight matrices
+    # (Jordan et al. 2024), AdamW at `lr` for the rest (embeddings, output layer, norms, biases)
     lr: float = 1e-3  # peak learning rate (OneCycle's max_lr)
     weight_decay: float = 5e-4  # decoupled for AdamW; L2 for SGD
     momentum: float = 0.9  # SGD momentum, or AdamW's beta1
@@ -35,6 +36,8 @@ class OptimConfig:
     # OneCycleLR, which the seed uses; `momentum` then has no effect. false keeps `momentum` fixed
     max_grad_norm: float = 0.0  # clip the global gradient norm to this; 0 disables clipping
     accumulate_steps: int = 1  # micro-batches per optimizer step (global batch stays train.batch_size)
+    muon_lr: float = 0.02  # muon only: the peak rate of the matrices Muon updates
+    beta2: float = 0.999  # AdamW's second-moment decay (0.99 for small-batch language models, as nanoGPT uses)
 
 
 @dataclass
@@ -61,6 +64,8 @@ class DebugConfig:
 @dataclass
 class TrainConfig:
     epochs: float = 10.0  # may be fractional; total steps = ceil(epochs * steps_per_epoch)
+    steps: int = 0  # optimizer steps for the whole run, instead of `epochs` (a corpus of random windows has no
+    # natural epoch); 0: from epochs
     time_budget_s: float = 0.0  # wall-clock seconds for training and its validation (the final test report
     # comes after): sets the step count from a short timed probe instead of `epochs`, so the whole schedule
     # (warm-up, decay, augmentation phases) fits the time (ultralytics' `time=`); 0: train for `epochs`
@@ -332,6 +337,8 @@ def validate(cfg: RunConfig) -> list[str]:
     t, o = cfg.train, cfg.optim
     if t.batch_size < 1:
         errors.append(f"train.batch_size: must be >= 1 (got {t.batch_size})")
+    if t.steps < 0:
+        errors.append(f"train.steps: must be >= 0, 0 to train for train.epochs (got {t.steps})")
     if t.epochs <= 0:
         errors.append(f"train.epochs: must be > 0 (got {t.epochs})")
     if not t.time_budget_s >= 0 or t.time_budget_s == float("inf"):

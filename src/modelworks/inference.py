@@ -15,7 +15,7 @@ import torch
 from . import config as config_mod
 from .errors import PackageError
 from .export.package import check_identifier, read_package
-from .export.runtime import InferenceModel, load_weights, open_runner
+from .export.runtime import InferenceModel, load_weights_into, open_runner
 from .registry import get_task
 
 
@@ -23,16 +23,16 @@ def open_model(path: Path | str, runtime: str = "onnx", threads: int | None = No
     """A verified package with its task's predictor and the chosen runtime, ready to answer."""
     package = read_package(path)
     task_cls = get_task(package.task)
-    predictor = task_cls.load_predictor(package.manifest["predictor"])
+    predictor = task_cls.load_predictor(package.manifest["predictor"], package.path)
 
     def build_eager():
         task = task_cls(config_mod.load_config(task_cls, package.manifest["config"]))
         task.adopt_spec(package.manifest["predictor"])
-        model = task.build_model()
-        model.load_state_dict(load_weights(package.file_for("eager")))
-        return task.export_module(model.eval())
+        model = load_weights_into(task.build_model(), package.file_for("eager")).eval()
+        graphs = task.export_graphs(model)
+        return {name: graph.module for name, graph in graphs.items()}
 
-    runner = open_runner(package, runtime, predictor.input_names, build_eager, threads)
+    runner = open_runner(package, runtime, lambda graph: predictor.graph_names(graph)[0], build_eager, threads)
     return InferenceModel(package, predictor, runner, runtime)
 
 

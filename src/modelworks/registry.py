@@ -13,6 +13,7 @@ from .errors import ConfigError
 _TASK_CLASSES = {
     "classification": ("modelworks.tasks.classification.task", "ClassificationTask"),
     "detection": ("modelworks.tasks.detection.task", "DetectionTask"),
+    "language_model": ("modelworks.tasks.language_model.task", "LanguageModelTask"),
 }
 
 

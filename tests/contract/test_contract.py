@@ -187,8 +187,9 @@ def test_exported_graph_matches_eager(task, tmp_path):
 
 
 def test_every_format_exports_and_matches_eager(task, tmp_path):
-    """The export path of `modelworks export`: TorchScript and ONNX written, run on the validation split by their
-    runtimes and held to the default tolerance against eager PyTorch, and the package opens with every runtime."""
+    """The export path of `modelworks export`: every graph the task exports (one for most tasks; a language
+    model's prefill and decode) written as TorchScript and ONNX, run on the validation split by their runtimes and
+    held to the default tolerance against eager PyTorch, and the package opens with every runtime."""
     from modelworks.export.build import ExportOptions, build_package
     from modelworks.export.package import read_package
     from modelworks.export.runtime import open_runner
@@ -201,29 +202,38 @@ def test_every_format_exports_and_matches_eager(task, tmp_path):
                              source={}, metrics={}, config={}, log=lambda line: None)
     assert manifest["checks"]["passed"] == ["eager", "torchscript", "onnx"]
     package = read_package(tmp_path / "package")
-    predictor = type(task).load_predictor(package.manifest["predictor"])
-    example = tuple(t.numpy() for t in task.example_inputs())
-    inputs = dict(zip(predictor.input_names, example))
-    with torch.no_grad():
-        expected = task.export_module(model)(*task.example_inputs())
+    predictor = type(task).load_predictor(package.manifest["predictor"], package.path)
+    graphs = task.export_graphs(model)
+    assert package.graphs == list(graphs)
     for runtime in ("torchscript", "onnx"):
-        (got, *_) = open_runner(package, runtime, predictor.input_names, build_eager=None)(inputs)
-        torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
+        run = open_runner(package, runtime, lambda graph: predictor.graph_names(graph)[0], build_eager=None)
+        for name, graph in graphs.items():
+            inputs = {n: t.numpy() for n, t in zip(graph.input_names, graph.example_inputs)}
+            with torch.no_grad():
+                expected = graph.module(*graph.example_inputs)
+            expected = expected if isinstance(expected, tuple) else (expected,)
+            for got, want in zip(run(inputs, graph=name), expected):
+                torch.testing.assert_close(torch.from_numpy(got), want.float(), atol=1e-4, rtol=1e-4)
 
 
-def test_the_predictor_answers_its_example_request(task):
+def test_the_predictor_answers_its_example_request(task, tmp_path):
     """parse -> predict with the eager graph: one typed Response per request, and a spec that survives JSON."""
     import json
 
-    from modelworks.export.runtime import TorchRunner
+    from modelworks.export.runtime import GraphSet, TorchRunner
 
     task.datasets(CPU)
-    predictor = type(task).load_predictor(json.loads(json.dumps(task.predictor().spec)))
+    live = task.predictor()
+    for name, content in live.files().items():  # what a package ships beside its manifest (a tokenizer)
+        (tmp_path / name).write_bytes(content)
+    predictor = type(task).load_predictor(json.loads(json.dumps(live.spec)), tmp_path)
     request, file = predictor.example_request()
     request = predictor.Request.model_validate_json(request.model_dump_json())  # the wire round trip
     items = [predictor.parse(request, file) for _ in range(3)]
-    runner = TorchRunner(task.export_module(task.build_model().eval()), predictor.input_names)
-    responses = predictor.predict(items, runner)
+    graphs = task.export_graphs(task.build_model().eval())
+    runner = GraphSet({name: TorchRunner(g.module, g.input_names) for name, g in graphs.items()})
+    with torch.no_grad():
+        responses = predictor.predict(items, runner)
     assert len(responses) == 3 and all(isinstance(r, predictor.Response) for r in responses)
     assert responses[0] == predictor.Response.model_validate_json(responses[0].model_dump_json())
     confidence = predictor.confidence(responses[0])

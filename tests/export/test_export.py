@@ -16,6 +16,7 @@ from torch import nn
 from helpers import fashion_test_images, png_bytes
 from modelworks.errors import InputError, PackageError
 from modelworks.export.package import read_package
+from modelworks.export.runtime import load_weights
 from modelworks.inference import export_run, open_model
 
 
@@ -357,3 +358,28 @@ def test_an_export_removes_only_the_stale_staging_folders_of_its_output(tiny_run
     export_run(tiny_run_dir, tmp_path / "pkg", {"formats": ("onnx",), "overwrite": True}, log=lambda line: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["pkg", *(path.name for path in kept[:-1])])
     assert read_package(tmp_path / "pkg").version == tiny_run_dir.name
+
+
+def test_tied_weights_survive_safetensors(tmp_path):
+    """save_model stores a shared tensor once; load_weights_into gives it back to both names, strictly, and still
+    refuses weights that do not fit."""
+    from safetensors.torch import save_model
+
+    from modelworks.errors import PackageError
+    from modelworks.export.runtime import load_weights_into
+
+    def tied():
+        model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10, bias=False))
+        model[1].weight = model[0].weight
+        return model
+
+    torch.manual_seed(0)
+    model = tied()
+    save_model(model, str(tmp_path / "w.safetensors"))
+    with pytest.raises(RuntimeError, match="Missing key"):  # the plain strict load the package used to do
+        tied().load_state_dict(load_weights(tmp_path / "w.safetensors"))
+    rebuilt = load_weights_into(tied(), tmp_path / "w.safetensors")
+    assert rebuilt[1].weight is rebuilt[0].weight and torch.equal(rebuilt[0].weight, model[0].weight)
+    with pytest.raises(PackageError, match=r"w\.safetensors: the weights do not fit the model"):
+        load_weights_into(torch.nn.Sequential(torch.nn.Embedding(11, 4), torch.nn.Linear(4, 11, bias=False)),
+                          tmp_path / "w.safetensors")

@@ -17,6 +17,7 @@ class Logger:
     def __init__(self, run_dir: Path | None, total_steps: int, start_step: int, enabled: bool = True,
                  config_text: str = ""):
         self.enabled = enabled
+        self.run_dir = run_dir
         self.total_steps = total_steps
         self.bar = None
         self.jsonl = None
@@ -87,6 +88,19 @@ class Logger:
 
         for summary in hparams(hyperparameters, dict.fromkeys(metric_tags, 0.0)):
             self.tb.file_writer.add_summary(summary)
+
+    def texts(self, step: int, texts: dict[str, str]) -> None:
+        """Text the task records at an evaluation (samples of a language model): samples/step-N.txt in the run
+        directory and TensorBoard's TEXT tab."""
+        if not self.enabled or not texts:
+            return
+        if self.run_dir is not None:
+            folder = self.run_dir / "samples"
+            folder.mkdir(exist_ok=True)
+            (folder / f"step-{step:07d}.txt").write_text("".join(f"--- {k}\n{v}\n\n" for k, v in texts.items()))
+        if self.tb is not None:
+            for key, value in texts.items():
+                self.tb.add_text(f"samples/{key}", "```\n" + value + "\n```", step)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -181,6 +181,8 @@ def probe_budget(task, model: nn.Module, train_model: nn.Module, splits, cfg: Ru
 
     def one_evaluation() -> None:
         evaluate_split(task, model, splits.val, splits.collate_fn, cfg, device, precision, "val")
+        if distributed.is_main():
+            task.samples(model)  # text recorded at each evaluation (a language model's samples) costs time too
         if distributed.is_main():  # each evaluation saves `last`: on a small data set as slow as the pass itself
             path = run_dir / "budget-probe.pt"
             checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
@@ -260,7 +262,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     state = checkpoint.load(ckpt_dir / "last.pt", device, keys=checkpoint.TRAINING_KEYS) if resume else None
     plan = None
     if not t.time_budget_s:
-        total_steps = math.ceil(t.epochs * steps_per_epoch)
+        total_steps = t.steps or math.ceil(t.epochs * steps_per_epoch)
     elif resume:  # the plan was made when the run started; its schedule must not change halfway
         total_steps = int(state["total_steps"])
     else:
@@ -402,6 +404,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                     log.info(f"step {step} epoch {step / steps_per_epoch:.2f}: {format_values(metrics)}"
                              + (" (best)" if improved else ""))
                     log.scalars(step, metrics, epoch=round(step / steps_per_epoch, 4))
+                    if distributed.is_main():
+                        log.texts(step, task.samples(eval_model))
                     save("last")
                     if improved:
                         save("best")

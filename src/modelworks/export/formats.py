@@ -26,20 +26,40 @@ def write_torchscript(module: nn.Module, example: tuple[torch.Tensor, ...], path
     traced.save(str(path))
 
 
+def dynamic_shapes_for(example: tuple[torch.Tensor, ...], input_names: list[str],
+                       dynamic_axes: dict[str, dict[int, str]] | None) -> tuple[dict, ...]:
+    """torch.export's dynamic shapes from named axes: inputs that share an axis name share one dimension; a name
+    `cache+1` is that dimension plus one (a mask over the cache and the new token)."""
+    if not dynamic_axes:
+        batch = torch.export.Dim("batch")
+        return tuple({0: batch} for _ in example)
+    dims: dict[str, object] = {}
+
+    def dim(name: str):
+        base, _, offset = name.partition("+")
+        if base not in dims:
+            dims[base] = torch.export.Dim(base)
+        return dims[base] + int(offset) if offset else dims[base]
+
+    return tuple({axis: dim(name) for axis, name in dynamic_axes.get(input_name, {}).items()} or None
+                 for input_name in input_names)
+
+
 def write_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
-               output_names: list[str]) -> None:
-    """The graph through torch.export (the current exporter; it needs onnxscript), every input's first axis
-    dynamic so one file serves any batch size."""
+               output_names: list[str], dynamic_axes: dict[str, dict[int, str]] | None = None) -> None:
+    """The graph through torch.export (the current exporter; it needs onnxscript). Without `dynamic_axes`, every
+    input's first axis is dynamic so one file serves any batch size; with them, the named axes are."""
     try:
         import onnxscript  # noqa: F401  the exporter's dependency: fail with the install hint, not deep inside
     except ImportError:
         raise PackageError("ONNX export needs onnx and onnxscript; `pip install 'modelworks[export]'`") from None
-    batch = torch.export.Dim("batch")
-    dynamic_shapes = tuple({0: batch} for _ in example)
+    dynamic_shapes = dynamic_shapes_for(example, input_names, dynamic_axes)
+    if not dynamic_axes:
+        example = batch_of_two(example)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, batch_of_two(example), str(path), input_names=input_names,
+            torch.onnx.export(module, example, str(path), input_names=input_names,
                               output_names=output_names, dynamic_shapes=dynamic_shapes, dynamo=True,
                               external_data=False, verbose=False)
     except Exception as exc:  # the exporter raises many types; all mean the graph could not be expressed

@@ -42,6 +42,11 @@ MANIFEST = "manifest.json"
 # The file each runtime loads. "eager" rebuilds the model from the config and loads the safetensors weights.
 RUNTIME_FILES = {"eager": "weights.safetensors", "torchscript": "model.torchscript.pt", "onnx": "model.onnx",
                  "int8": "model.int8.onnx"}
+# A package of several graphs (a language model's prefill and decode) holds one file per graph and runtime:
+# `<graph>.onnx`, `<graph>.torchscript.pt`, `<graph>.int8.onnx`; the weights stay one file. The default graph
+# keeps the names above, so single-graph packages are unchanged.
+DEFAULT_GRAPH = "model"
+GRAPH_SUFFIXES = {"torchscript": ".torchscript.pt", "onnx": ".onnx", "int8": ".int8.onnx"}
 REQUIRED_KEYS = ("format_version", "task", "name", "version", "created", "config", "predictor", "files")
 # Package names and versions: safe as a URL path segment, an HTTP header value and a file name, on every
 # platform. \Z, not $: `$` also matches before a final newline, which would let "v1\n" through.
@@ -66,18 +71,31 @@ class Package:
     def version(self) -> str:
         return self.manifest["version"]
 
-    def runtimes(self) -> list[str]:
-        return [name for name, file in RUNTIME_FILES.items() if file in self.manifest["files"]]
+    @property
+    def graphs(self) -> list[str]:
+        """The graphs the package holds, in the order they were exported (one, "model", for most tasks)."""
+        return list(self.manifest.get("graphs") or [DEFAULT_GRAPH])
 
-    def file_for(self, runtime: str) -> Path:
+    def runtimes(self) -> list[str]:
+        first = self.graphs[0]
+        return [name for name in RUNTIME_FILES if graph_file(name, first) in self.manifest["files"]]
+
+    def file_for(self, runtime: str, graph: str | None = None) -> Path:
         if runtime not in RUNTIME_FILES:
             raise PackageError(f"--runtime: {runtime!r} is not a runtime; choose one of {', '.join(RUNTIME_FILES)}")
-        name = RUNTIME_FILES[runtime]
+        name = graph_file(runtime, graph or self.graphs[0])
         if name not in self.manifest["files"]:
             hint = " (export it with --quantize int8)" if runtime == "int8" else " (export it with --format all)"
             raise PackageError(f"{self.path}: the package has no {runtime} model {name}{hint}; it has: "
                                f"{', '.join(self.runtimes())}")
         return self.path / name
+
+
+def graph_file(runtime: str, graph: str = DEFAULT_GRAPH) -> str:
+    """The package file of one graph in one runtime (the eager runtime's weights serve every graph)."""
+    if runtime == "eager" or graph == DEFAULT_GRAPH:
+        return RUNTIME_FILES[runtime]
+    return graph + GRAPH_SUFFIXES[runtime]
 
 
 def check_identifier(where: str, value, what: str = "name", fix: str = "use") -> str:

@@ -48,3 +48,22 @@ def quantize_int8(fp32_path: Path, out_path: Path, calibration: Iterable[dict[st
                             calibrate_method=CalibrationMethod.MinMax)
         finally:
             logging.disable(logging.NOTSET)
+
+
+def quantize_int8_dynamic(fp32_path: Path, out_path: Path) -> None:
+    """int8 weights, activations quantized per call from their observed range (no calibration data): ONNX
+    Runtime's recommendation for transformers, whose activation ranges vary too much from call to call for
+    static ranges (MatMulInteger / DynamicQuantizeLinear kernels)."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+    except ImportError:
+        raise PackageError("int8 quantization needs onnxruntime; `pip install 'modelworks[export]'`") from None
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        logging.disable(logging.WARNING)
+        try:
+            quantize_dynamic(str(prepared), str(out_path), weight_type=QuantType.QInt8, per_channel=True)
+        finally:
+            logging.disable(logging.NOTSET)

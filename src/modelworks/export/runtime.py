@@ -64,28 +64,72 @@ class TorchRunner:
         return [o.detach().float().numpy() if o.is_floating_point() else o.numpy() for o in outputs]
 
 
-def open_runner(package: Package, runtime: str, input_names: list[str],
-                build_eager: Callable[[], nn.Module], threads: int | None = None):
-    """The runner of one runtime of a verified package. `build_eager` rebuilds the graph module in PyTorch (the
-    caller knows the task; this layer does not)."""
-    path = package.file_for(runtime)
+class GraphSet:
+    """The runners of a package's graphs behind one callable: `run(inputs)` calls the first (for a single-graph
+    package, its only) graph, `run(inputs, graph="decode")` a named one."""
+
+    def __init__(self, runners: dict[str, Callable]):
+        self.runners = runners
+        self.default = next(iter(runners))
+
+    def __call__(self, inputs: dict[str, np.ndarray], graph: str | None = None) -> Sequence[np.ndarray]:
+        try:
+            runner = self.runners[graph or self.default]
+        except KeyError:
+            raise PackageError(f"graph {graph!r}: not in this package; it has {', '.join(self.runners)}") from None
+        return runner(inputs)
+
+
+def open_runner(package: Package, runtime: str, input_names: list[str] | Callable[[str], list[str]],
+                build_eager: Callable[[], nn.Module | dict[str, nn.Module]], threads: int | None = None) -> GraphSet:
+    """The runners of one runtime of a verified package, one per graph. `build_eager` rebuilds the graph
+    modules in PyTorch (the caller knows the task; this layer does not): one module, or a dict by graph name.
+    `input_names`: the graph's input names, or a function of the graph's name giving them."""
+    names_of = input_names if callable(input_names) else (lambda graph: input_names)
     if threads:
         torch.set_num_threads(threads)
-    if runtime in ("onnx", "int8"):
-        return OnnxRunner(path, threads)
-    if runtime == "torchscript":
+    eager = build_eager() if runtime == "eager" else None
+    runners = {}
+    for graph in package.graphs:
+        if runtime == "eager":
+            module = eager[graph] if isinstance(eager, dict) else eager
+            runners[graph] = TorchRunner(module, names_of(graph))
+            continue
+        path = package.file_for(runtime, graph)
+        if runtime in ("onnx", "int8"):
+            runners[graph] = OnnxRunner(path, threads)
+            continue
         try:
             module = load_torchscript(path)
         except RuntimeError as exc:
             raise PackageError(f"{path}: cannot be loaded as TorchScript ({str(exc).splitlines()[0][:200]})") from None
-        return TorchRunner(module, input_names)
-    return TorchRunner(build_eager(), input_names)
+        runners[graph] = TorchRunner(module, names_of(graph))
+    return GraphSet(runners)
 
 
 def load_torchscript(path: Path) -> torch.jit.ScriptModule:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice, once per load
         return torch.jit.load(str(path), map_location="cpu")
+
+
+def load_weights_into(model: nn.Module, path: Path) -> nn.Module:
+    """Load a package's safetensors weights into `model`, strictly. Tied parameters (a language model's input and
+    output embeddings) are stored once by `save_model`; safetensors' `load_model` knows which names share a
+    tensor, where a plain strict `load_state_dict` would report the dropped name as missing."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    try:
+        missing, unexpected = load_model(model, str(path), strict=False, device="cpu")
+    except (SafetensorError, OSError) as exc:
+        raise PackageError(f"{path}: cannot be read as safetensors ({exc})") from None
+    except RuntimeError as exc:  # a shape mismatch
+        raise PackageError(f"{path}: the weights do not fit the model ({str(exc).splitlines()[0][:300]})") from None
+    if missing or unexpected:
+        raise PackageError(f"{path}: the weights do not rebuild the model (missing {sorted(missing)[:5]}, "
+                           f"unexpected {sorted(unexpected)[:5]}); export the run again")
+    return model
 
 
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -104,7 +148,7 @@ class InferenceModel:
 
     package: Package
     predictor: Any  # tasks.base.Predictor; typed loosely because this layer must not import the tasks
-    runner: Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]]
+    runner: Callable[..., Sequence[np.ndarray]]  # GraphSet: run(inputs, graph=None)
     runtime: str
 
     @property

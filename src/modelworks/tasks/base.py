@@ -21,8 +21,24 @@ if TYPE_CHECKING:
     from pydantic import BaseModel
 
 # Runs an exported graph: named input arrays (batch first) -> output arrays in the graph's output order. The
-# same predictor is driven by eager PyTorch, TorchScript or ONNX Runtime through this one signature.
-GraphRunner = Callable[[dict[str, np.ndarray]], Sequence[np.ndarray]]
+# same predictor is driven by eager PyTorch, TorchScript or ONNX Runtime through this one signature. A package
+# of several graphs is called with the graph's name: `run(inputs, graph="decode")`; without one, the first graph.
+GraphRunner = Callable[..., Sequence[np.ndarray]]
+
+DEFAULT_GRAPH = "model"  # the one graph of a task that does not override `export_graphs`
+
+
+@dataclass
+class Graph:
+    """One exported graph: a tensor-in, tensor-out module, example inputs to trace it with, its input and output
+    names, and the axes of each input that vary between calls (input name -> {axis: name}); inputs not listed
+    vary along their first (batch) axis only."""
+
+    module: nn.Module
+    example_inputs: tuple[torch.Tensor, ...]
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -128,6 +144,20 @@ class Predictor:
     def predict(self, items: list, run: GraphRunner) -> list[BaseModel]:
         return self.postprocess(run(self.collate(items)), items)
 
+    def graph_names(self, graph: str | None = None) -> tuple[list[str], list[str]]:
+        """Input and output names of one graph: spec["graphs"][graph] for a task with several, else the
+        spec's own inputs/outputs."""
+        graphs = self.spec.get("graphs")
+        if graphs and graph is not None:
+            entry = graphs[graph]
+            return [i["name"] for i in entry["inputs"]], list(entry["outputs"])
+        return self.input_names, self.output_names
+
+    def files(self) -> dict[str, bytes]:
+        """Files the predictor needs beside its spec (a tokenizer): written into the package, checksummed with
+        the rest, and read back by `Task.load_predictor(spec, folder)`. Plain data, never pickle."""
+        return {}
+
     def confidence(self, response: BaseModel) -> float | None:
         """A number in [0, 1] whose distribution the server tracks per model version, so that a drift in the
         inputs shows up on a dashboard (classification: the top-1 probability). None: not tracked."""
@@ -207,6 +237,34 @@ class Task:
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
+    # How `modelworks export --quantize int8` quantizes this task's graphs: "static" (activation ranges calibrated
+    # on training batches: conv nets) or "dynamic" (weights int8, activations quantized per call: transformers).
+    int8_method: ClassVar[str] = "static"
+
+    def export_graphs(self, model: nn.Module) -> dict[str, Graph]:
+        """The graphs a package holds, by name, in the order export checks them. Default: one graph,
+        `export_module(model)` with `example_inputs()` and the predictor's input/output names, batch axis
+        dynamic. A task whose inference is a loop may export several (a language model's prefill and decode)."""
+        predictor = self.predictor()
+        return {DEFAULT_GRAPH: Graph(self.export_module(model), self.example_inputs(), predictor.input_names,
+                                     predictor.output_names)}
+
+    def graph_batch_inputs(self, batch: Any, graph: str, previous: dict[str, tuple[torch.Tensor, ...]]
+                           ) -> tuple[torch.Tensor, ...]:
+        """A graph's inputs for a prepared validation batch. `previous` holds the eager outputs of the graphs
+        checked before it on the same batch (decode reads the cache prefill made). Default: `graph_inputs`."""
+        return self.graph_inputs(batch)
+
+    def score_graph_outputs(self, graph: str, outputs: tuple[torch.Tensor, ...], reference: tuple[torch.Tensor, ...],
+                            batch: Any) -> dict[str, torch.Tensor]:
+        """`score_outputs` for one of several graphs. Default: `score_outputs`."""
+        return self.score_outputs(outputs, reference, batch)
+
+    def samples(self, model: nn.Module) -> dict[str, str]:
+        """Text to record at each evaluation (a language model's samples), by name: the engine writes it into
+        the run directory and TensorBoard. Default: nothing."""
+        return {}
+
     # ------------------------------------------------------------------------------------------ inference
 
     predictor_class: ClassVar[type[Predictor]]
@@ -217,8 +275,9 @@ class Task:
         raise NotImplementedError
 
     @classmethod
-    def load_predictor(cls, spec: dict) -> Predictor:
-        """The predictor of an exported model, from the spec its package stores."""
+    def load_predictor(cls, spec: dict, folder: Path | None = None) -> Predictor:
+        """The predictor of an exported model, from the spec its package stores (and the files of
+        `Predictor.files()` in the package `folder`)."""
         return cls.predictor_class(spec)
 
     def adopt_spec(self, spec: dict) -> None:

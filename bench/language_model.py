@@ -1,0 +1,183 @@
+"""Language-model benchmarks, one run, side by side (tiny-shakespeare, character tokens):
+
+    python bench/language_model.py                  # everything (~10 minutes on a 2-core CPU)
+    python bench/language_model.py --skip-quality   # throughput and generation only
+
+1. Quality in the baseline's wall time: the `nanogpt-cpu-baseline` recipe (nanoGPT's published CPU
+   configuration) trains for its 2000 steps; then the default recipe `shakespeare-char` trains for the wall time the
+   baseline took, in this same run. Both report the loss on the whole validation split (nats per character).
+2. Training throughput at the 10.7M "baby GPT" shape (6 layers, 6 heads, width 384, context 256): nanoGPT's
+   architecture in fp32 (its CPU path) against ours in fp32 and bf16 autocast, tokens per second over timed steps.
+3. Generation at batch 1 for the 0.8M model: the KV-cache predictor (prefill + one-token decode, in eager
+   PyTorch, TorchScript and ONNX Runtime) against nanoGPT's sampler, which runs the whole context for every token.
+
+Writes bench/results/language_model.json. Run it alone (`flock /tmp/cpu.lock python bench/language_model.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from modelworks import config as config_mod
+from modelworks.engine.loop import fit
+from modelworks.engine.memory import keep_freed_memory
+from modelworks.models.transformer import Decoder, DecoderConfig
+from modelworks.tasks.language_model.task import LanguageModelTask, eager_runner, generate_uncached
+
+ROOT = Path(__file__).resolve().parent.parent
+NANOGPT_ARCH = dict(norm="layernorm", positions="learned", mlp="gelu", qk_norm=False, tie_embeddings=True,
+                    zero_init_proj=False)
+
+
+def cpu_name() -> str:
+    try:
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def train_recipe(recipe: str, out: Path, overrides: list[str]) -> dict:
+    cfg = config_mod.resolve(LanguageModelTask, recipe, [f"output_dir={out}", "train.device=cpu", *overrides])
+    cfg.name = recipe
+    run_dir = out / "language_model" / recipe
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    result = fit(LanguageModelTask(cfg), cfg, run_dir)
+    seconds = time.perf_counter() - tic
+    final = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val/loss" in line]
+    return {"recipe": recipe, "overrides": overrides, "steps": result.step, "fit_s": round(seconds, 1),
+            "val_loss_final": final[-1]["val/loss"], "val_loss_best": result.best["val/loss"]}
+
+
+def quality(out: Path) -> dict:
+    baseline = train_recipe("nanogpt-cpu-baseline", out, ["train.eval_every_steps=2000"])
+    print(f"  baseline: val {baseline['val_loss_final']:.3f} after {baseline['steps']} steps in {baseline['fit_s']} s")
+    ours = train_recipe("shakespeare-char", out, [f"train.time_budget_s={baseline['fit_s']}"])
+    print(f"  shakespeare-char: val {ours['val_loss_final']:.3f} after {ours['steps']} steps in {ours['fit_s']} s")
+    return {"baseline": baseline, "ours": ours, "target": 1.75, "met": ours["val_loss_final"] <= 1.75}
+
+
+def training_throughput(arch: dict, bf16: bool, steps: int, batch: int = 16) -> float:
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=65, context=256, n_layer=6, n_head=6, n_embd=384, **arch)).train()
+    x = torch.randint(0, 65, (batch, 256))
+    y = torch.randint(0, 65, (batch, 256))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def one_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    one_step()
+    tic = time.perf_counter()
+    for _ in range(steps):
+        one_step()
+    return batch * 256 * steps / (time.perf_counter() - tic)
+
+
+def throughput(steps: int) -> dict:
+    rows = {"nanogpt fp32": training_throughput(NANOGPT_ARCH, False, steps),
+            "ours fp32": training_throughput({}, False, steps),
+            "ours bf16": training_throughput({}, True, steps)}
+    for name, value in rows.items():
+        print(f"  {name:<14} {value:,.0f} tokens/s")
+    best = max(rows["ours fp32"], rows["ours bf16"])
+    return {"tokens_per_s": rows, "speedup": best / rows["nanogpt fp32"], "target": 2.0,
+            "met": best / rows["nanogpt fp32"] >= 2.0}
+
+
+def generation(tokens: int) -> dict:
+    """0.8M model (4 layers, 4 heads, width 128, 65 characters) with random weights: speed does not depend on them."""
+    from modelworks.data.text import CharTokenizer
+    from modelworks.export.formats import write_onnx, write_torchscript
+    from modelworks.export.runtime import GraphSet, OnnxRunner, TorchRunner, load_torchscript
+    from modelworks.tasks.language_model.predictor import CompletionRequest, TextGenerator
+
+    task_cfg = config_mod.resolve(LanguageModelTask, "shakespeare-char", [])
+    context = task_cfg.model.context
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=65, context=context, n_layer=4, n_head=4, n_embd=128)).eval()
+    tokenizer = CharTokenizer([chr(i) for i in range(32, 97)], end_of_text=False)
+    generator = TextGenerator(TextGenerator.build_spec(tokenizer, context, {"prefill": {"inputs": [],
+                                                                                        "outputs": []}}), tokenizer)
+    task = LanguageModelTask(task_cfg)
+    graphs = task.export_graphs(model)
+    runners = {"eager": eager_runner(model)}
+    with tempfile.TemporaryDirectory() as tmp:
+        ts, onnx, onnx1 = {}, {}, {}
+        for name, graph in graphs.items():
+            write_torchscript(graph.module, graph.example_inputs, Path(tmp) / f"{name}.pt")
+            ts[name] = TorchRunner(load_torchscript(Path(tmp) / f"{name}.pt"), graph.input_names)
+            write_onnx(graph.module, graph.example_inputs, Path(tmp) / f"{name}.onnx", graph.input_names,
+                       graph.output_names, graph.dynamic_axes)
+            onnx[name] = OnnxRunner(Path(tmp) / f"{name}.onnx")
+            # one intra-op thread: a decode step's ops are too small to split, and waking a second thread per op
+            # (the runner does not let idle threads spin) costs more than it saves
+            onnx1[name] = OnnxRunner(Path(tmp) / f"{name}.onnx", threads=1)
+        runners["torchscript"], runners["onnx"] = GraphSet(ts), GraphSet(onnx)
+        runners["onnx, 1 thread"] = GraphSet(onnx1)
+        request = CompletionRequest(prompt="ROMEO:", max_tokens=tokens, temperature=0.8, top_k=50, seed=0)
+        rows = {}
+        with torch.no_grad():
+            for name, run in runners.items():
+                generator.predict([generator.parse(request.model_copy(update={"max_tokens": 20}))], run)
+                tic = time.perf_counter()
+                (response,) = generator.predict([generator.parse(request)], run)
+                rows[f"kv-cache {name}"] = response.completion_tokens / (time.perf_counter() - tic)
+            prompt = tokenizer.encode("ROMEO:")
+            generate_uncached(model, prompt, 20)
+            tic = time.perf_counter()
+            generate_uncached(model, prompt, tokens)
+            rows["re-forward (nanoGPT's sampler)"] = tokens / (time.perf_counter() - tic)
+    for name, value in rows.items():
+        print(f"  {name:<32} {value:,.0f} tokens/s")
+    best = max(v for k, v in rows.items() if k.startswith("kv-cache"))
+    reforward = rows["re-forward (nanoGPT's sampler)"]
+    return {"tokens": tokens, "context": context, "tokens_per_s": rows, "speedup": best / reforward,
+            "met": best >= 2500 and best / reforward >= 3.5}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "language_model.json"))
+    parser.add_argument("--throughput-steps", type=int, default=5)
+    parser.add_argument("--generate-tokens", type=int, default=500)
+    args = parser.parse_args()
+    keep_freed_memory()
+    results = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+               "threads": torch.get_num_threads()}
+    print(f"{results['cpu']}, {results['threads']} threads, {results['date']}")
+    if not args.skip_quality:
+        print("quality in the baseline's wall time:")
+        with tempfile.TemporaryDirectory() as tmp:
+            results["quality"] = quality(Path(tmp))
+    if not args.skip_throughput:
+        print("training throughput at the 10.7M shape (batch 16 x 256 tokens):")
+        results["throughput"] = throughput(args.throughput_steps)
+    print(f"generation at batch 1, {args.generate_tokens} tokens:")
+    results["generation"] = generation(args.generate_tokens)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"-> {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""A decoder-only transformer (GPT: Radford et al. 2018/2019) with the choices of the nanoGPT speed-run records.
+
+Pre-norm blocks; RMSNorm (Zhang & Sennrich 2019) or LayerNorm; rotary positions (Su et al. 2021, RoFormer) or
+learned ones (GPT-2); attention through `F.scaled_dot_product_attention`; optional QK-norm (Dehghani et al.
+2023); ReLU² (So et al. 2021, Primer) or GELU MLP; zero-initialised output projections (modded-nanoGPT); optional
+tied input/output embeddings (Press & Wolf 2017). An optional cross-attention per block attends to a memory
+sequence (image features for captioning).
+
+Inference with a KV cache: `forward(tokens, positions, mask, past)` returns logits and the keys/values of the
+new tokens, so a caller can keep a cache per sequence and batch sequences of different lengths together:
+`positions` holds each row's own positions and `mask` marks the real (not padding) entries of past + new keys.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class DecoderConfig:
+    vocab_size: int
+    context: int = 256  # longest sequence the model is trained on (learned positions cannot go past it)
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"
+    positions: Literal["rope", "learned"] = "rope"
+    mlp: Literal["relu2", "gelu"] = "relu2"
+    mlp_ratio: int = 4
+    qk_norm: bool = True
+    tie_embeddings: bool = False
+    zero_init_proj: bool = True
+    bias: bool = False
+    dropout: float = 0.0
+    rope_base: float = 10000.0
+    logit_softcap: float = 0.0  # 0: off; else logits = c * tanh(logits / c) (Gemma 2, modded-nanoGPT)
+    cross_attention: bool = False  # captioning: each block also attends to a memory sequence
+
+
+def make_norm(kind: str, dim: int, bias: bool) -> nn.Module:
+    if kind == "layernorm":
+        return nn.LayerNorm(dim, bias=bias)
+    return nn.RMSNorm(dim)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding on the last axis, half-split form (GPT-NeoX). x: [B, H, T, D]; cos/sin: [B, 1, T, D/2]."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: DecoderConfig, cross: bool = False):
+        super().__init__()
+        if cfg.n_embd % cfg.n_head:
+            raise ValueError(f"model.n_embd: {cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
+        self.n_head, self.head_dim, self.cross = cfg.n_head, cfg.n_embd // cfg.n_head, cross
+        if cross:  # queries from the text, keys and values from the memory
+            self.q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+            self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd, bias=cfg.bias)
+        else:  # one matrix product for all three: on a CPU, small models are bound by the number of ops
+            self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.qk_norm = cfg.qk_norm
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = nn.RMSNorm(self.head_dim), nn.RMSNorm(self.head_dim)
+        self.dropout = cfg.dropout
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
+
+    def forward(self, x, rope, past_k=None, past_v=None, mask=None):
+        """x: [B, T, C]. Returns the output and this call's own keys/values [B, H, T, D] (for the cache)."""
+        q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if rope is not None:
+            q, k = rotate(q, *rope), rotate(k, *rope)
+        new_k, new_v = k, v
+        if past_k is not None:
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        dropout = self.dropout if self.training else 0.0
+        if mask is None:  # training and un-padded prefill: the fused causal kernel
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        B, H, T, D = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D)), new_k, new_v
+
+    def attend_memory(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """Cross-attention: queries from x [B, T, C], keys and values from memory [B, S, C]; no mask."""
+        q = self.split_heads(self.q(x))
+        k, v = (self.split_heads(t) for t in self.kv(memory).chunk(2, dim=-1))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        y = F.scaled_dot_product_attention(q, k, v)
+        B, H, T, D = y.shape
+        return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.n_embd, cfg.mlp_ratio * cfg.n_embd, bias=cfg.bias)
+        self.proj = nn.Linear(cfg.mlp_ratio * cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.kind = cfg.mlp
+
+    def forward(self, x):
+        h = self.up(x)
+        h = F.relu(h).square() if self.kind == "relu2" else F.gelu(h, approximate="tanh")
+        return self.proj(h)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.norm1 = make_norm(cfg.norm, cfg.n_embd, cfg.bias)
+        self.attn = Attention(cfg)
+        self.cross = None
+        if cfg.cross_attention:
+            self.norm_cross = make_norm(cfg.norm, cfg.n_embd, cfg.bias)
+            self.cross = Attention(cfg, cross=True)
+        self.norm2 = make_norm(cfg.norm, cfg.n_embd, cfg.bias)
+        self.mlp = MLP(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x, rope, past_k=None, past_v=None, mask=None, memory=None):
+        a, k, v = self.attn(self.norm1(x), rope, past_k, past_v, mask)
+        x = x + self.drop(a)
+        if self.cross is not None and memory is not None:
+            x = x + self.drop(self.cross.attend_memory(self.norm_cross(x), memory))
+        x = x + self.drop(self.mlp(self.norm2(x)))
+        return x, k, v
+
+
+class Decoder(nn.Module):
+    """GPT. `forward(tokens)` -> logits [B, T, V] for training; with `positions`/`mask`/`past` it runs one
+    prefill or decode step of cached inference (see the module docstring)."""
+
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.pos_embed = nn.Embedding(cfg.context, cfg.n_embd) if cfg.positions == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg.norm, cfg.n_embd, cfg.bias)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        head_dim = cfg.n_embd // cfg.n_head
+        inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.init_weights()
+        if cfg.tie_embeddings:
+            self.head.weight = self.embed.weight
+
+    def init_weights(self) -> None:
+        # GPT-2's scheme: N(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer), or zero (modded-nanoGPT:
+        # each block starts as the identity, which trains faster at this scale).
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                if self.cfg.zero_init_proj:
+                    nn.init.zeros_(p)
+                else:
+                    nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
+
+    def no_muon_parameters(self) -> list[nn.Parameter]:
+        """The output layer: optimised by AdamW under optim.name=muon, as in modded-nanoGPT."""
+        return [self.head.weight]
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.pos_embed is not None:
+            return None
+        freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [B, T, D/2]
+        return freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1)  # [B, 1, T, D/2]
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
+                past: torch.Tensor | None = None, memory: torch.Tensor | None = None, return_cache: bool = False):
+        """tokens [B, T] -> logits [B, T, V]; with `return_cache`, also the new keys/values [L, 2, B, H, T, D].
+
+        positions [B, T]: each token's position (default 0..T-1). past [L, 2, B, H, S, D]: cached keys/values.
+        mask [B, S + T] bool: True for real keys, False for padding (None: no padding, plain causal)."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, device=tokens.device).expand(B, T)
+        x = self.embed(tokens)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = self.drop(x)
+        rope = self.rope(positions)
+        attn_mask = None
+        if mask is not None or past is not None:
+            attn_mask = self.attention_mask(tokens, mask, past)
+        keys, values = [], []
+        for i, block in enumerate(self.blocks):
+            past_k = past[i, 0] if past is not None else None
+            past_v = past[i, 1] if past is not None else None
+            x, k, v = block(x, rope, past_k, past_v, attn_mask, memory)
+            keys.append(k)
+            values.append(v)
+        logits = self.head(self.norm(x))
+        if self.cfg.logit_softcap > 0:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        if not return_cache:
+            return logits
+        return logits, torch.stack([torch.stack(keys), torch.stack(values)], dim=1)  # [L, 2, B, H, T, D]
+
+    @staticmethod
+    def attention_mask(tokens: torch.Tensor, mask: torch.Tensor | None, past: torch.Tensor | None) -> torch.Tensor:
+        """[B, 1, T, S + T] bool: causal over past + new keys, padding keys hidden. A padding query (left
+        padding of a short prompt) would see no key at all, which makes softmax NaN: it sees itself."""
+        B, T = tokens.shape
+        S = past.shape[-2] if past is not None else 0
+        query = torch.arange(T, device=tokens.device).unsqueeze(1) + S  # [T, 1]
+        key = torch.arange(S + T, device=tokens.device).unsqueeze(0)  # [1, S + T]
+        allowed = (key <= query).unsqueeze(0)  # [1, T, S + T]
+        if mask is not None:
+            allowed = allowed & mask.bool().unsqueeze(1)
+            allowed = allowed | (key == query).unsqueeze(0)
+        return allowed.unsqueeze(1)  # [B, 1, T, S + T]
+
+
+SIZES = {  # model.size presets: (n_layer, n_head, n_embd), about this many parameters with a 65-char vocabulary
+    "0.8M": (4, 4, 128),
+    "3M": (6, 6, 192),
+    "10M": (6, 6, 384),
+    "30M": (8, 8, 512),
+    "124M": (12, 12, 768),  # GPT-2 small (with its 50k vocabulary)
+}

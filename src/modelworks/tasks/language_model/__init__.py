@@ -1,0 +1,1 @@
+"""Project 3: text generation with a GPT (language_model task)."""

@@ -1,0 +1,179 @@
+"""The decoder's KV cache, the step-wise generator and its sampling options."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from modelworks.data.text import CharTokenizer
+from modelworks.errors import InputError
+from modelworks.models.transformer import Decoder, DecoderConfig
+from modelworks.tasks.language_model.predictor import CompletionRequest, TextGenerator
+from modelworks.tasks.language_model.sampling import SamplingOptions, choose_token, filter_logits
+from modelworks.tasks.language_model.task import eager_runner, generate_uncached
+
+VOCAB = "abcdefghijklmnopqrstuvwxyz .\n"
+
+
+def random_decoder(**options) -> Decoder:
+    torch.manual_seed(0)
+    cfg = DecoderConfig(vocab_size=len(VOCAB), context=48, n_layer=2, n_head=2, n_embd=32, **options)
+    model = Decoder(cfg).eval()
+    with torch.no_grad():  # zero-initialised projections would make every block the identity: not a real test
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    return model
+
+
+def generator(context: int = 48) -> TextGenerator:
+    tokenizer = CharTokenizer(list(VOCAB), end_of_text=False)
+    graphs = {"prefill": {"inputs": [], "outputs": []}}
+    return TextGenerator(TextGenerator.build_spec(tokenizer, context, graphs), tokenizer)
+
+
+@pytest.mark.parametrize("options", [{}, {"positions": "learned", "norm": "layernorm", "mlp": "gelu",
+                                          "qk_norm": False, "tie_embeddings": True}])
+def test_cached_greedy_decoding_equals_uncached_token_for_token(options):
+    """Prompts of different lengths batched together (left padding, per-row positions): each row's greedy text
+    with the cache is the text of re-running the whole context for every token."""
+    model = random_decoder(**options)
+    gen = generator()
+    prompts = ["the king", "a", "night and day and night."]
+    items = [gen.parse(CompletionRequest(prompt=p, max_tokens=20, temperature=0.0)) for p in prompts]
+    with torch.no_grad():
+        responses = gen.predict(items, eager_runner(model))
+        for prompt, response in zip(prompts, responses):
+            expected = generate_uncached(model, gen.tokenizer.encode(prompt), 20)
+            assert gen.tokenizer.encode(response.text) == expected
+    assert len({r.text for r in responses}) == 3  # the rows are not all the same answer
+
+
+def test_sequences_join_and_leave_the_batch_at_any_step():
+    """The step API: a sequence started while another is decoding gets the same text as alone."""
+    model = random_decoder()
+    gen = generator()
+    run = eager_runner(model)
+    request = lambda p, n: gen.parse(CompletionRequest(prompt=p, max_tokens=n, temperature=0.9, seed=7))  # noqa
+    alone = gen.predict([request("lord", 12)], run)[0].text
+    long = gen.start(request("the queen speaks", 30))
+    active = [long]
+    with torch.no_grad():
+        for _ in range(5):
+            gen.step(active, run)
+        late = gen.start(request("lord", 12))
+        active.append(late)
+        while not late.finished:
+            gen.step(active, run)
+            active = [s for s in active if not s.finished] or active
+    assert late.finished and not long.finished  # the late, short request finished first
+    assert gen.respond(late).text == alone
+
+
+def test_seeded_sampling_is_deterministic_and_seeds_differ():
+    model = random_decoder()
+    gen = generator()
+    run = eager_runner(model)
+    make = lambda seed: gen.parse(CompletionRequest(prompt="the", max_tokens=25, temperature=1.0, seed=seed))  # noqa
+    with torch.no_grad():
+        a, b, c = gen.predict([make(1), make(1), make(2)], run)
+    assert a.text == b.text and a.text != c.text
+
+
+def test_top_k_top_p_and_min_p_masks():
+    logits = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05]))
+    kept = lambda out: np.flatnonzero(np.isfinite(out)).tolist()  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2)) == [0, 1]
+    assert kept(filter_logits(logits, top_p=0.7)) == [0, 1]  # 0.5 + 0.2 reaches 0.7
+    assert kept(filter_logits(logits, top_p=0.71)) == [0, 1, 2]
+    assert kept(filter_logits(logits, top_p=0.01)) == [0]  # the top token is always kept
+    assert kept(filter_logits(logits, min_p=0.3)) == [0, 1, 2]  # >= 0.3 x 0.5
+    rng = np.random.default_rng(0)
+    draws = {choose_token(logits, np.array([]), np.array([]), SamplingOptions(top_k=2), rng) for _ in range(200)}
+    assert draws == {0, 1}
+
+
+def test_penalties_move_probability_away_from_seen_tokens():
+    logits = np.array([2.0, 1.9, -1.0])
+    greedy = SamplingOptions(temperature=0.0)
+    rng = np.random.default_rng(0)
+    assert choose_token(logits, np.array([0]), np.array([0]), greedy, rng) == 0
+    repeat = SamplingOptions(temperature=0.0, repetition_penalty=1.2)
+    assert choose_token(logits, np.array([0]), np.array([]), repeat, rng) == 1  # 2.0 / 1.2 < 1.9
+    presence = SamplingOptions(temperature=0.0, presence_penalty=0.5)
+    assert choose_token(logits, np.array([0]), np.array([0]), presence, rng) == 1
+
+
+def test_stop_strings_end_the_text_before_them():
+    model = random_decoder()
+    gen = generator()
+    run = eager_runner(model)
+    with torch.no_grad():
+        free = gen.predict([gen.parse(CompletionRequest(prompt="the", max_tokens=30, temperature=0.0))], run)[0]
+        stop = free.text[5:7]
+        cut = gen.predict([gen.parse(CompletionRequest(prompt="the", max_tokens=30, temperature=0.0,
+                                                       stop=[stop]))], run)[0]
+    assert cut.text == free.text[:free.text.find(stop)] and cut.finish_reason == "stop"
+    assert free.finish_reason == "length" and free.completion_tokens == 30
+
+
+def test_generation_past_the_context_keeps_going():
+    model = random_decoder()
+    gen = generator(context=48)
+    with torch.no_grad():
+        response = gen.predict([gen.parse(CompletionRequest(prompt="the king", max_tokens=100, temperature=0.0))],
+                               eager_runner(model))[0]
+    assert response.completion_tokens == 100 and len(response.text) == 100
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"prompt": ""}, r"prompt: empty"),
+    ({"prompt": "x" * 49}, r"prompt: 49 tokens, longer than the model's context of 48"),
+    ({"prompt": "ABC"}, r"prompt: characters 'ABC' are not in this character model's vocabulary"),
+    ({"prompt": "a", "max_tokens": 0}, r"max_tokens: must be between 1 and 4096 \(got 0\)"),
+    ({"prompt": "a", "stop": [""]}, r"stop: an empty stop string"),
+])
+def test_bad_requests_are_refused_naming_the_field(fields, message):
+    with pytest.raises(InputError, match=message):
+        generator().parse(CompletionRequest(**fields))
+
+
+def test_wrongly_typed_fields_are_refused_by_the_request_model():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="stop"):
+        CompletionRequest(prompt="a", stop=5)
+    with pytest.raises(ValidationError, match="max_tokens"):
+        CompletionRequest(prompt="a", max_tokens="3")
+
+
+def test_cross_attention_reads_the_memory():
+    """The hook captioning uses: with cross_attention, the logits depend on the memory sequence."""
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=10, context=8, n_layer=1, n_head=2, n_embd=16, cross_attention=True,
+                                  zero_init_proj=False)).eval()
+    tokens = torch.randint(0, 10, (2, 5))
+    memory = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        a, b = model(tokens, memory=memory), model(tokens, memory=memory + 1)
+    assert a.shape == (2, 5, 10) and not torch.allclose(a, b)
+
+
+def test_streamed_deltas_of_byte_level_tokens_join_into_valid_text():
+    """A BPE token may end inside a UTF-8 character: deltas never hand out half a character, and their
+    concatenation is the response's text."""
+    from modelworks.data.text import BPETokenizer
+
+    tokenizer = BPETokenizer.train(["héllo wörld ✓ ünïcode " * 30], vocab_size=300)
+    graphs = {"prefill": {"inputs": [], "outputs": []}}
+    gen = TextGenerator(TextGenerator.build_spec(tokenizer, 48, graphs), tokenizer)
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, context=48, n_layer=1, n_head=2, n_embd=16,
+                                  zero_init_proj=False)).eval()
+    sequence = gen.start(gen.parse(CompletionRequest(prompt="h", max_tokens=40, temperature=1.5, seed=3)))
+    deltas = []
+    with torch.no_grad():
+        while not sequence.finished:
+            deltas += [d.text for d in gen.step([sequence], eager_runner(model))]
+    assert "".join(deltas) == gen.respond(sequence).text
+    assert not any(d.endswith("\ufffd") for d in deltas[:-1])  # no delta stops inside a character
