@@ -10,7 +10,6 @@ recipes.
     modelworks predict runs/detection/NAME/package photos/ --out boxes.jsonl --save-images annotated/
     modelworks serve runs/classification/NAME/package --port 8000
     modelworks debug classification --recipe fashion-mnist overfit    # also: augment, gradients
-
     modelworks generate runs/language_model/NAME --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8
 """
 
