@@ -68,8 +68,9 @@ def error_response(request: Request, exc: CompletionError) -> JSONResponse:
 def describe_errors(exc: ValidationError) -> tuple[str, str | None]:
     lines, first = [], None
     for error in exc.errors():
-        where = ".".join(str(part) for part in error.get("loc", ())) or "body"
-        first = first or where
+        loc = [str(part) for part in error.get("loc", ())]
+        where = ".".join(loc) or "body"
+        first = first or (loc[0] if loc else None)  # the request field (a union's member name is not one)
         if error.get("type") == "extra_forbidden":
             lines.append(f"{where}: unknown field")
         else:
