@@ -73,7 +73,7 @@ def test_lossless_conversions_are_made():
 
 
 def test_literal_lists_the_choices_and_the_closest_one():
-    with pytest.raises(ConfigError, match=r"optim\.name: 'sdg' is not allowed; choose one of 'adamw', 'sgd'; "
+    with pytest.raises(ConfigError, match=r"optim\.name: 'sdg' is not allowed; choose one of 'adamw', 'sgd', 'muon'; "
                                           r"did you mean 'sgd'\?"):
         load("optim.name=sdg")
     with pytest.raises(ConfigError, match=r"model\.name: 'resnet50' is not allowed; choose one of 'fastnet', "

@@ -156,6 +156,8 @@ def probe_budget(task, model: nn.Module, train_model: nn.Module, splits, cfg: Ru
 
     def one_evaluation() -> None:
         evaluate_split(task, model, splits.val, splits.collate_fn, cfg, device, precision, "val")
+        if distributed.is_main():
+            task.samples(model)  # text recorded at each evaluation (a language model's samples) costs time too
         if distributed.is_main():  # each evaluation saves `last`: on a small data set as slow as the pass itself
             path = run_dir / "budget-probe.pt"
             checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)

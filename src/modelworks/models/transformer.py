@@ -61,8 +61,11 @@ class Attention(nn.Module):
         if cfg.n_embd % cfg.n_head:
             raise ValueError(f"model.n_embd: {cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
         self.n_head, self.head_dim, self.cross = cfg.n_head, cfg.n_embd // cfg.n_head, cross
-        self.q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
-        self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd, bias=cfg.bias)
+        if cross:  # queries from the text, keys and values from the memory
+            self.q = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+            self.kv = nn.Linear(cfg.n_embd, 2 * cfg.n_embd, bias=cfg.bias)
+        else:  # one matrix product for all three: on a CPU, small models are bound by the number of ops
+            self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd, bias=cfg.bias)
         self.proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.qk_norm = cfg.qk_norm
         if cfg.qk_norm:
@@ -75,8 +78,7 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, past_k=None, past_v=None, mask=None):
         """x: [B, T, C]. Returns the output and this call's own keys/values [B, H, T, D] (for the cache)."""
-        q = self.split_heads(self.q(x))
-        k, v = (self.split_heads(t) for t in self.kv(x).chunk(2, dim=-1))
+        q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:

@@ -185,7 +185,7 @@ def test_package_answers_as_evaluation_detects(tiny_detection_package):
     x = task.prepare_batch({"images": canvas[None], "boxes": torch.zeros(1, 1, 4),
                             "labels": torch.full((1, 1), -1)}, None)["images"]
     with torch.no_grad():
-        (expected,) = task.detect(model.runner.module, x)
+        (expected,) = task.detect(model.runner.runners["model"].module, x)  # the eager graph of the package
     assert len(response.detections) == 5
     assert [d.index for d in response.detections] == expected["labels"].tolist()
     boxes = expected["boxes"] / scale

@@ -145,3 +145,35 @@ def test_wrongly_typed_fields_are_refused_by_the_request_model():
         CompletionRequest(prompt="a", stop=5)
     with pytest.raises(ValidationError, match="max_tokens"):
         CompletionRequest(prompt="a", max_tokens="3")
+
+
+def test_cross_attention_reads_the_memory():
+    """The hook captioning uses: with cross_attention, the logits depend on the memory sequence."""
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=10, context=8, n_layer=1, n_head=2, n_embd=16, cross_attention=True,
+                                  zero_init_proj=False)).eval()
+    tokens = torch.randint(0, 10, (2, 5))
+    memory = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        a, b = model(tokens, memory=memory), model(tokens, memory=memory + 1)
+    assert a.shape == (2, 5, 10) and not torch.allclose(a, b)
+
+
+def test_streamed_deltas_of_byte_level_tokens_join_into_valid_text():
+    """A BPE token may end inside a UTF-8 character: deltas never hand out half a character, and their
+    concatenation is the response's text."""
+    from modelworks.data.text import BPETokenizer
+
+    tokenizer = BPETokenizer.train(["héllo wörld ✓ ünïcode " * 30], vocab_size=300)
+    graphs = {"prefill": {"inputs": [], "outputs": []}}
+    gen = TextGenerator(TextGenerator.build_spec(tokenizer, 48, graphs), tokenizer)
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=tokenizer.vocab_size, context=48, n_layer=1, n_head=2, n_embd=16,
+                                  zero_init_proj=False)).eval()
+    sequence = gen.start(gen.parse(CompletionRequest(prompt="h", max_tokens=40, temperature=1.5, seed=3)))
+    deltas = []
+    with torch.no_grad():
+        while not sequence.finished:
+            deltas += [d.text for d in gen.step([sequence], eager_runner(model))]
+    assert "".join(deltas) == gen.respond(sequence).text
+    assert not any(d.endswith("\ufffd") for d in deltas[:-1])  # no delta stops inside a character

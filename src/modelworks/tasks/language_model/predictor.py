@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence as SequenceType
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -78,6 +77,7 @@ class Sequence:
     cache: np.ndarray | None = None  # [L, 2, H, S, D]; None: needs a prefill
     generated: list[int] = field(default_factory=list)
     text: str = ""  # the generated text decoded so far
+    pending: list[int] = field(default_factory=list)  # tokens not in `text` yet: a partial UTF-8 character (BPE)
     emitted: int = 0  # characters of `text` handed out in deltas
     finished: bool = False
     finish_reason: str | None = None
@@ -193,13 +193,19 @@ class TextGenerator(Predictor):
     def advance(self, sequence: Sequence, logits: np.ndarray) -> Delta:
         """Choose the next token, extend the text, check the stop conditions; the text delta to hand out."""
         item = sequence.item
-        token = choose_token(np.asarray(logits, np.float32), np.asarray(sequence.tokens),
-                             np.asarray(sequence.generated), item.options, sequence.rng)
+        token = choose_token(np.asarray(logits, np.float32), sequence.tokens, sequence.generated, item.options,
+                             sequence.rng)
         if token == self.tokenizer.eot_id:
             return self.finish(sequence, "stop", None)
         sequence.tokens.append(token)
         sequence.generated.append(token)
-        sequence.text = self.tokenizer.decode(sequence.generated)
+        # Decoded incrementally (the whole text again at every token would cost O(n) per step); byte-level
+        # tokens that end inside a UTF-8 character wait in `pending` for the rest of it.
+        sequence.pending.append(token)
+        piece = self.tokenizer.decode(sequence.pending)
+        if not piece.endswith("\ufffd"):
+            sequence.text += piece
+            sequence.pending.clear()
         for stop in item.stop:
             at = sequence.text.find(stop, max(sequence.emitted - len(stop), 0))
             if at >= 0:
@@ -212,8 +218,8 @@ class TextGenerator(Predictor):
             # restart at 0, as the model saw them in training).
             sequence.window_start = len(sequence.tokens) - self.context // 2
             sequence.cache = None
-        # Hold back text that could still become a stop string, and a partial UTF-8 character (byte-level BPE).
-        safe = len(sequence.text.rstrip("\ufffd"))
+        # Hold back text that could still become a stop string.
+        safe = len(sequence.text)
         for stop in item.stop:
             for k in range(min(len(stop) - 1, safe), 0, -1):
                 if sequence.text[:safe].endswith(stop[:k]):
@@ -225,6 +231,9 @@ class TextGenerator(Predictor):
 
     def finish(self, sequence: Sequence, reason: str, token: int | None) -> Delta:
         sequence.finished, sequence.finish_reason, sequence.cache = True, reason, None
+        if sequence.pending:  # the end came inside a character: show what there is (U+FFFD for the rest)
+            sequence.text += self.tokenizer.decode(sequence.pending)
+            sequence.pending.clear()
         delta, sequence.emitted = sequence.text[sequence.emitted:], len(sequence.text)
         return Delta(delta, token, True, reason)
 

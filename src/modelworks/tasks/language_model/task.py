@@ -232,9 +232,8 @@ class LanguageModelTask(Task):
             return {}
         generator = self.predictor()
         run = eager_runner(model)
-        prompt = self.tokenizer.decode([self.tokenizer.encode("\n")[0]]) if self.tokenizer.kind == "bpe" else "\n"
-        if self.tokenizer.kind == "char" and "\n" not in self.tokenizer.index:
-            prompt = self.tokenizer.chars[0]
+        # A new line, as a text begins; a character model that never saw one starts from its first character.
+        prompt = "\n" if self.tokenizer.kind == "bpe" or "\n" in self.tokenizer.index else self.tokenizer.chars[0]
         requests = {"greedy": CompletionRequest(prompt=prompt, max_tokens=m.sample_tokens, temperature=0.0),
                     "t=0.8": CompletionRequest(prompt=prompt, max_tokens=m.sample_tokens, temperature=0.8, top_k=50,
                                                seed=0)}

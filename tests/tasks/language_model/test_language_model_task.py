@@ -79,6 +79,14 @@ def test_training_lowers_validation_loss_and_reports_bits_per_character(tmp_path
     # char tokens: one token per character, so bits per character is the loss in bits
     assert result.best["val/bpc"] == pytest.approx(loss / math.log(2), rel=1e-6)
     assert result.best["val/ppl"] == pytest.approx(math.exp(loss), rel=1e-6)
+    # `modelworks evaluate RUN`: no test split, so the validation split, with samples and the loss curves
+    from modelworks.engine.loop import evaluate_run
+
+    metrics = evaluate_run(LanguageModelTask(cfg), cfg, result.run_dir, "test", fallback_to_val=True)
+    assert metrics["val/loss"] == pytest.approx(loss, rel=1e-5)
+    report = result.run_dir / "evaluation"
+    assert (report / "loss_curves.png").stat().st_size > 1000
+    assert "--- greedy" in (report / "samples.txt").read_text()
 
 
 def test_bits_per_character_compares_across_tokenizers(tmp_path):
