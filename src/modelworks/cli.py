@@ -111,7 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests waiting per model version; more are answered 503 with Retry-After")
     serve.add_argument("--timeout-s", type=float, default=10.0,
                        help="per-request deadline from arrival (reading the body and decoding included); past it "
-                            "504, or 408 while the body is still arriving")
+                            "504, or 408 while the body is still arriving. Text generation: arrival to the first "
+                            "token, then the longest wait for each next token")
+    serve.add_argument("--max-running", type=int, default=32,
+                       help="text generation: sequences decoded together (continuous batching); more wait in the "
+                            "queue (--max-queue sequences)")
     serve.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="larger bodies get 413")
     serve.add_argument("--max-header-bytes", type=int, default=32 * 1024,
                        help="request line and headers together; larger get 431 and the connection is closed")
@@ -341,7 +345,7 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_bytes=args.max_body_bytes,
                              max_header_bytes=args.max_header_bytes, max_image_pixels=args.max_image_pixels,
-                             decode_threads=args.decode_threads, drain_s=args.drain_s)
+                             decode_threads=args.decode_threads, drain_s=args.drain_s, max_running=args.max_running)
     models = [open_model(p, args.runtime, args.threads) for p in args.packages]
     loader = lambda path: open_model(path, args.runtime, args.threads)  # noqa: E731  the admin API's loads
     try:

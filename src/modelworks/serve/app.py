@@ -5,13 +5,15 @@
     GET  /readyz                         models loaded and warmed up (503 while starting or draining)
     GET  /metrics                        Prometheus
     GET  /docs, /openapi.json            the API's documentation (Swagger UI served locally) and schema
-    GET  /v1/models, /v1/models/{name}   what is served: versions, traffic split, inputs, labels
+    GET  /v1/models, /v1/models/{name}   what is served: versions, traffic split, inputs, labels, streams
     POST /v1/models/{name}/predict       JSON (file base64) or multipart upload; typed by the task's predictor
+    POST /v1/completions                 OpenAI's completions API (streamed or not), for predictors that stream
     /v1/admin/models/{name}/...          load / split / promote / rollback / unload; needs MODELWORKS_ADMIN_TOKEN
 
 Every error is a JSON body {"error": {"code", "message", "field"}, "request_id"} with a 4xx/5xx status; a bad
-request never takes the server down. Inference runs in per-version threads behind a dynamic batcher
-(batching.py); the event loop only parses, validates, decodes and routes.
+request never takes the server down (/v1/completions answers errors in OpenAI's shape instead). Inference runs in
+per-version threads behind a dynamic batcher (batching.py), and for a predictor that generates step by step also
+behind a continuous-batching scheduler (streaming.py); the event loop only parses, validates, decodes and routes.
 """
 
 from __future__ import annotations
@@ -49,11 +51,13 @@ from ..errors import ConfigError, InputError, InputTooLarge, ModelworksError
 from ..engine.memory import release_freed_memory
 from ..export.package import NAME_PATTERN  # model names, versions and request ids: one character set
 from .batching import Batcher, Draining, InferenceFailed, Overloaded
+from .completions import complete
 from .http import httptools_protocol
 from .logs import configure_logging, log
 from .metrics import Metrics
 from .routing import ModelRoute, Version
 from .screening import screen_upload
+from .streaming import Scheduler, streams
 
 ADMIN_TOKEN_ENV = "MODELWORKS_ADMIN_TOKEN"
 CALLER_HEADER = "x-caller-id"
@@ -68,8 +72,11 @@ QUIET_PATHS = {"/healthz", "/readyz", "/metrics"}  # probed constantly: logged a
 class ServeSettings:
     max_batch_size: int = 32  # 1 turns dynamic batching off
     max_wait_ms: float = 2.0  # longest a batch waits for requests still arriving (its oldest's wait); 0: never
-    max_queue: int = 256  # waiting requests per version before 503
-    timeout_s: float = 10.0  # per request, arrival to answer (body read and decoding included); then 408 or 504
+    max_queue: int = 256  # waiting requests per version before 503 (streaming: waiting sequences)
+    # per request, arrival to answer (body read and decoding included); then 408 or 504. Streaming: arrival to the
+    # first token, then the longest wait for each next token
+    timeout_s: float = 10.0
+    max_running: int = 32  # streaming predictors: sequences in the running decode batch (continuous batching)
     max_body_bytes: int = 4 * 1024 * 1024  # larger bodies get 413 before they are read
     max_header_bytes: int = 32 * 1024  # request line and headers together; larger get 431 while still arriving
     max_image_pixels: int | None = None  # width x height an image may declare; None: each predictor's default
@@ -79,7 +86,7 @@ class ServeSettings:
 
     def __post_init__(self):
         problems = [f"{name}: must be > 0 (got {getattr(self, name)})"
-                    for name in ("max_batch_size", "max_queue", "timeout_s", "max_body_bytes", "max_header_bytes",
+                    for name in ("max_batch_size", "max_queue", "max_running", "timeout_s", "max_body_bytes", "max_header_bytes",
                                  "decode_threads", "drain_s")
                     if getattr(self, name) <= 0]
         if self.max_image_pixels is not None and self.max_image_pixels <= 0:
@@ -180,7 +187,10 @@ class ModelServer:
         model.predictor.limit_inputs(max_image_pixels=s.max_image_pixels)
         batcher = Batcher(model, s.max_batch_size, s.max_wait_ms, s.max_queue, self.metrics, (name, model.version),
                           arriving=route.arriving_now)
-        return Version(model, batcher)
+        scheduler = None
+        if streams(model.predictor):
+            scheduler = Scheduler(model, s.max_running, s.max_queue, self.metrics, (name, model.version))
+        return Version(model, batcher, scheduler)
 
     @property
     def servable(self) -> bool:
@@ -194,6 +204,15 @@ class ModelServer:
         request, file = predictor.example_request()
         item = predictor.parse(request, file)
         await version.batcher.start([[item] * size for size in sorted({1, self.settings.max_batch_size})])
+        if version.scheduler is not None:
+            await version.scheduler.start()
+
+    @staticmethod
+    async def drain_version(version: Version) -> None:
+        """Answer every accepted request and sequence, then stop the version's threads."""
+        await version.batcher.drain()
+        if version.scheduler is not None:
+            await version.scheduler.drain()
 
     def update_weight_metrics(self, route: ModelRoute) -> None:
         total = sum(route.weights.values()) or 1.0
@@ -397,7 +416,7 @@ class ModelServer:
 
     def retire(self, version: Version) -> None:
         async def drain_and_release():
-            await version.batcher.drain()
+            await self.drain_version(version)
             release_freed_memory()
 
         task = asyncio.get_running_loop().create_task(drain_and_release())
@@ -651,7 +670,7 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
             # uvicorn has stopped accepting and waited for in-flight requests; answer anything still queued.
             server.ready, server.draining = False, True
             versions = [v for r in routes.values() for v in r.versions.values()]
-            await asyncio.gather(*(v.batcher.drain() for v in versions), *server.retiring)
+            await asyncio.gather(*(server.drain_version(v) for v in versions), *server.retiring)
             log("stopped", answered_all=all(v.batcher.unfinished == 0 for v in versions))
 
     # /docs from Swagger UI's files in the fastapi-offline package, not FastAPI's default CDN: offline, on a
@@ -721,7 +740,12 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
 
     @app.get("/v1/models", tags=["models"], summary="Served models, their versions and traffic split")
     async def list_models():
-        return {"models": [describe_route(r) for r in routes.values()]}
+        described = [describe_route(r) for r in routes.values()]
+        # `object` and `data` are OpenAI's list shape (the `openai` client's models.list reads them).
+        return {"models": described, "object": "list",
+                "data": [{"id": d["name"], "object": "model", "created": int(min(
+                    v.loaded_at for v in routes[d["name"]].versions.values())), "owned_by": "modelworks"}
+                    for d in described]}
 
     @app.get("/v1/models/{name}", tags=["models"], summary="One served model",
              responses=documented_errors({404: "Unknown model"}))
@@ -731,6 +755,12 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
     documented: list[APIRoute] = []  # served by Starlette routes, described in the OpenAPI schema
     for model_name, (group, _) in groups.items():
         register_predict_route(app, server, model_name, type(group[0].predictor), documented)
+
+    @app.post("/v1/completions", tags=["predict"], summary="OpenAI-compatible text completion, streamed or not",
+              description="For models whose predictor generates step by step (GET /v1/models: `streams`). Errors "
+                          "have OpenAI's shape: {\"error\": {\"message\", \"type\", \"param\", \"code\"}}.")
+    async def completions(request: Request):
+        return await complete(server, request)
 
     @app.post("/v1/models/{name}/predict", include_in_schema=False)
     async def predict_unknown(name: str):
@@ -800,7 +830,7 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
             retired = route.versions.pop(version)
             route.weights.pop(version, None)
             route.history = [{v: w for v, w in h.items() if v != version} for h in route.history]
-            await retired.batcher.drain()
+            await server.drain_version(retired)
             server.metrics.forget_version(name, version)
             del retired
             gc.collect()  # the version's model, runtime session and batcher, before their memory is handed back
@@ -818,7 +848,8 @@ def describe_route(route: ModelRoute) -> dict:
     return {**route.describe(), "predict": f"/v1/models/{route.name}/predict", "inputs": spec.get("inputs"),
             "outputs": spec.get("outputs"), "labels": spec.get("labels"), "file_field": predictor.file_field,
             "request_fields": list(predictor.Request.model_fields), "preprocessing": spec.get("preprocessing"),
-            "postprocessing": spec.get("postprocessing"), "limits": predictor.limits}
+            "postprocessing": spec.get("postprocessing"), "limits": predictor.limits,
+            "streams": route.streams, "completions": "/v1/completions" if route.streams else None}
 
 
 def register_predict_route(app: FastAPI, server: ModelServer, name: str, predictor_class: type,

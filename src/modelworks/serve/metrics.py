@@ -9,6 +9,8 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 
                    5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONFIDENCE_BUCKETS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# Time to first token: a prefill of a queued sequence, from a few ms to the timeout.
+TTFT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LABELS = ("model", "version")
 
 
@@ -30,6 +32,16 @@ class Metrics:
         self.confidence = Histogram("modelworks_prediction_confidence", "The predictor's confidence per answer "
                                     "(classification: top-1 probability); a shift means the inputs drifted",
                                     LABELS, buckets=CONFIDENCE_BUCKETS, registry=r)
+        # Streaming predictors only (serve/streaming.py): observed per sequence, not per request.
+        self.time_to_first_token = Histogram("modelworks_time_to_first_token_seconds", "Time from a sequence's "
+                                             "queueing to its first generated token", LABELS, buckets=TTFT_BUCKETS,
+                                             registry=r)
+        self.generated_tokens = Counter("modelworks_generated_tokens", "Tokens generated; rate() is tokens/s",
+                                        LABELS, registry=r)
+        self.running_sequences = Gauge("modelworks_running_sequences", "Sequences in the running decode batch "
+                                       "(continuous batching)", LABELS, registry=r)
+        self.waiting_sequences = Gauge("modelworks_waiting_sequences", "Sequences queued to join the running "
+                                       "batch", LABELS, registry=r)
         self.traffic_weight = Gauge("modelworks_traffic_weight", "Share of traffic routed to each version (A/B)",
                                     LABELS, registry=r)
         # Unlabelled: one value per server. An alert reads readiness here rather than probing /readyz, and the
@@ -43,7 +55,8 @@ class Metrics:
         """Remove every series of an unloaded version. The queue-depth gauge's callback holds the version's batcher
         (and through it the model and its runtime session): left registered, each unload leaked a model."""
         for metric in (self.requests, self.errors, self.latency, self.batch_size, self.inference, self.queue_depth,
-                       self.confidence, self.traffic_weight):
+                       self.confidence, self.traffic_weight, self.time_to_first_token, self.generated_tokens,
+                       self.running_sequences, self.waiting_sequences):
             # prometheus_client keeps a metric's children keyed by their label values and offers no public way to
             # list them; `_metrics` (under `_lock`) has been that dict since the labels API began.
             with metric._lock:

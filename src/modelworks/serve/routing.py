@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from .batching import Batcher
+from .streaming import Scheduler, streams
 
 # A body that has received no bytes for this long is stalled, not arriving. A client's body comes in one or a few
 # TCP segments, a fraction of a millisecond apart even across a network, but the time between two reads is also
@@ -26,6 +27,7 @@ ARRIVING_IDLE_S = 0.05
 class Version:
     model: object  # export.runtime.InferenceModel
     batcher: Batcher
+    scheduler: Scheduler | None = None  # continuous batching, for a predictor that streams
     loaded_at: float = field(default_factory=time.time)
 
     @property
@@ -61,6 +63,11 @@ class ModelRoute:
     @property
     def task(self) -> str:
         return next(iter(self.versions.values())).model.package.task
+
+    @property
+    def streams(self) -> bool:
+        """Its predictor generates step by step (serve/streaming.py): /v1/completions serves it."""
+        return streams(next(iter(self.versions.values())).model.predictor) if self.versions else False
 
     @property
     def predictor_class(self) -> type:
