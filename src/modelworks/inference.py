@@ -23,7 +23,7 @@ def open_model(path: Path | str, runtime: str = "onnx", threads: int | None = No
     """A verified package with its task's predictor and the chosen runtime, ready to answer."""
     package = read_package(path)
     task_cls = get_task(package.task)
-    predictor = task_cls.load_predictor(package.manifest["predictor"])
+    predictor = task_cls.load_predictor(package.manifest["predictor"], package.path)
 
     def build_eager():
         task = task_cls(config_mod.load_config(task_cls, package.manifest["config"]))

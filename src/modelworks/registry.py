@@ -13,6 +13,7 @@ from .errors import ConfigError
 _TASK_CLASSES = {
     "classification": ("modelworks.tasks.classification.task", "ClassificationTask"),
     "detection": ("modelworks.tasks.detection.task", "DetectionTask"),
+    "recommendation": ("modelworks.tasks.recommendation.task", "RecommendationTask"),
 }
 
 

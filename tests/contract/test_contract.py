@@ -141,7 +141,7 @@ def test_every_format_exports_and_matches_eager(task, tmp_path):
                              source={}, metrics={}, config={}, log=lambda line: None)
     assert manifest["checks"]["passed"] == ["eager", "torchscript", "onnx"]
     package = read_package(tmp_path / "package")
-    predictor = type(task).load_predictor(package.manifest["predictor"])
+    predictor = type(task).load_predictor(package.manifest["predictor"], package.path)
     example = tuple(t.numpy() for t in task.example_inputs())
     inputs = dict(zip(predictor.input_names, example))
     with torch.no_grad():
@@ -151,14 +151,17 @@ def test_every_format_exports_and_matches_eager(task, tmp_path):
         torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-4, rtol=1e-4)
 
 
-def test_the_predictor_answers_its_example_request(task):
+def test_the_predictor_answers_its_example_request(task, tmp_path):
     """parse -> predict with the eager graph: one typed Response per request, and a spec that survives JSON."""
     import json
 
     from modelworks.export.runtime import TorchRunner
 
     task.datasets(CPU)
-    predictor = type(task).load_predictor(json.loads(json.dumps(task.predictor().spec)))
+    live = task.predictor()
+    for name, content in live.files().items():  # what a package ships beside its manifest (an item catalogue)
+        (tmp_path / name).write_bytes(content)
+    predictor = type(task).load_predictor(json.loads(json.dumps(live.spec)), tmp_path)
     request, file = predictor.example_request()
     request = predictor.Request.model_validate_json(request.model_dump_json())  # the wire round trip
     items = [predictor.parse(request, file) for _ in range(3)]

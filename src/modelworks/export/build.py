@@ -69,6 +69,8 @@ def build_package(task, model: nn.Module, references_from: Iterable, calibration
     for folder in remove_stale_work_folders(out):
         log(f"  removed {folder.name}, left by an export of {out} that did not finish")
     with work_folder(out, "tmp") as staging:
+        for name, content in predictor.files().items():
+            (staging / name).write_bytes(content)
         references = verify.reference_batches(task, module, references_from, input_names)
         if not references:
             raise PackageError("export: the validation split is empty; nothing to verify the formats on")

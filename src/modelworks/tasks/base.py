@@ -128,6 +128,11 @@ class Predictor:
     def predict(self, items: list, run: GraphRunner) -> list[BaseModel]:
         return self.postprocess(run(self.collate(items)), items)
 
+    def files(self) -> dict[str, bytes]:
+        """Files the predictor needs beside its spec (a tokenizer, an item catalogue): written into the package,
+        checksummed with the rest, and read back by `Task.load_predictor(spec, folder)`. Plain data, never pickle."""
+        return {}
+
     def confidence(self, response: BaseModel) -> float | None:
         """A number in [0, 1] whose distribution the server tracks per model version, so that a drift in the
         inputs shows up on a dashboard (classification: the top-1 probability). None: not tracked."""
@@ -156,6 +161,16 @@ class Task:
         raise NotImplementedError
 
     def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def trains_in_closed_form(self) -> bool:
+        """True when the configured model is solved rather than trained by steps (EASE's ridge regression): the
+        engine then calls `fit_closed_form` once instead of running the step loop, and evaluates, checkpoints and
+        reports as for any run (engine/closed_form.py)."""
+        return False
+
+    def fit_closed_form(self, model: nn.Module, splits: Splits) -> dict[str, float] | None:
+        """Set `model`'s weights from the training split in one solve; return named values to log, or None."""
         raise NotImplementedError
 
     def prepare_batch(self, batch: Any, augment: torch.Generator | None, progress: float = 0.0) -> Any:
@@ -206,8 +221,9 @@ class Task:
         raise NotImplementedError
 
     @classmethod
-    def load_predictor(cls, spec: dict) -> Predictor:
-        """The predictor of an exported model, from the spec its package stores."""
+    def load_predictor(cls, spec: dict, folder: Path | None = None) -> Predictor:
+        """The predictor of an exported model, from the spec its package stores (and the files of
+        `Predictor.files()` in the package `folder`)."""
         return cls.predictor_class(spec)
 
     def adopt_spec(self, spec: dict) -> None:
