@@ -79,7 +79,8 @@ class RecommendationTask(Task):
             raise DataError(f"data.source: {path} is not a file; interactions:FILE.csv names a CSV of events")
         return rec_data.read_csv_events(Path(path), data.user_column, data.item_column, data.timestamp_column)
 
-    def datasets(self, device: torch.device) -> Splits:
+    def load_split(self) -> tuple[rec_data.Interactions, rec_data.LeaveLastOut]:
+        """Read the data and split it; the task learns the item catalogue from it."""
         interactions = self.load_interactions()
         split = rec_data.leave_last_out(interactions, self.cfg.data.min_interactions)
         self.split = split
@@ -87,6 +88,10 @@ class RecommendationTask(Task):
                           "titles": {i: interactions.titles[i] for i in split.item_ids if i in interactions.titles},
                           "genres": {i: interactions.genres[i] for i in split.item_ids if i in interactions.genres},
                           "popularity": split.popularity[1:].tolist()}
+        return interactions, split
+
+    def datasets(self, device: torch.device) -> Splits:
+        interactions, split = self.load_split()
         max_len = self.cfg.model.max_len
         val, test = rec_data.evaluation_splits(split, max_len)
         train = rec_data.NextItemSequences(split.train, max_len)
@@ -105,8 +110,8 @@ class RecommendationTask(Task):
 
     @property
     def n_items(self) -> int:
-        if self.catalogue is None:
-            raise DataError("recommendation: the item count comes from the data; call datasets() first")
+        if self.catalogue is None:  # the model is built before the splits (or from a package: adopt_spec)
+            self.load_split()
         return len(self.catalogue["ids"])
 
     # ------------------------------------------------------------------------------------------ model
