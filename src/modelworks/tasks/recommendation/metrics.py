@@ -42,11 +42,13 @@ class RankingMetrics:
         scores = mask_seen(scores, seen)
         rank = target_ranks(scores, target).double().cpu()
         hit = rank < K
-        top = scores.topk(min(K, scores.shape[1]), dim=1).indices.cpu()
+        values, top = scores.topk(min(K, scores.shape[1]), dim=1)
+        top, listed = top.cpu(), values.isfinite().cpu()  # a seen item is never recommended, even to fill a list
+        popularity = (self.popularity[top].double() * listed).sum(1) / listed.sum(1).clamp(min=1)
         self.sums += torch.stack([torch.tensor(float(len(rank)), dtype=torch.float64), hit.double().sum(),
                                   (hit.double() / torch.log2(rank + 2)).sum(), (1 / (rank + 1)).sum(),
-                                  self.popularity[top].double().mean(1).sum()])
-        self.recommended += torch.bincount(top.flatten(), minlength=len(self.popularity)).double()
+                                  popularity.sum()])
+        self.recommended += torch.bincount(top[listed], minlength=len(self.popularity)).double()
 
     def compute(self) -> dict[str, float]:
         sums, recommended = self.sums.clone(), self.recommended.clone()
