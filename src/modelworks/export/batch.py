@@ -254,6 +254,7 @@ def predict_requests(model: InferenceModel, inputs: list[str], out: Path | None,
                 except InputError as exc:
                     problem = str(exc)
             if problem is not None:
+                flush()  # answers come out in the order of the lines
                 skip(where, problem)
             if len(pending) >= batch_size:
                 flush()

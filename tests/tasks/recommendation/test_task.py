@@ -100,7 +100,9 @@ def test_predict_answers_jsonl_requests_and_reports_bad_lines(ease_run, tmp_path
     result = run_cli(["predict", str(root / "package"), str(requests), "--out", str(out), "--batch-size", "2"])
     assert result.returncode == 1, result.stderr  # bad lines were skipped
     assert "3 predicted, 4 skipped" in result.stderr
-    rows = {row["path"].rsplit(":", 1)[1]: row for row in map(json.loads, out.read_text().splitlines())}
+    written = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["path"].rsplit(":", 1)[1] for row in written] == [str(i) for i in range(1, 8)]  # in line order
+    rows = {row["path"].rsplit(":", 1)[1]: row for row in written}
     first, second, cold = rows["1"]["prediction"], rows["2"]["prediction"], rows["3"]["prediction"]
     ids = [item["item"] for item in first["items"]]
     assert len(ids) == 5 and not {"3", "4", "5"} & set(ids) and first["fallback"] is None
