@@ -14,6 +14,7 @@ _TASK_CLASSES = {
     "classification": ("modelworks.tasks.classification.task", "ClassificationTask"),
     "detection": ("modelworks.tasks.detection.task", "DetectionTask"),
     "language_model": ("modelworks.tasks.language_model.task", "LanguageModelTask"),
+    "recommendation": ("modelworks.tasks.recommendation.task", "RecommendationTask"),
 }
 
 

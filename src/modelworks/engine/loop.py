@@ -24,7 +24,7 @@ from torch import nn
 
 from ..config import RunConfig, flatten, to_dict
 from ..errors import CheckpointError, ConfigError, TrainingDiverged
-from . import budget, checkpoint, distributed, rundir
+from . import budget, checkpoint, closed_form, distributed, rundir
 from .activations import ActivationMonitor
 from .batches import augment_generator, eval_indices, fetch, split_batch, train_indices
 from .early_stop import EarlyStopper
@@ -240,6 +240,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                           f"optim.accumulate_steps ({micro_batches})")
     configure_determinism(cfg)
     precision = choose_precision(t.precision, device)
+    if task.trains_in_closed_form():  # solved once, not stepped (EASE): engine/closed_form.py
+        return closed_form.fit(task, cfg, run_dir, device, precision)
 
     splits = task.datasets(device)
     batch_size, note = batch_size_for(t.batch_size, len(splits.train), world * micro_batches)

@@ -136,11 +136,12 @@ def predict_files(model: InferenceModel, inputs: list[str], out: Path | None, ba
                   options: dict | None = None, progress: bool = True, save_images: Path | None = None
                   ) -> BatchResult:
     predictor = model.predictor
-    if predictor.file_field is None:
-        raise ConfigError(f"predict: a {model.package.task} model takes no files; send requests to "
-                          "`modelworks serve` instead")
     if batch_size < 1:
         raise ConfigError(f"--batch-size: must be >= 1 (got {batch_size})")
+    if predictor.file_field is None:  # inputs are not files (a user's history, a prompt): JSON lines of requests
+        if save_images is not None:
+            raise ConfigError(f"--save-images: a {model.package.task} model takes no images to draw on")
+        return predict_requests(model, inputs, out, batch_size, options, progress)
     try:
         request = predictor.Request.model_validate(options or {})
     except Exception as exc:  # pydantic's ValidationError: an --option with a wrong name or value
@@ -186,3 +187,78 @@ def predict_files(model: InferenceModel, inputs: list[str], out: Path | None, ba
         bar.close()
         writer.close()
     return BatchResult(predicted, skipped, out, saver.saved if saver is not None else 0)
+
+
+def read_requests(inputs: list[str], options: dict | None) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(where, request body, problem) for every line of the JSONL files: `FILE:LINE`, the line's JSON object with
+    the --option values as defaults under it, or why the line cannot be used."""
+    for path, problem in expand_inputs(inputs, (".jsonl", ".json")):
+        if problem is not None:
+            yield path, None, problem
+            continue
+        try:
+            lines = Path(path).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            yield path, None, f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+            continue
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                body = json.loads(line)
+            except json.JSONDecodeError as exc:
+                yield where, None, f"not valid JSON ({exc.msg} at column {exc.colno}); one request object a line"
+                continue
+            if not isinstance(body, dict):
+                yield where, None, f"a JSON {type(body).__name__}, not a request object"
+                continue
+            yield where, {**(options or {}), **body}, None
+
+
+def predict_requests(model: InferenceModel, inputs: list[str], out: Path | None, batch_size: int,
+                     options: dict | None = None, progress: bool = True) -> BatchResult:
+    """`modelworks predict PACKAGE requests.jsonl` for a model whose inputs are not files: each line is one
+    request as the server takes it (a JSON object); each answer is written with `path` = FILE:LINE. A line that
+    fails validation or parsing is reported and skipped, as a bad file is."""
+    predictor = model.predictor
+    writer = Writer(out)
+    predicted = skipped = 0
+    pending: list[tuple[str, object]] = []
+
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    def skip(where: str, problem: str) -> None:
+        nonlocal skipped
+        skipped += 1
+        tqdm.write(f"skipped {where}: {problem}", file=sys.stderr)
+        writer.write(where, None, problem)
+
+    def flush() -> None:
+        nonlocal predicted
+        if pending:
+            for (where, _), response in zip(pending, model.predict([item for _, item in pending])):
+                writer.write(where, response.model_dump(), None)
+            predicted += len(pending)
+            pending.clear()
+
+    try:
+        for where, body, problem in read_requests(inputs, options):
+            if problem is None:
+                try:
+                    pending.append((where, predictor.parse(predictor.Request.model_validate(body), None)))
+                except ValidationError as exc:
+                    problem = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}"
+                                        for e in exc.errors())
+                except InputError as exc:
+                    problem = str(exc)
+            if problem is not None:
+                flush()  # answers come out in the order of the lines
+                skip(where, problem)
+            if len(pending) >= batch_size:
+                flush()
+        flush()
+    finally:
+        writer.close()
+    return BatchResult(predicted, skipped, out)

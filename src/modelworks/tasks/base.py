@@ -154,8 +154,8 @@ class Predictor:
         return self.input_names, self.output_names
 
     def files(self) -> dict[str, bytes]:
-        """Files the predictor needs beside its spec (a tokenizer): written into the package, checksummed with
-        the rest, and read back by `Task.load_predictor(spec, folder)`. Plain data, never pickle."""
+        """Files the predictor needs beside its spec (a tokenizer, an item catalogue): written into the package,
+        checksummed with the rest, and read back by `Task.load_predictor(spec, folder)`. Plain data, never pickle."""
         return {}
 
     def confidence(self, response: BaseModel) -> float | None:
@@ -192,6 +192,16 @@ class Task:
         raise NotImplementedError
 
     def build_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def trains_in_closed_form(self) -> bool:
+        """True when the configured model is solved rather than trained by steps (EASE's ridge regression): the
+        engine then calls `fit_closed_form` once instead of running the step loop, and evaluates, checkpoints and
+        reports as for any run (engine/closed_form.py)."""
+        return False
+
+    def fit_closed_form(self, model: nn.Module, splits: Splits) -> dict[str, float] | None:
+        """Set `model`'s weights from the training split in one solve; return named values to log, or None."""
         raise NotImplementedError
 
     def prepare_batch(self, batch: Any, augment: torch.Generator | None, progress: float = 0.0) -> Any:

@@ -1,0 +1,1 @@
+"""Project 6: recommendation."""

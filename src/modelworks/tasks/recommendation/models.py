@@ -1,0 +1,145 @@
+"""Recommenders scoring every item from a user's history: EASE and SASRec.
+
+Both take the same input, a left-padded history of item indices [B, L] (0 pads, items are 1..n), and return
+scores over all n items [B, n] (column j is item j + 1): one exported graph shape for every model.
+
+- EASE (Steck 2019, "Embarrassingly Shallow Autoencoders for Sparse Data"): an item-item weight matrix with a
+  zero diagonal, fitted in closed form, B = I - P diagDiag(1 / diag(P)), P = (X^T X + lambda I)^-1.
+- SASRec (Kang & McAuley 2018), trained with full-softmax cross-entropy over all items rather than sampled
+  binary cross-entropy (Klenitskiy & Vasilev 2023, "Turning Dross Into Gold Loss: is BERT4Rec really better than
+  SASRec?"). The small causal transformer is written here; branch i13-gpt's models/transformer.py (GPT decoder)
+  could serve once merged: a duplication to resolve then.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def multi_hot(history: torch.Tensor, n_items: int) -> torch.Tensor:
+    """[B, L] item indices (0 pads) -> [B, n] 0/1 rows; column j is item j + 1."""
+    rows = torch.zeros(history.shape[0], n_items + 1, device=history.device)
+    rows = rows.scatter(1, history, torch.ones_like(history, dtype=rows.dtype))
+    return rows[:, 1:]
+
+
+class EASE(nn.Module):
+    def __init__(self, n_items: int):
+        super().__init__()
+        self.n_items = n_items
+        self.weight = nn.Parameter(torch.zeros(n_items, n_items))  # B: row i says how item i votes for each item
+
+    def forward(self, history: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [B, n]; with training `targets` (the history shifted by one), the loss instead."""
+        if targets is not None:
+            return self.loss(torch.cat([history, targets[:, -1:]], 1))
+        x = multi_hot(history, self.n_items)
+        weight = self.weight * (1 - torch.eye(self.n_items, device=x.device))  # the constraint diag(B) = 0
+        return x @ weight
+
+    def loss(self, history: torch.Tensor) -> torch.Tensor:
+        """EASE's objective per user, ||x - x B||^2 (the L2 term is the optimizer's weight decay): for the rare
+        run that trains it by gradient steps; `fit` solves it exactly."""
+        x = multi_hot(history, self.n_items)
+        return ((x - x @ (self.weight * (1 - torch.eye(self.n_items, device=x.device)))) ** 2).sum(1).mean()
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, l2: float) -> None:
+        """The closed form on the user-item matrix x [users, n] (float64 for the inverse: lambda can be small
+        against X^T X's largest entries)."""
+        gram = (x.T.double() @ x.double())
+        gram += l2 * torch.eye(self.n_items, dtype=gram.dtype, device=gram.device)
+        p = torch.linalg.inv(gram)
+        b = -p / torch.diagonal(p)
+        b.fill_diagonal_(0.0)
+        self.weight.copy_(b.to(self.weight.dtype))
+
+
+class CausalBlock(nn.Module):
+    """Pre-norm transformer block; attention through F.scaled_dot_product_attention with an explicit mask."""
+
+    def __init__(self, dim: int, heads: int, dropout: float):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=2)
+        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
+        y = y.transpose(1, 2).reshape(B, T, C)
+        x = x + F.dropout(self.proj(y), p, self.training)
+        return x + F.dropout(self.mlp(self.norm2(x)), p, self.training)
+
+
+class SASRec(nn.Module):
+    def __init__(self, n_items: int, max_len: int, dim: int = 64, layers: int = 2, heads: int = 2,
+                 dropout: float = 0.2):
+        super().__init__()
+        self.n_items = n_items
+        self.items = nn.Embedding(n_items + 1, dim, padding_idx=0)
+        self.positions = nn.Embedding(max_len, dim)
+        self.blocks = nn.ModuleList(CausalBlock(dim, heads, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = dropout
+        nn.init.normal_(self.items.weight, std=0.02)
+        nn.init.normal_(self.positions.weight, std=0.02)
+        with torch.no_grad():
+            self.items.weight[0].zero_()
+
+    def hidden(self, history: torch.Tensor) -> torch.Tensor:
+        """[B, L] -> [B, L, C]: the state after each position (left padding: the last is the most recent)."""
+        B, L = history.shape
+        x = self.items(history) * self.items.embedding_dim ** 0.5 + self.positions.weight[:L]
+        x = F.dropout(x, self.dropout, self.training)
+        real = history != 0
+        causal = torch.ones(L, L, dtype=torch.bool, device=history.device).tril()
+        # A query attends to earlier real items, and always to itself: a padding row with no key would be NaN.
+        mask = (causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=history.device)
+        mask = mask[:, None]  # [B, 1, L, L]
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Scores of every item (the tied input embeddings), [..., n]."""
+        return h @ self.items.weight[1:].T
+
+    def forward(self, history: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        """Scores [B, n] of the next item; with training `targets` [B, L], the loss instead."""
+        if targets is not None:
+            return self.loss(history, targets)
+        return self.logits(self.hidden(history)[:, -1])
+
+    def loss(self, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Full-softmax cross-entropy of the next item at every real position (Klenitskiy & Vasilev 2023)."""
+        real = targets != 0
+        h = self.hidden(history)[real]  # [N, C]: only positions with a next item, not the padding
+        return F.cross_entropy(self.logits(h).float(), targets[real] - 1)
+
+
+class MostPopular(nn.Module):
+    """The baseline: every user gets the items with the most training interactions (their count as the score)."""
+
+    def __init__(self, n_items: int):
+        super().__init__()
+        self.n_items = n_items
+        self.register_buffer("counts", torch.zeros(n_items))
+
+    def forward(self, history: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
+        if targets is not None:
+            raise RuntimeError("most-popular is counted, not trained by steps (model.name=most-popular trains in "
+                               "closed form)")
+        return self.counts.expand(history.shape[0], -1) + 0 * history[:, :1].float()
+
+    @torch.no_grad()
+    def fit(self, x: torch.Tensor, l2: float = 0.0) -> None:
+        self.counts.copy_(x.sum(0).to(self.counts.dtype))

@@ -1,0 +1,149 @@
+"""Serving-side recommendation: a user's recent items (raw ids) -> the top-k unseen items with titles and scores.
+
+The graph scores every item from a fixed-length, left-padded history (the most recent `max_len` items); the
+user's history and the request's `exclude` list are removed here, after the graph, so the exported graph stays
+one matrix product or one transformer pass. A user with no history (cold start) gets the most popular training
+items, and the answer says so (`fallback: "popularity"`). The item catalogue (ids, titles, genres, popularity)
+ships beside the manifest as items.json, checksummed with the package's other files.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from ...errors import InputError, PackageError
+from ..base import Predictor
+
+CATALOGUE_FILE = "items.json"
+MAX_K = 100  # the longest list one request may ask for
+
+
+class RecommendationRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user: str | int | None = Field(None, description="The user's id, echoed in the answer.")
+    history: list[str | int] = Field(default_factory=list, description="The user's items, oldest first (raw item "
+                                     "ids as in the training data). Empty: a cold user, answered by popularity.")
+    k: int = Field(10, ge=1, description=f"How many items to return (at most {MAX_K} and the catalogue's size).")
+    exclude: list[str | int] = Field(default_factory=list, description="Items never to recommend (besides the "
+                                                                       "history, which is always excluded).")
+
+
+class RecommendedItem(BaseModel):
+    item: str
+    title: str
+    genres: list[str]
+    score: float
+
+
+class RecommendationResponse(BaseModel):
+    user: str | None
+    items: list[RecommendedItem]
+    fallback: str | None = Field(None, description='"popularity" when the history was empty (a cold user).')
+    history_used: int = Field(description="How many history items the model read (the most recent, up to its "
+                                          "input length).")
+
+
+class RecommendationPredictor(Predictor):
+    Request = RecommendationRequest
+    Response = RecommendationResponse
+
+    def __init__(self, spec: dict, catalogue: dict):
+        super().__init__(spec)
+        self.catalogue = catalogue
+        self.ids: list[str] = list(catalogue["ids"])
+        self.index = {raw: i + 1 for i, raw in enumerate(self.ids)}
+        self.max_len = int(spec["max_len"])
+        popularity = np.asarray(catalogue["popularity"], dtype=np.float64)
+        self.by_popularity = np.argsort(-popularity, kind="stable")  # 0-based item columns, most popular first
+        self.popularity = popularity
+
+    @staticmethod
+    def build_spec(n_items: int, max_len: int, model: str) -> dict:
+        return {"inputs": [{"name": "history", "shape": ["batch", max_len], "dtype": "int64"}],
+                "outputs": ["scores"], "n_items": n_items, "max_len": max_len, "model": model,
+                "catalogue": CATALOGUE_FILE, "max_k": MAX_K}
+
+    @classmethod
+    def from_folder(cls, spec: dict, folder: Path | None) -> RecommendationPredictor:
+        if folder is None:
+            raise PackageError(f"recommendation: the predictor needs its item catalogue {CATALOGUE_FILE}; open the "
+                               "package folder, not its manifest alone")
+        path = Path(folder) / spec.get("catalogue", CATALOGUE_FILE)
+        try:
+            catalogue = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise PackageError(f"{path}: the item catalogue cannot be read ({exc}); export the model again") from None
+        if len(catalogue.get("ids", [])) != spec["n_items"]:
+            raise PackageError(f"{path}: {len(catalogue.get('ids', []))} items, but the model scores "
+                               f"{spec['n_items']}; the file does not belong to this package")
+        return cls(spec, catalogue)
+
+    def files(self) -> dict[str, bytes]:
+        return {CATALOGUE_FILE: json.dumps(self.catalogue, ensure_ascii=False).encode()}
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def example_request(self) -> tuple[RecommendationRequest, None]:
+        return RecommendationRequest(user="example", history=self.ids[:3], k=min(10, len(self.ids))), None
+
+    def _indices(self, items: list, field: str) -> list[int]:
+        unknown = [str(i) for i in items if str(i) not in self.index]
+        if unknown:
+            shown = ", ".join(map(repr, unknown[:10])) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
+            raise InputError(f"{field}: {len(unknown)} item{'s' if len(unknown) > 1 else ''} not in the model's "
+                             f"catalogue: {shown}; send item ids as in the training data (the package's "
+                             f"{CATALOGUE_FILE} lists them)", field)
+        return [self.index[str(i)] for i in items]
+
+    def parse(self, request: RecommendationRequest, file: bytes | None = None) -> dict:
+        limit = min(MAX_K, len(self.ids))
+        if request.k > limit:
+            raise InputError(f"k: at most {limit} (the catalogue has {len(self.ids)} items; one request returns at "
+                             f"most {MAX_K}) (got {request.k})", "k")
+        history = self._indices(request.history, "history")
+        exclude = self._indices(request.exclude, "exclude")
+        used = history[-self.max_len:]
+        padded = np.zeros(self.max_len, np.int64)
+        if used:
+            padded[-len(used):] = used
+        return {"user": None if request.user is None else str(request.user), "history": padded,
+                "used": len(used), "hide": sorted(set(history) | set(exclude)), "k": request.k}
+
+    # ------------------------------------------------------------------------------------------ batches
+
+    def collate(self, items: list[dict]) -> dict[str, np.ndarray]:
+        return {"history": np.stack([item["history"] for item in items])}
+
+    def predict(self, items: list[dict], run) -> list[RecommendationResponse]:
+        warm = [i for i, item in enumerate(items) if item["used"]]
+        scores = {}
+        if warm:  # a batch of cold users needs no graph call
+            (outputs,) = run(self.collate([items[i] for i in warm]))[:1]
+            scores = dict(zip(warm, np.asarray(outputs, dtype=np.float64)))
+        return [self._answer(item, scores.get(i)) for i, item in enumerate(items)]
+
+    def postprocess(self, outputs: Sequence[np.ndarray], items: list) -> list[RecommendationResponse]:
+        return [self._answer(item, row) for item, row in zip(items, np.asarray(outputs[0], dtype=np.float64))]
+
+    def _answer(self, item: dict, row: np.ndarray | None) -> RecommendationResponse:
+        hide = np.asarray(item["hide"], dtype=np.int64) - 1
+        if row is None:
+            order = self.by_popularity[~np.isin(self.by_popularity, hide)][:item["k"]]
+            values, fallback = self.popularity[order], "popularity"
+        else:
+            row = row.copy()
+            row[hide] = -np.inf
+            k = min(item["k"], int(np.isfinite(row).sum()))
+            top = np.argpartition(-row, k - 1)[:k] if k else np.zeros(0, np.int64)
+            order = top[np.argsort(-row[top], kind="stable")]
+            values, fallback = row[order], None
+        titles, genres = self.catalogue.get("titles", {}), self.catalogue.get("genres", {})
+        answer = [RecommendedItem(item=self.ids[j], title=titles.get(self.ids[j], ""),
+                                  genres=genres.get(self.ids[j], []), score=float(v)) for j, v in zip(order, values)]
+        return RecommendationResponse(user=item["user"], items=answer, fallback=fallback, history_used=item["used"])
