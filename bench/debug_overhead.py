@@ -1,7 +1,7 @@
 """What `--set train.debug.activations=true` costs: the same short training with activation statistics off, on
 at the default sampling (one step in 100) and on at every step (the worst case), side by side in one run.
 
-    flock /tmp/cpu.lock python bench/debug_overhead.py            # classification and detection, ~7 minutes on 2 cores
+    flock LOCKFILE python bench/debug_overhead.py            # classification and detection, ~7 minutes on 2 cores
     python bench/debug_overhead.py --tasks classification --rounds 1
 
 Each task trains its shipped recipe for a few hundred images' worth of steps (`fit` in this process, one

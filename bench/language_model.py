@@ -11,7 +11,7 @@
 3. Generation at batch 1 for the 0.8M model: the KV-cache predictor (prefill + one-token decode, in eager
    PyTorch, TorchScript and ONNX Runtime) against nanoGPT's sampler, which runs the whole context for every token.
 
-Writes bench/results/language_model.json. Run it alone (`flock /tmp/cpu.lock python bench/language_model.py`).
+Writes bench/results/language_model.json. Run it alone (`flock LOCKFILE python bench/language_model.py`).
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Recommendation on MovieLens-100K: most-popular, EASE and SASRec (ours), and `implicit`'s ALS and BPR, side by side
 under one protocol (leave-last-out by time, full ranking over all items, seen items masked).
 
-    python bench/recommendation.py --data /work/shared/data/movielens/ml-100k [--seeds 0 1 2] [--skip-implicit]
+    python bench/recommendation.py --data ../shared/data/movielens/ml-100k [--seeds 0 1 2] [--skip-implicit]
 
 Ours run through the engine exactly as `modelworks train recommendation --recipe ease|sasrec` does (in process);
 ALS/BPR run in a separate virtual environment (--implicit-python, default /root/.cache/modelworks-bench-venv), as
 `implicit` is no dependency of modelworks. Writes bench/results/recommendation.json. Run alone (the times are
-wall clock): `flock /tmp/cpu.lock python bench/recommendation.py ...`.
+wall clock): `flock LOCKFILE python bench/recommendation.py ...`.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def run_implicit(python: str, data: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="/work/shared/data/movielens/ml-100k")
+    parser.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens" / "ml-100k"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--skip-implicit", action="store_true")
     parser.add_argument("--implicit-python", default="/root/.cache/modelworks-bench-venv/bin/python")
