@@ -18,7 +18,6 @@ limited to NAME_PATTERN, checked when a package is exported and again when one i
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -30,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.checkpoint import sha256_file
 from ..errors import PackageError
 
 try:
@@ -105,14 +105,6 @@ def check_identifier(where: str, value, what: str = "name", fix: str = "use") ->
     if isinstance(value, str) and NAME_PATTERN.match(value):
         return value
     raise PackageError(f"{where}: {value!r} is not a valid {what}; {fix} {NAME_RULE}")
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def file_entries(folder: Path) -> dict[str, dict]:
