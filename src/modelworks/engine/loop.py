@@ -314,7 +314,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
         if ema is not None and state["ema"] is None:
             raise CheckpointError(f"{path}: saved without an EMA, but train.ema.enabled is now true; resume with "
                                   "the run's own config")
-        parts = {"optimizer": None if distributed.is_sharded(model) else optimizer, "scheduler": scheduler, "scaler": scaler, "early_stop": stopper, "ema": ema}
+        parts = {"optimizer": None if distributed.is_sharded(model) else optimizer,  # sharded: loaded above
+                 "scheduler": scheduler, "scaler": scaler, "early_stop": stopper, "ema": ema}
         for name, part in parts.items():
             if part is not None:
                 with checkpoint.restoring(path, f"{name} state"):
