@@ -42,15 +42,20 @@ def single(tmp_path_factory):
     return run_dir
 
 
+def torchrun(config: Path, run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"  # two ranks share the cores
+    result = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", str(WORKER), str(config),
+                             str(run_dir), *extra], capture_output=True, text=True, timeout=240, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_two_ranks_train_the_language_model_like_one_process(tmp_path, single, strategy):
     config = tmp_path / "config.json"
     config.write_text(json.dumps(raw_config(tmp_path, strategy)))
-    env = cli_env()
-    env["OMP_NUM_THREADS"] = "1"  # two ranks share the cores
-    result = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", str(WORKER), str(config),
-                             str(tmp_path / "run")], capture_output=True, text=True, timeout=240, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    result = torchrun(config, tmp_path / "run")
     assert "rank 0 of 2: finished at step 6" in result.stdout and "rank 1 of 2: finished at step 6" in result.stdout
     assert "device cpu x2" in result.stdout
 
@@ -75,3 +80,19 @@ def test_two_ranks_train_the_language_model_like_one_process(tmp_path, single, s
     assert [ours_3[0], ours_6[0]] == [3, 6]
     assert ours_6[1] == pytest.approx(ref_6[1], rel=1e-5) and ours_3[1] == pytest.approx(ref_3[1], rel=1e-5)
     assert ours_6[1] < ref_3[1]  # and it learned between the two
+
+
+def test_a_sharded_run_interrupted_and_resumed_matches_the_uninterrupted_one(tmp_path, single):
+    """Under fsdp2 the checkpoint holds whole tensors and name-keyed optimizer state; resuming loads them back into
+    the shards (distributed.load_full_state), and the run ends where one process without a break ends."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(raw_config(tmp_path, "fsdp2")))
+    result = torchrun(config, tmp_path / "run", "--interrupt-at", "4")
+    assert "rank 0 of 2: interrupted at step 4" in result.stdout
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")["step"] == 4
+    result = torchrun(config, tmp_path / "run", "--resume")
+    assert "rank 0 of 2: finished at step 6" in result.stdout
+    resumed = checkpoint.load(tmp_path / "run" / "checkpoints" / "last.pt")
+    reference = checkpoint.load(single / "checkpoints" / "last.pt")
+    for key, value in reference["model"].items():
+        torch.testing.assert_close(resumed["model"][key], value, atol=2e-5, rtol=0)
