@@ -62,6 +62,14 @@ class DebugConfig:
 
 
 @dataclass
+class DistributedConfig:
+    strategy: Literal["ddp", "fsdp2"] = "ddp"  # under torchrun: ddp keeps a whole model on every rank and
+    # all-reduces gradients; fsdp2 (torch.distributed.fsdp.fully_shard) shards parameters, gradients and optimizer
+    # state across the ranks (per block, for a model that names its blocks in `shard_units()`), for models too big
+    # to hold whole on each rank. Checkpoints hold the whole, unsharded state either way
+
+
+@dataclass
 class TrainConfig:
     epochs: float = 10.0  # may be fractional; total steps = ceil(epochs * steps_per_epoch)
     steps: int = 0  # optimizer steps for the whole run, instead of `epochs` (a corpus of random windows has no
@@ -85,6 +93,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 @dataclass
@@ -314,9 +323,35 @@ def apply_override(raw: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
+def merge_aliases(raw: dict, aliases: dict[str, str], where: str, strict: bool) -> None:
+    """Move each top-level alias section of `raw` (a task's short name, e.g. `tokenizer` for `data.tokenizer`)
+    into the section it names, in place. `strict` (a recipe): a setting spelled both ways with different values is
+    an error. Otherwise (an override such as `--set tokenizer.kind=bpe` on a saved or recipe config) the alias's
+    values win: they came after the config they change."""
+    for alias, target in aliases.items():
+        if alias not in raw:
+            continue
+        section = raw.pop(alias)
+        if not isinstance(section, dict):
+            raise ConfigError(f"{where}{alias}: expected a mapping of keys (got {section!r}); {alias}.KEY is short "
+                              f"for {target}.KEY")
+        node = raw
+        for part in target.split("."):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{where}{target}: expected a mapping of keys (got {child!r})")
+            node = child
+        for key, value in section.items():
+            if strict and key in node and node[key] != value:
+                raise ConfigError(f"{where}{alias}.{key} and {target}.{key} are the same setting, given twice "
+                                  f"({value!r} and {node[key]!r}); keep one")
+            node[key] = value
+
+
 def load_config(task_cls: type, raw: dict) -> RunConfig:
     """Validate a raw mapping against RunConfig with the task's model/data sections; all errors at once."""
     errors: list[str] = []
+    merge_aliases(raw, getattr(task_cls, "config_aliases", {}), "", strict=False)
     cfg = build(
         RunConfig,
         raw,
@@ -361,6 +396,13 @@ def validate(cfg: RunConfig) -> list[str]:
         # Hooks added and removed on sampled steps would make torch.compile recompile the model each time.
         errors.append("train.debug.activations: cannot be combined with train.compile=true (the hooks would "
                       "recompile the model on every sampled step); turn one of them off")
+    if t.distributed.strategy == "fsdp2" and o.name == "muon":
+        errors.append("train.distributed.strategy: fsdp2 cannot be combined with optim.name=muon (Muon "
+                      "orthogonalises whole matrices; fully_shard gives each rank rows of them); use optim.name=adamw "
+                      "or train.distributed.strategy=ddp")
+    if t.distributed.strategy == "fsdp2" and t.ema.enabled:
+        errors.append("train.distributed.strategy: fsdp2 cannot be combined with train.ema.enabled=true (the "
+                      "average would be a whole copy on every rank); turn one of them off")
     if not 0 <= t.ema.decay < 1:
         errors.append(f"train.ema.decay: must be in [0, 1) (got {t.ema.decay})")
     return errors
@@ -373,6 +415,8 @@ def resolve(task_cls: type, recipe: str | None, overrides: list[str], data: str 
         raise ConfigError(f"--recipe {recipe}: it is a {raw['task']!r} recipe, not {task_cls.name!r}")
     if recipe:
         raw["recipe"] = recipe
+        # The recipe's own spelling settles first, so an override in either spelling changes it.
+        merge_aliases(raw, getattr(task_cls, "config_aliases", {}), f"--recipe {recipe}: ", strict=True)
     if data:
         raw.setdefault("data", {})["source"] = data
     for assignment in overrides:

@@ -7,7 +7,6 @@ stopping and RNG state) resumes the uninterrupted run exactly.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import dataclasses
 import itertools
@@ -114,9 +113,8 @@ def accumulate_gradients(task, train_model: nn.Module, batch, scaler, precision:
     parts = split_batch(batch, micro_batches)
     outs = []
     for i, part in enumerate(parts):
-        # DDP all-reduces gradients only on the last micro-batch.
-        sync = contextlib.nullcontext() if (world == 1 or i == len(parts) - 1) else train_model.no_sync()
-        with sync:
+        # DDP all-reduces (FSDP2 reduce-scatters) gradients only on the last micro-batch.
+        with distributed.gradient_sync(train_model, i == len(parts) - 1):
             with precision.autocast():
                 out = task.step(train_model, part)
             scaler.scale(out.loss / micro_batches).backward()
@@ -127,8 +125,11 @@ def accumulate_gradients(task, train_model: nn.Module, batch, scaler, precision:
 def clip_gradients(model: nn.Module, max_grad_norm: float) -> torch.Tensor:
     """The global gradient norm before clipping; clips to `max_grad_norm` when it is > 0. Gradients must be
     unscaled first (scaler.unscale_)."""
-    if max_grad_norm > 0:
-        return nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    if max_grad_norm > 0 or distributed.is_sharded(model):
+        # clip_grad_norm_ reduces the norms of sharded gradients (DTensors) across the ranks; at an infinite
+        # bound it only measures
+        norm = nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm if max_grad_norm > 0 else math.inf)
+        return distributed.whole_tensor(norm)
     return total_grad_norm(model)
 
 
@@ -162,13 +163,14 @@ def endless_train_batches(splits, cfg: RunConfig, device: torch.device, rank: in
         yield from fetch(splits.train, indices, device, t.num_workers, splits.collate_fn)
 
 
-def probe_budget(task, model: nn.Module, train_model: nn.Module, splits, cfg: RunConfig, device: torch.device,
-                 precision: Precision, eval_every: int, run_dir: Path, started: float) -> budget.BudgetPlan:
+def probe_budget(task, model: nn.Module, train_model: nn.Module, replica: nn.Module | None, splits, cfg: RunConfig,
+                 device: torch.device, precision: Precision, eval_every: int, run_dir: Path,
+                 started: float) -> budget.BudgetPlan:
     """Time a few training steps and one validation pass, then restore the model and the random state, and
     plan the steps that fit `train.time_budget_s` (rank 0's plan, shared by every rank)."""
     t = cfg.train
     rank, world = distributed.rank(), distributed.world_size()
-    weights = copy.deepcopy(model.state_dict())
+    weights = copy.deepcopy(model.state_dict())  # sharded: this rank's shards, restored into the same sharding
     rng = checkpoint.rng_state()
     optimizer, scaler = build_optimizer(model, cfg.optim), precision.scaler()
 
@@ -180,12 +182,16 @@ def probe_budget(task, model: nn.Module, train_model: nn.Module, splits, cfg: Ru
         train_step(task, train_model, model, batch, optimizer, scaler, precision, cfg, world)
 
     def one_evaluation() -> None:
-        evaluate_split(task, model, splits.val, splits.collate_fn, cfg, device, precision, "val")
+        eval_model = evaluation_model(model, replica)
+        evaluate_split(task, eval_model, splits.val, splits.collate_fn, cfg, device, precision, "val")
         if distributed.is_main():
-            task.samples(model)  # text recorded at each evaluation (a language model's samples) costs time too
-        if distributed.is_main():  # each evaluation saves `last`: on a small data set as slow as the pass itself
+            task.samples(eval_model)  # text recorded at each evaluation (a language model's samples) costs time too
+        # each evaluation saves `last`: on a small data set as slow as the pass itself
+        state = {"model": distributed.full_model_state(model),
+                 "optimizer": distributed.full_optimizer_state(model, optimizer)}
+        if distributed.is_main():
             path = run_dir / "budget-probe.pt"
-            checkpoint.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, path)
+            checkpoint.save_atomic(state, path)
             path.unlink()
 
     synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -197,6 +203,24 @@ def probe_budget(task, model: nn.Module, train_model: nn.Module, splits, cfg: Ru
     plan = budget.make_plan(t.time_budget_s, time.perf_counter() - started, seconds_per_step,
                             seconds_per_evaluation, eval_every)
     return distributed.broadcast_object(plan)
+
+
+def evaluation_replica(task, model: nn.Module, device: torch.device, cfg: RunConfig) -> nn.Module | None:
+    """For a sharded model, a whole copy to evaluate with (None otherwise): a sharded forward is a collective,
+    which would hang when the ranks' validation shards have different numbers of batches, or when rank 0 alone
+    writes samples. Built without touching the random state the run continues from."""
+    if not distributed.is_sharded(model):
+        return None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return prepare_model(task, device, cfg)
+
+
+def evaluation_model(model: nn.Module, replica: nn.Module | None) -> nn.Module:
+    """The module to evaluate: `model`, or the replica loaded with its whole current weights (a collective)."""
+    if replica is None:
+        return model
+    replica.load_state_dict(distributed.full_model_state(model, every_rank=True))
+    return replica
 
 
 def batch_size_for(batch_size: int, n_train: int, unit: int) -> tuple[int, str | None]:
@@ -253,10 +277,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     eval_every = t.eval_every_steps or steps_per_epoch
 
     model = prepare_model(task, device, cfg)
-    train_model = model
-    if world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
+    train_model = distributed.wrap_for_training(model, t.distributed.strategy, device)
+    replica = evaluation_replica(task, model, device, cfg)
     if t.compile:
         train_model = torch.compile(train_model)
 
@@ -268,7 +290,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     elif resume:  # the plan was made when the run started; its schedule must not change halfway
         total_steps = int(state["total_steps"])
     else:
-        plan = probe_budget(task, model, train_model, splits, cfg, device, precision, eval_every, run_dir, started)
+        plan = probe_budget(task, model, train_model, replica, splits, cfg, device, precision, eval_every, run_dir,
+                            started)
         total_steps = plan.total_steps
 
     optimizer = build_optimizer(model, cfg.optim)
@@ -283,11 +306,16 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
         run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         path = ckpt_dir / "last.pt"
-        checkpoint.load_model_weights(model, state["model"], path)
+        if distributed.is_sharded(model):
+            with checkpoint.restoring(path, "model and optimizer state"):
+                distributed.load_full_state(model, optimizer, state["model"], state["optimizer"])
+        else:
+            checkpoint.load_model_weights(model, state["model"], path)
         if ema is not None and state["ema"] is None:
             raise CheckpointError(f"{path}: saved without an EMA, but train.ema.enabled is now true; resume with "
                                   "the run's own config")
-        parts = {"optimizer": optimizer, "scheduler": scheduler, "scaler": scaler, "early_stop": stopper, "ema": ema}
+        parts = {"optimizer": None if distributed.is_sharded(model) else optimizer,  # sharded: loaded above
+                 "scheduler": scheduler, "scaler": scaler, "early_stop": stopper, "ema": ema}
         for name, part in parts.items():
             if part is not None:
                 with checkpoint.restoring(path, f"{name} state"):
@@ -323,11 +351,13 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     activations = ActivationMonitor(model, log, t.debug.activations, t.debug.every_steps)
 
     def save(name: str) -> None:
+        model_state = distributed.full_model_state(model)  # sharded: gathered by every rank, for rank 0
+        optimizer_state = distributed.full_optimizer_state(model, optimizer)
         if not distributed.is_main():
             return
         state = {
-            "step": step, "total_steps": total_steps, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "step": step, "total_steps": total_steps, "model": model_state,
+            "optimizer": optimizer_state, "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(), "early_stop": stopper.state_dict(), "rng": checkpoint.rng_state(),
             "best_metrics": best_metrics, "ema": ema.state_dict() if ema is not None else None,
         }
@@ -344,8 +374,11 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
         nonlocal last_checked_step
         if step == last_checked_step:  # already checked at this step (a log point that is also an evaluation)
             return
-        weight_norms = torch.stack(torch._foreach_norm([p.detach() for p in model.parameters()]))
-        if not (torch.isfinite(loss_sum) & torch.isfinite(weight_norms).all()).item():
+        # Sharded, each rank checks its own shards; every rank stops if any finds a non-finite value.
+        weight_norms = torch.stack(torch._foreach_norm([distributed.local_tensor(p.detach())
+                                                        for p in model.parameters()]))
+        finite = bool((torch.isfinite(loss_sum) & torch.isfinite(weight_norms).all()).item())
+        if distributed.broadcast_flag(not finite, device):
             what = (f"loss became {loss_sum.item()}" if not torch.isfinite(loss_sum).item()
                     else "weights became non-finite (NaN/inf gradients)")
             raise TrainingDiverged(
@@ -395,7 +428,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
 
                 if step % eval_every == 0 or step == total_steps:
                     check_finite()
-                    eval_model = ema.module if ema is not None else model
+                    eval_model = ema.module if ema is not None else evaluation_model(model, replica)
                     with activations.watch_evaluation(eval_model, step):
                         metrics = evaluate_split(task, eval_model, splits.val, splits.collate_fn, cfg, device,
                                                  precision, "val")

@@ -177,6 +177,11 @@ class Decoder(nn.Module):
                 else:
                     nn.init.normal_(p, std=0.02 / math.sqrt(2 * self.cfg.n_layer))
 
+    def shard_units(self) -> list[nn.Module]:
+        """The blocks: under train.distributed.strategy=fsdp2 each is sharded as a unit of its own, so one block's
+        parameters at a time are gathered whole."""
+        return list(self.blocks)
+
     def no_muon_parameters(self) -> list[nn.Parameter]:
         """The output layer: optimised by AdamW under optim.name=muon, as in modded-nanoGPT."""
         return [self.head.weight]

@@ -183,6 +183,9 @@ class Task:
     # `--set` overrides `debug overfit` applies before the user's own: regularisers that put a floor under the
     # loss (classification's label smoothing), so a model that fits its batch shows a loss near zero.
     overfit_overrides: ClassVar[tuple[str, ...]] = ()
+    # Short top-level names for nested config sections ({"tokenizer": "data.tokenizer"}): `--set tokenizer.kind=bpe`
+    # and a recipe's `tokenizer:` section mean `data.tokenizer.kind`; config.merge_aliases resolves them.
+    config_aliases: ClassVar[dict[str, str]] = {}
 
     def __init__(self, cfg):
         self.cfg = cfg

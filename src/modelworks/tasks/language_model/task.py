@@ -110,6 +110,7 @@ class LanguageModelTask(Task):
     monitor = ("val/loss", "min")
     ModelConfig = LanguageModelConfig
     DataConfig = LanguageModelDataConfig
+    config_aliases = {"tokenizer": "data.tokenizer"}  # the issue's `--set tokenizer.kind=bpe`
     int8_method = "dynamic"  # weights int8, activations quantized per call: what suits matmul-bound transformers
 
     def __init__(self, cfg):
@@ -178,7 +179,7 @@ class LanguageModelTask(Task):
             if unknown:
                 raise DataError(f"{self.cfg.data.source}: the validation part holds characters the training part "
                                 f"does not ({''.join(unknown)[:40]!r}); a character model cannot encode them. Use "
-                                "--set data.tokenizer.kind=bpe, or another data.val_fraction")
+                                "--set tokenizer.kind=bpe, or another data.val_fraction")
         return text_data.cached_encoding(cache_dir, self.tokenizer, val_docs)
 
     # ------------------------------------------------------------------------------------------ model
