@@ -128,13 +128,15 @@ def bench_dataset(name: str, folder: Path, models: list[str], args, out: Path) -
     if "most-popular" in models:
         rows["most-popular"] = summarise([run_ours("ease", data, 0, out, ["model.name=most-popular"])])
     if "ease" in models:
-        tried = {l2: run_ours("ease", data, 0, out, [f"model.l2={l2}"]) for l2 in args.ease_l2}
+        grid = args.ease_l2 if name == "ml-100k" else args.small_ease_l2
+        tried = {l2: run_ours("ease", data, 0, out, [f"model.l2={l2}"]) for l2 in grid}
         best = max(tried, key=lambda l2: tried[l2]["val_ndcg@10"])
         rows["ease"] = {**summarise([tried[best]]), "l2": best,
                         "val_ndcg@10 by l2": {str(l2): r["val_ndcg@10"] for l2, r in tried.items()}}
     for model, extra in (("sasrec", args.sasrec), ("two-tower", args.two_tower)):
         if model in models:
-            rows[model] = summarise([run_ours(model, data, seed, out, extra) for seed in args.seeds])
+            seeds = args.small_sasrec_seeds if model == "sasrec" and name != "ml-100k" else args.seeds
+            rows[model] = summarise([run_ours(model, data, seed, out, extra) for seed in seeds])
     if not args.skip_implicit and ("als" in models or "bpr" in models):
         found = run_implicit(args.implicit_python, data, args.seeds)
         if "error" in found:
@@ -266,7 +268,11 @@ def main() -> None:
     parser.add_argument("--small-models", nargs="+", default=None,
                         help="models for ml-latest-small (default: --models); fewer keep the run short")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--small-sasrec-seeds", type=int, nargs="+", default=[0],
+                        help="SASRec's seeds on ml-latest-small (its 9.7k-item softmax makes each run the longest)")
     parser.add_argument("--ease-l2", type=float, nargs="+", default=[50, 100, 200, 500])
+    parser.add_argument("--small-ease-l2", type=float, nargs="+", default=[200, 500],
+                        help="EASE's lambdas on ml-latest-small (each solve of its 9.7k items takes ~40 s)")
     parser.add_argument("--skip-implicit", action="store_true")
     parser.add_argument("--implicit-python", default="/root/.cache/modelworks-bench-venv/bin/python")
     parser.add_argument("--sasrec", nargs="*", default=[], help="--set overrides for the SASRec runs")
@@ -274,7 +280,7 @@ def main() -> None:
     parser.add_argument("--no-faiss", action="store_true")
     parser.add_argument("--faiss-only", action="store_true")
     parser.add_argument("--faiss-items", type=int, default=1_000_000)
-    parser.add_argument("--faiss-nprobe", type=int, nargs="+", default=[8, 16, 32, 64])
+    parser.add_argument("--faiss-nprobe", type=int, nargs="+", default=[16, 32, 64, 128, 256])
     parser.add_argument("--hnsw", action="store_true", help="also an HNSW index (minutes to build at 1M items)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "recommendation.json"))
     args = parser.parse_args()

@@ -123,3 +123,13 @@ def test_two_tower_package_retrieves_through_faiss_as_exact_search_ranks(two_tow
     order = [predictor.ids[j] for j in np.argsort(-scores) if predictor.ids[j] not in history][:5]
     assert [i.item for i in answer.items] == order
     assert answer.items[0].score == pytest.approx(scores[predictor.ids.index(order[0])] / 0.05, rel=1e-5)
+
+
+def test_evaluate_reports_every_ranking_metric(two_tower_run):
+    _, run_dir = two_tower_run
+    result = run_cli(["evaluate", str(run_dir)])
+    assert result.returncode == 0, result.stderr
+    for metric in ("test/hr@10", "test/ndcg@10", "test/mrr", "test/coverage@10", "test/popularity@10"):
+        assert metric in result.stdout, (metric, result.stdout)
+    saved = json.loads((run_dir / "evaluation" / "test.json").read_text())
+    assert 0 < saved["test/coverage@10"] <= 1 and 0 < saved["test/popularity@10"] <= 1
