@@ -4,7 +4,8 @@ Pre-norm blocks; RMSNorm (Zhang & Sennrich 2019) or LayerNorm; rotary positions 
 learned ones (GPT-2); attention through `F.scaled_dot_product_attention`; optional QK-norm (Dehghani et al.
 2023); ReLU² (So et al. 2021, Primer) or GELU MLP; zero-initialised output projections (modded-nanoGPT); optional
 tied input/output embeddings (Press & Wolf 2017). An optional cross-attention per block attends to a memory
-sequence (image features for captioning).
+sequence (image features for captioning). Without its LM head (`lm_head=False`) it is a causal sequence encoder
+(SASRec scores its states against the item table itself).
 
 Inference with a KV cache: `forward(tokens, positions, mask, past)` returns logits and the keys/values of the
 new tokens, so a caller can keep a cache per sequence and batch sequences of different lengths together:
@@ -41,6 +42,9 @@ class DecoderConfig:
     rope_base: float = 10000.0
     logit_softcap: float = 0.0  # 0: off; else logits = c * tanh(logits / c) (Gemma 2, modded-nanoGPT)
     cross_attention: bool = False  # captioning: each block also attends to a memory sequence
+    lm_head: bool = True  # False: forward returns the final normed states [B, T, C], for a caller that scores
+    # them against its own table (SASRec: the item embeddings, which are also this model's input embeddings)
+    embed_scale: bool = False  # multiply input embeddings by sqrt(n_embd) (Vaswani et al. 2017; SASRec does)
 
 
 def make_norm(kind: str, dim: int, bias: bool) -> nn.Module:
@@ -152,12 +156,12 @@ class Decoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg.norm, cfg.n_embd, cfg.bias)
-        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        self.head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False) if cfg.lm_head else None
         head_dim = cfg.n_embd // cfg.n_head
         inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.init_weights()
-        if cfg.tie_embeddings:
+        if cfg.tie_embeddings and self.head is not None:
             self.head.weight = self.embed.weight
 
     def init_weights(self) -> None:
@@ -184,7 +188,7 @@ class Decoder(nn.Module):
 
     def no_muon_parameters(self) -> list[nn.Parameter]:
         """The output layer: optimised by AdamW under optim.name=muon, as in modded-nanoGPT."""
-        return [self.head.weight]
+        return [self.head.weight] if self.head is not None else []
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.pos_embed is not None:
@@ -202,6 +206,8 @@ class Decoder(nn.Module):
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
         x = self.embed(tokens)
+        if self.cfg.embed_scale:
+            x = x * self.cfg.n_embd ** 0.5
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = self.drop(x)
@@ -216,8 +222,10 @@ class Decoder(nn.Module):
             x, k, v = block(x, rope, past_k, past_v, attn_mask, memory)
             keys.append(k)
             values.append(v)
-        logits = self.head(self.norm(x))
-        if self.cfg.logit_softcap > 0:
+        logits = self.norm(x)
+        if self.head is not None:
+            logits = self.head(logits)
+        if self.head is not None and self.cfg.logit_softcap > 0:
             logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
         if not return_cache:
             return logits

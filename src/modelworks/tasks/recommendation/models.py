@@ -7,8 +7,7 @@ scores over all n items [B, n] (column j is item j + 1): one exported graph shap
   zero diagonal, fitted in closed form, B = I - P diagDiag(1 / diag(P)), P = (X^T X + lambda I)^-1.
 - SASRec (Kang & McAuley 2018), trained with full-softmax cross-entropy over all items rather than sampled
   binary cross-entropy (Klenitskiy & Vasilev 2023, "Turning Dross Into Gold Loss: is BERT4Rec really better than
-  SASRec?"). The small causal transformer is written here; branch i13-gpt's models/transformer.py (GPT decoder)
-  could serve once merged: a duplication to resolve then.
+  SASRec?"), on the shared causal decoder of models/transformer.py (the GPT's, without its LM head).
 """
 
 from __future__ import annotations
@@ -16,6 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ...models.transformer import Decoder, DecoderConfig
 
 
 def multi_hot(history: torch.Tensor, n_items: int) -> torch.Tensor:
@@ -57,61 +58,32 @@ class EASE(nn.Module):
         self.weight.copy_(b.to(self.weight.dtype))
 
 
-class CausalBlock(nn.Module):
-    """Pre-norm transformer block; attention through F.scaled_dot_product_attention with an explicit mask."""
-
-    def __init__(self, dim: int, heads: int, dropout: float):
-        super().__init__()
-        self.heads = heads
-        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Linear(4 * dim, dim))
-        self.dropout = dropout
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.qkv(self.norm1(x)).chunk(3, dim=2)
-        q, k, v = (t.view(B, T, self.heads, C // self.heads).transpose(1, 2) for t in (q, k, v))  # [B, H, T, D]
-        p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
-        y = y.transpose(1, 2).reshape(B, T, C)
-        x = x + F.dropout(self.proj(y), p, self.training)
-        return x + F.dropout(self.mlp(self.norm2(x)), p, self.training)
-
-
 class SASRec(nn.Module):
+    """The shared decoder (models/transformer.py) without its LM head, reading item embeddings; its states are
+    scored against the same item table (tied, as in the paper). Learned positions count from the user's first
+    item in the window, so left padding changes nothing: a padded history scores as the bare one does."""
+
     def __init__(self, n_items: int, max_len: int, dim: int = 64, layers: int = 2, heads: int = 2,
                  dropout: float = 0.2):
         super().__init__()
         self.n_items = n_items
-        self.items = nn.Embedding(n_items + 1, dim, padding_idx=0)
-        self.positions = nn.Embedding(max_len, dim)
-        self.blocks = nn.ModuleList(CausalBlock(dim, heads, dropout) for _ in range(layers))
-        self.norm = nn.LayerNorm(dim)
-        self.dropout = dropout
-        nn.init.normal_(self.items.weight, std=0.02)
-        nn.init.normal_(self.positions.weight, std=0.02)
+        # SASRec's block: LayerNorm with biases, GELU MLP, no QK-norm, learned positions, embeddings * sqrt(C)
+        self.decoder = Decoder(DecoderConfig(
+            vocab_size=n_items + 1, context=max_len, n_layer=layers, n_head=heads, n_embd=dim, norm="layernorm",
+            positions="learned", mlp="gelu", qk_norm=False, bias=True, dropout=dropout, zero_init_proj=False,
+            lm_head=False, embed_scale=True))
         with torch.no_grad():
-            self.items.weight[0].zero_()
+            self.decoder.embed.weight[0].zero_()  # index 0 pads (masked as a key; never scored)
 
     def hidden(self, history: torch.Tensor) -> torch.Tensor:
         """[B, L] -> [B, L, C]: the state after each position (left padding: the last is the most recent)."""
-        B, L = history.shape
-        x = self.items(history) * self.items.embedding_dim ** 0.5 + self.positions.weight[:L]
-        x = F.dropout(x, self.dropout, self.training)
         real = history != 0
-        causal = torch.ones(L, L, dtype=torch.bool, device=history.device).tril()
-        # A query attends to earlier real items, and always to itself: a padding row with no key would be NaN.
-        mask = (causal & real[:, None, :]) | torch.eye(L, dtype=torch.bool, device=history.device)
-        mask = mask[:, None]  # [B, 1, L, L]
-        for block in self.blocks:
-            x = block(x, mask)
-        return self.norm(x)
+        positions = (real.long().cumsum(1) - 1).clamp(min=0)  # 0 at the first real item of each row
+        return self.decoder(history, positions=positions, mask=real)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Scores of every item (the tied input embeddings), [..., n]."""
-        return h @ self.items.weight[1:].T
+        return h @ self.decoder.embed.weight[1:].T
 
     def forward(self, history: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """Scores [B, n] of the next item; with training `targets` [B, L], the loss instead."""

@@ -1,5 +1,5 @@
-"""Project 6: next-item recommendation (MovieLens, any user-item event CSV) with EASE, SASRec and a popularity
-baseline, under the leave-last-out, full-ranking protocol (data.py, metrics.py)."""
+"""Project 6: next-item recommendation (MovieLens, any user-item event CSV) with EASE, SASRec, a two-tower
+retrieval model and a popularity baseline, under the leave-last-out, full-ranking protocol (data.py, metrics.py)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -16,19 +17,24 @@ from . import data as rec_data
 from .metrics import RankingMetrics, mask_seen, target_ranks
 from .models import EASE, SASRec, MostPopular, multi_hot
 from .predictor import RecommendationPredictor
+from .retrieval import INDEX_KINDS
+from .two_tower import TwoTower, UserTower
+from .two_tower_predictor import TwoTowerPredictor
 
 CLOSED_FORM = ("ease", "most-popular")
 
 
 @dataclass
 class RecommendationModelConfig:
-    name: Literal["ease", "sasrec", "most-popular"] = "sasrec"
+    name: Literal["ease", "sasrec", "two-tower", "most-popular"] = "sasrec"
     max_len: int = 200  # history items the model reads (the most recent); the exported graph's input length
     l2: float = 100.0  # EASE's lambda (Steck 2019 uses 500 on ML-20M; 100 is best on ml-100k's validation split)
-    dim: int = 64  # SASRec: embedding width
+    dim: int = 64  # SASRec and two-tower: embedding width
     layers: int = 2  # SASRec: transformer blocks
     heads: int = 2  # SASRec: attention heads
-    dropout: float = 0.2  # SASRec: on embeddings, attention and block outputs
+    dropout: float = 0.2  # SASRec: on embeddings, attention and block outputs; two-tower: on history embeddings
+    temperature: float = 0.05  # two-tower: cosine scores are divided by it (unit vectors need a sharp softmax)
+    index: str = "auto"  # two-tower serving: the faiss index over item vectors (retrieval.py: auto|flat|ivf|hnsw)
 
     def __post_init__(self):
         if self.max_len < 1:
@@ -37,6 +43,10 @@ class RecommendationModelConfig:
             raise ValueError(f"model.dim: must be divisible by model.heads={self.heads} (got {self.dim})")
         if self.l2 < 0:
             raise ValueError(f"model.l2: must be >= 0 (got {self.l2})")
+        if not self.temperature > 0:
+            raise ValueError(f"model.temperature: must be > 0 (got {self.temperature})")
+        if self.index not in INDEX_KINDS:
+            raise ValueError(f"model.index: {self.index!r} is not an index kind; use one of {', '.join(INDEX_KINDS)}")
 
 
 @dataclass
@@ -67,6 +77,8 @@ class RecommendationTask(Task):
         super().__init__(cfg)
         self.split: rec_data.LeaveLastOut | None = None
         self.catalogue: dict | None = None  # ids, titles, genres, popularity: learned from the data or a package
+        self.n_genres = 0  # two-tower: the genre vocabulary's size, from a package's spec (its table is in the weights)
+        self.item_vectors: np.ndarray | None = None  # two-tower: the exported model's, for its predictor
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -122,7 +134,21 @@ class RecommendationTask(Task):
             return EASE(self.n_items)
         if m.name == "most-popular":
             return MostPopular(self.n_items)
+        if m.name == "two-tower":
+            popularity = torch.tensor(self.catalogue["popularity"], dtype=torch.float64)
+            return TwoTower(self.n_items, self.genre_matrix(), popularity, m.dim, m.dropout, m.temperature)
         return SASRec(self.n_items, m.max_len, m.dim, m.layers, m.heads, m.dropout)
+
+    def genre_matrix(self) -> torch.Tensor:
+        """[n, G] multi-hot genres of each item (G >= 1: a catalogue without genres gets one empty column)."""
+        genres = self.catalogue.get("genres", {})
+        names = sorted({g for item in genres.values() for g in item})
+        matrix = torch.zeros(self.n_items, max(1, len(names), self.n_genres))
+        column = {g: j for j, g in enumerate(names)}
+        for row, item in enumerate(self.catalogue["ids"]):
+            for g in genres.get(item, []):
+                matrix[row, column[g]] = 1.0
+        return matrix
 
     def trains_in_closed_form(self) -> bool:
         return self.cfg.model.name in CLOSED_FORM
@@ -160,27 +186,54 @@ class RecommendationTask(Task):
         history[1, -1] = 1  # a one-item history: mostly padding
         return (history,)
 
+    def export_module(self, model: nn.Module) -> nn.Module:
+        if isinstance(model, TwoTower):  # the item vectors go to the predictor's faiss index, not the graph
+            self.item_vectors = model.item_vectors().detach().cpu().float().numpy()
+            return UserTower(model)
+        return model
+
+    def export_graphs(self, model: nn.Module):
+        self.export_module(model)  # a two-tower predictor (built first by the default) needs the item vectors
+        return super().export_graphs(model)
+
     predictor_class = RecommendationPredictor
 
     def predictor(self) -> RecommendationPredictor:
-        spec = RecommendationPredictor.build_spec(self.n_items, self.cfg.model.max_len, self.cfg.model.name)
+        m = self.cfg.model
+        if m.name == "two-tower":
+            if self.item_vectors is None:
+                raise RuntimeError("two-tower: the predictor needs the model's item vectors; call "
+                                   "export_graphs(model) (or export_module) first")
+            genres = self.genre_matrix().shape[1]
+            spec = {**TwoTowerPredictor.build_spec(self.n_items, m.max_len, m.name, m.temperature, m.index),
+                    "n_genres": genres}
+            return TwoTowerPredictor(spec, self.catalogue, self.item_vectors)
+        spec = RecommendationPredictor.build_spec(self.n_items, m.max_len, m.name)
         return RecommendationPredictor(spec, self.catalogue)
 
     @classmethod
     def load_predictor(cls, spec: dict, folder: Path | None = None) -> RecommendationPredictor:
+        if spec.get("model") == "two-tower":
+            return TwoTowerPredictor.from_folder(spec, folder)
         return RecommendationPredictor.from_folder(spec, folder)
 
     def adopt_spec(self, spec: dict) -> None:
-        # The eager runtime needs only the item count; the ids stay with the predictor.
+        # The eager runtime needs only the item count (and the genre table's width); the ids stay with the
+        # predictor, and the genre table and popularity come back with the weights.
         self.catalogue = {"ids": [str(i) for i in range(1, int(spec["n_items"]) + 1)],
                           "popularity": [0] * int(spec["n_items"])}
+        self.n_genres = int(spec.get("n_genres", 0))
 
     def graph_inputs(self, batch) -> tuple[torch.Tensor, ...]:
         return (batch[0],)
 
     def score_outputs(self, outputs, reference, batch) -> dict[str, torch.Tensor]:
         _, target, seen = batch
-        scores, eager = mask_seen(outputs[0], seen), mask_seen(reference[0], seen)
+        scores, eager = outputs[0], reference[0]
+        if self.cfg.model.name == "two-tower":  # the graph gives user vectors: score them as the predictor does
+            vectors = torch.from_numpy(self.item_vectors).to(scores.dtype)
+            scores, eager = scores @ vectors.T, eager @ vectors.T
+        scores, eager = mask_seen(scores, seen), mask_seen(eager, seen)
         # Agreement: the format's top item is one eager PyTorch ranks first too (ties within float noise count).
         top = scores.argmax(1, keepdim=True)
         agreement = (eager.gather(1, top).squeeze(1) >= eager.max(1).values - 1e-5).float()
