@@ -71,3 +71,13 @@ def broadcast_object(value):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def gather_objects(value) -> list:
+    """Every rank's `value`, in rank order, on every rank (e.g. each rank's generated captions, which a metric
+    such as CIDEr must score over the whole split at once). One process: [value]."""
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered
