@@ -300,8 +300,9 @@ class CaptioningTask(Task):
     # ------------------------------------------------------------------------------------------ export
 
     def example_inputs(self) -> tuple[torch.Tensor, ...]:
+        """The whole model's inputs (teacher forcing): images and caption tokens. Export uses the two graphs."""
         S = self.cfg.data.image_size
-        return (torch.zeros(2, 3, S, S),)
+        return torch.zeros(2, 3, S, S), torch.zeros(2, 4, dtype=torch.long)
 
     def decode_example(self, model: Captioner, B: int = 2, S: int = 3):
         cfg = model.decoder.cfg
@@ -315,7 +316,7 @@ class CaptioningTask(Task):
         model = model.eval()
         batch = "batch"
         return {
-            "encode": Graph(EncodeGraph(model), self.example_inputs(), ["images"], ["memory_kv"],
+            "encode": Graph(EncodeGraph(model), self.example_inputs()[:1], ["images"], ["memory_kv"],
                             {"images": {0: batch}}),
             "decode": Graph(DecodeGraph(model), self.decode_example(model),
                             ["tokens", "positions", "mask", "past", "memory_kv"], ["log_probs", "kv"],
