@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -275,9 +274,9 @@ class CaptioningTask(Task):
 
         references = {i: self.captions[i] for i in captions}
         scores, notes = caption_scores(references, captions, full)
-        for group in ("seen", "unseen"):
-            ids = [i for i in captions if self.combination.get(i) == group]
-            if ids:
+        groups = {g: [i for i in captions if self.combination.get(i) == g] for g in ("seen", "unseen")}
+        if all(groups.values()):  # (validation holds seen pairs only: no split to report there)
+            for group, ids in groups.items():
                 part, _ = caption_scores({i: references[i] for i in ids}, {i: captions[i] for i in ids}, full)
                 scores.update({f"{k}_{group}": v for k, v in part.items() if k in ("bleu4", "cider", "meteor")})
         return scores, notes
