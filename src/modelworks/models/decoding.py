@@ -75,7 +75,3 @@ def beam_search(step: Callable[[np.ndarray, np.ndarray | None], np.ndarray], end
     finished.sort(key=lambda h: -h.score)
     return finished[:n]
 
-
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max(axis=-1, keepdims=True)
-    return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))

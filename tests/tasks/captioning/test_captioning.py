@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from modelworks.config import load_config, to_dict
-from modelworks.models.decoding import beam_search, length_penalty, log_softmax
+from modelworks.models.decoding import beam_search, length_penalty
 from modelworks.tasks.captioning.metrics import caption_scores
 from modelworks.tasks.captioning.predictor import CaptionRequest, Row, decode_rows, eager_runner
 from modelworks.tasks.captioning.task import CaptioningTask
