@@ -1,5 +1,5 @@
 """The `modelworks` command: verbs train / calibrate / evaluate / export / predict / serve / debug / generate /
-recipes.
+caption / recipes.
 
     modelworks train classification --recipe fashion-mnist --set optim.lr=0.002
     modelworks train --resume runs/classification/NAME
@@ -11,6 +11,7 @@ recipes.
     modelworks serve runs/classification/NAME/package --port 8000
     modelworks debug classification --recipe fashion-mnist overfit    # also: augment, gradients
     modelworks generate runs/language_model/NAME --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8
+    modelworks caption runs/captioning/NAME photo.png --beam 5
 """
 
 from __future__ import annotations
@@ -169,15 +170,39 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--stop", action="append", default=[], help="stop before this string (repeatable)")
     generate.add_argument("--seed", type=int)
     generate.add_argument("--n", type=int, default=1, help="independent samples (seeds seed, seed+1, ...)")
-    generate.add_argument("--runtime", default="onnx", choices=["eager", "torchscript", "onnx", "int8"],
-                          help="for a package (a run directory always runs eager PyTorch)")
-    generate.add_argument("--checkpoint", default="best", choices=["best", "last"])
-    generate.add_argument("--threads", type=int,
-                          help="CPU threads for the runtime (1 is fastest for one stream of a small model)")
+    add_model_source_arguments(generate)
+
+    caption = verbs.add_parser("caption", help="caption an image with a captioning run or package",
+                               description="Describe an image with a run's best checkpoint (eager PyTorch) or a "
+                                           "model package (any runtime): beam search by default, sampling with "
+                                           "--temperature, or the greedy caption streamed word by word (--stream).")
+    caption.add_argument("model", metavar="RUN_OR_PACKAGE")
+    caption.add_argument("image", help="an image file (PNG, JPEG, GIF or WebP)")
+    caption.add_argument("--beam", type=int, help="beam width (default: the model's)")
+    caption.add_argument("--n", type=int, default=1, help="captions to print: the n best of the beam, or n samples")
+    caption.add_argument("--max-length", type=int, help="most tokens (default: the model's)")
+    caption.add_argument("--length-penalty", type=float, help="GNMT's alpha (default: the model's)")
+    caption.add_argument("--temperature", type=float, default=0.0, help="> 0: sample instead of beam search")
+    caption.add_argument("--top-k", type=int, default=0)
+    caption.add_argument("--top-p", type=float, default=1.0)
+    caption.add_argument("--seed", type=int)
+    caption.add_argument("--prompt", default="", help="the caption's beginning, to be continued")
+    caption.add_argument("--stream", action="store_true", help="print the greedy (or sampled) caption as it is "
+                                                               "decoded, token by token")
+    add_model_source_arguments(caption)
 
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.add_argument("task", nargs="?")
     return parser
+
+
+def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """generate and caption: a run directory (eager) or a package (any runtime)."""
+    parser.add_argument("--runtime", default="onnx", choices=["eager", "torchscript", "onnx", "int8"],
+                        help="for a package (a run directory always runs eager PyTorch)")
+    parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    parser.add_argument("--threads", type=int,
+                        help="CPU threads for the runtime (1 is fastest for one stream of a small model)")
 
 
 def print_table(title: str, metrics: dict[str, float]) -> None:
@@ -455,7 +480,8 @@ def open_generator(path: Path, runtime: str, checkpoint: str, threads: int | Non
     return task.predictor(), GraphSet({name: TorchRunner(g.module, g.input_names) for name, g in graphs.items()})
 
 
-def run_generate(args: argparse.Namespace) -> int:
+def open_model_source(args: argparse.Namespace):
+    """generate and caption: the predictor and runner of the run or package `args.model`, checked."""
     path = Path(args.model)
     if not path.is_dir():
         raise ConfigError(f"{path}: no such run directory or package")
@@ -463,7 +489,19 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--n: must be >= 1 (got {args.n})")
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads: must be >= 1 (got {args.threads})")
-    predictor, run = open_generator(path, args.runtime, args.checkpoint, args.threads)
+    return path, *open_generator(path, args.runtime, args.checkpoint, args.threads)
+
+
+def stream_sequence(predictor, sequence, run) -> None:
+    """Print a step-wise predictor's text as it is decoded."""
+    while not sequence.finished:
+        (delta,) = predictor.step([sequence], run)
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    path, predictor, run = open_model_source(args)
     if not hasattr(predictor, "step"):
         raise ConfigError(f"{path}: a {type(predictor).__name__} does not generate text; use `modelworks predict`")
     fields = {"prompt": args.prompt, "max_tokens": args.max_new_tokens, "temperature": args.temperature,
@@ -480,13 +518,37 @@ def run_generate(args: argparse.Namespace) -> int:
         if args.n > 1:
             print(f"--- sample {i + 1}")
         sys.stdout.write(args.prompt)
-        while not sequence.finished:
-            (delta,) = predictor.step([sequence], run)
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
+        stream_sequence(predictor, sequence, run)
         response = predictor.respond(sequence)
         sys.stdout.write("\n")
         print(f"[{response.completion_tokens} tokens, finish_reason {response.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    path, predictor, run = open_model_source(args)
+    if "beam" not in predictor.Request.model_fields or predictor.file_field is None:
+        raise ConfigError(f"{path}: a {type(predictor).__name__} does not caption images; use `modelworks predict`")
+    image = Path(args.image)
+    if not image.is_file():
+        raise ConfigError(f"{image}: no such image file")
+    fields = {"beam": args.beam, "n": args.n, "max_length": args.max_length, "length_penalty": args.length_penalty,
+              "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed,
+              "prompt": args.prompt}
+    try:
+        request = predictor.Request(**{k: v for k, v in fields.items() if v is not None})
+    except ValueError as exc:  # pydantic's ValidationError: a value out of its range
+        raise ConfigError(f"caption: {exc}") from None
+    item = predictor.parse(request, image.read_bytes())  # InputError names the option (beam, n, max_length)
+    if args.stream:
+        sequence = predictor.start(item)
+        sys.stdout.write(predictor.tokenizer.decode(item.prompt_ids))
+        stream_sequence(predictor, sequence, run)
+        sys.stdout.write("\n")
+        return 0
+    (response,) = predictor.predict([item], run)
+    for caption in response.captions:
+        print(f"{caption.text}\t(log p {caption.log_prob:.3f}, score {caption.score:.3f}, {caption.finish_reason})")
     return 0
 
 
@@ -517,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_debug(args)
         if args.verb == "generate":
             return run_generate(args)
+        if args.verb == "caption":
+            return run_caption(args)
         return run_recipes(args)
     except ModelworksError as exc:
         print(f"modelworks: error: {exc}", file=sys.stderr)

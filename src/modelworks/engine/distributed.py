@@ -168,3 +168,12 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
 def whole_tensor(t: torch.Tensor) -> torch.Tensor:
     """A DTensor gathered (a collective: every rank calls it); a plain tensor as it is."""
     return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+def gather_objects(value) -> list:
+    """Every rank's `value`, in rank order, on every rank (e.g. each rank's generated captions, which a metric
+    such as CIDEr must score over the whole split at once). One process: [value]."""
+    if not dist.is_initialized():
+        return [value]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, value)
+    return gathered

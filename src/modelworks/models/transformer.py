@@ -98,12 +98,22 @@ class Attention(nn.Module):
         B, H, T, D = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D)), new_k, new_v
 
-    def attend_memory(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        """Cross-attention: queries from x [B, T, C], keys and values from memory [B, S, C]; no mask."""
-        q = self.split_heads(self.q(x))
+    def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention keys and values [B, H, S, D] of memory [B, S, C]: computed once per image when decoding
+        step by step (`Decoder.memory_cache`)."""
         k, v = (self.split_heads(t) for t in self.kv(memory).chunk(2, dim=-1))
+        return (self.k_norm(k) if self.qk_norm else k), v
+
+    def attend_memory(self, x: torch.Tensor, memory: torch.Tensor | None,
+                      kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Cross-attention: queries from x [B, T, C], keys and values from memory [B, S, C] (or precomputed `kv`);
+        no mask. With `keep_weights` set, the attention weights [B, H, T, S] are kept in `weights` (attention maps)."""
+        q = self.split_heads(self.q(x))
+        k, v = kv if kv is not None else self.memory_kv(memory)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q)
+        if getattr(self, "keep_weights", False):
+            self.weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.head_dim), dim=-1)
         y = F.scaled_dot_product_attention(q, k, v)
         B, H, T, D = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D))
@@ -135,11 +145,11 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, past_k=None, past_v=None, mask=None, memory=None):
+    def forward(self, x, rope, past_k=None, past_v=None, mask=None, memory=None, memory_kv=None):
         a, k, v = self.attn(self.norm1(x), rope, past_k, past_v, mask)
         x = x + self.drop(a)
-        if self.cross is not None and memory is not None:
-            x = x + self.drop(self.cross.attend_memory(self.norm_cross(x), memory))
+        if self.cross is not None and (memory is not None or memory_kv is not None):
+            x = x + self.drop(self.cross.attend_memory(self.norm_cross(x), memory, memory_kv))
         x = x + self.drop(self.mlp(self.norm2(x)))
         return x, k, v
 
@@ -197,11 +207,14 @@ class Decoder(nn.Module):
         return freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1)  # [B, 1, T, D/2]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
-                past: torch.Tensor | None = None, memory: torch.Tensor | None = None, return_cache: bool = False):
+                past: torch.Tensor | None = None, memory: torch.Tensor | None = None, return_cache: bool = False,
+                memory_kv: torch.Tensor | None = None):
         """tokens [B, T] -> logits [B, T, V]; with `return_cache`, also the new keys/values [L, 2, B, H, T, D].
 
         positions [B, T]: each token's position (default 0..T-1). past [L, 2, B, H, S, D]: cached keys/values.
-        mask [B, S + T] bool: True for real keys, False for padding (None: no padding, plain causal)."""
+        mask [B, S + T] bool: True for real keys, False for padding (None: no padding, plain causal).
+        memory [B, M, C]: what cross-attention attends to; or memory_kv [L, 2, B, H, M, D], its keys/values from
+        `memory_cache` (computed once per image rather than at every decoding step)."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -219,7 +232,8 @@ class Decoder(nn.Module):
         for i, block in enumerate(self.blocks):
             past_k = past[i, 0] if past is not None else None
             past_v = past[i, 1] if past is not None else None
-            x, k, v = block(x, rope, past_k, past_v, attn_mask, memory)
+            cross_kv = (memory_kv[i, 0], memory_kv[i, 1]) if memory_kv is not None else None
+            x, k, v = block(x, rope, past_k, past_v, attn_mask, memory, cross_kv)
             keys.append(k)
             values.append(v)
         logits = self.norm(x)
@@ -230,6 +244,10 @@ class Decoder(nn.Module):
         if not return_cache:
             return logits
         return logits, torch.stack([torch.stack(keys), torch.stack(values)], dim=1)  # [L, 2, B, H, T, D]
+
+    def memory_cache(self, memory: torch.Tensor) -> torch.Tensor:
+        """Every block's cross-attention keys/values of memory [B, M, C]: [L, 2, B, H, M, D]."""
+        return torch.stack([torch.stack(block.cross.memory_kv(memory)) for block in self.blocks])
 
     @staticmethod
     def attention_mask(tokens: torch.Tensor, mask: torch.Tensor | None, past: torch.Tensor | None) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Project 5: image captioning."""
