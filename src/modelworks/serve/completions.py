@@ -53,11 +53,16 @@ class CompletionError(Exception):
 
     @property
     def kind(self) -> str:
-        return {400: "invalid_request_error", 404: "invalid_request_error", 415: "invalid_request_error",
-                503: "overloaded_error", 504: "timeout_error"}.get(self.status, "server_error")
+        special = {408: "timeout_error", 503: "overloaded_error", 504: "timeout_error"}
+        return special.get(self.status, "invalid_request_error" if 400 <= self.status < 500 else "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def openai_error_body(status: int, code: str, message: str, request_id: str | None = None) -> dict:
+    """An error produced before routing (413, 408, 431: serve/error_formats.py) in OpenAI's shape."""
+    return CompletionError(status, message, code=code).body()
 
 
 def error_response(request: Request, exc: CompletionError) -> JSONResponse:
@@ -142,16 +147,11 @@ async def answer(server, request: Request, state: dict) -> Response:
     if not streaming_routes:
         raise CompletionError(404, "no served model generates text; /v1/completions needs one", "model",
                               "model_not_found")
-    remaining = lambda: settings.timeout_s - (time.perf_counter() - state["arrival"])  # noqa: E731
-    try:
-        async with asyncio.timeout(remaining()):
-            # The model is named inside the body: read it with the first streaming route's Request model, and
-            # again below if the named model's differs.
-            first = next(iter(streaming_routes.values()))
-            body, requests = await read_body(request, first.predictor_class)
-    except TimeoutError:
-        raise CompletionError(504, f"body not read within {settings.timeout_s} s (timeout_s)", code="timeout") \
-            from None
+    # The model is named inside the body: read it with the first streaming route's Request model, and again below
+    # if the named model's differs. A body that does not arrive within timeout_s is answered 408 by the middleware
+    # (in OpenAI's shape: serve/error_formats.py), as on every route.
+    first = next(iter(streaming_routes.values()))
+    body, requests = await read_body(request, first.predictor_class)
     name = body.model
     if name is None:
         if len(streaming_routes) > 1:
