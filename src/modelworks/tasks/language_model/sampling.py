@@ -59,13 +59,15 @@ def filter_batch(logits: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p
     """Logits [B, V] (float64) with each row's tokens outside its top-k / nucleus / min-p sets at -inf (the most
     probable token always kept); in place. Rows with a filter off are left alone."""
     B, V = logits.shape
-    rows = np.arange(B)
     k_on = (top_k > 0) & (top_k < V)
-    if k_on.any():
+    if k_on.all() and (top_k == top_k[0]).all():  # the usual case, one k for every row: one partition
+        kth = np.partition(logits, V - top_k[0], axis=1)[:, V - top_k[0]]
+        logits[logits < kth[:, None]] = -np.inf
+    elif k_on.any():
         # the k largest of each row: a partition to the largest k in the batch (O(V)), then a sort of those few
         k = np.where(k_on, top_k, 1)
         largest = -np.sort(np.partition(-logits, k.max() - 1, axis=1)[:, :k.max()], axis=1)
-        kth = largest[rows, k - 1]
+        kth = largest[np.arange(B), k - 1]
         logits[k_on[:, None] & (logits < kth[:, None])] = -np.inf
     p_on, min_on = top_p < 1.0, min_p > 0.0
     if p_on.any() or min_on.any():
@@ -104,17 +106,21 @@ def choose_tokens(logits: np.ndarray, options: BatchOptions, uniform, seen: np.n
     if seen is not None:
         apply_penalties(logits, seen, generated, options)
     greedy = options.temperature == 0
-    tokens = np.argmax(logits, axis=1)
     if greedy.all():
-        return tokens
+        return np.argmax(logits, axis=1)
+    tokens = np.argmax(logits, axis=1) if greedy.any() else None
     sampled = np.flatnonzero(~greedy)
-    x = logits[sampled] / options.temperature[sampled, None]
-    x = filter_batch(x, options.top_k[sampled], options.top_p[sampled], options.min_p[sampled])
-    cumulative = np.cumsum(softmax(x), axis=1)
-    # Inverse-CDF draw: one uniform number per row, a fraction of Generator.choice's cost.
+    rows = sampled if tokens is not None else slice(None)  # the usual case, no row greedy: views, not copies
+    x = filter_batch(logits[rows] / options.temperature[rows, None], options.top_k[rows], options.top_p[rows],
+                     options.min_p[rows])
+    # Inverse-CDF draw on the unnormalised distribution: one uniform number per row, a fraction of
+    # Generator.choice's cost.
+    cumulative = np.cumsum(np.exp(x - x.max(axis=1, keepdims=True)), axis=1)
     target = np.asarray(uniform(sampled), np.float64) * cumulative[:, -1]
-    drawn = (cumulative <= target[:, None]).sum(axis=1)
-    tokens[sampled] = np.minimum(drawn, x.shape[1] - 1)
+    drawn = np.minimum((cumulative <= target[:, None]).sum(axis=1), x.shape[1] - 1)
+    if tokens is None:
+        return drawn
+    tokens[sampled] = drawn
     return tokens
 
 
