@@ -261,3 +261,54 @@ def test_drain_lets_a_running_stream_finish(lm_package):
     assert len(text) == 300
     with pytest.raises(httpx.ConnectError):
         httpx.post(f"{small.url}/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=5)
+
+
+def raw_answer(port: int, data: bytes, pieces: int = 1, wait_s: float = 5.0) -> bytes:
+    """Send `data` (`pieces` times), then read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=wait_s) as sock:
+        try:
+            for _ in range(pieces):
+                sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused while still sending: the answer is already waiting
+        answer = b""
+        try:
+            while data := sock.recv(65536):
+                answer += data
+        except ConnectionResetError:
+            pass
+    return answer
+
+
+def test_errors_before_routing_have_openai_shape_on_completions_and_the_house_shape_elsewhere(lm_package):
+    """413 (body too large) and 408 (body too slow) from the middleware, 431 (head too large) from the HTTP
+    protocol: no route has run, yet /v1/completions answers them in OpenAI's shape, which its clients parse."""
+    from modelworks.serve.http import httptools_protocol
+
+    app = create_app([open_model(lm_package, "onnx")], None,
+                     ServeSettings(admin_token="", timeout_s=1.0, max_body_bytes=1000, max_header_bytes=4096))
+    running = ServerThread(app)
+    protocol = httptools_protocol(4096, 1.0, app.state.server.error_formats)
+    if protocol is None:
+        pytest.skip("httptools is not installed")
+    running.server.config.http = protocol
+    openai_keys, house_keys = {"message", "type", "param", "code"}, {"code", "message", "field"}
+
+    def error_of(answer: bytes, status: int) -> dict:
+        assert answer.startswith(b"HTTP/1.1 %d " % status), answer[:200]
+        return json.loads(answer.split(b"\r\n\r\n", 1)[1])["error"]
+
+    with running:
+        for path, keys in (("/v1/completions", openai_keys), ("/v1/models/verse/predict", house_keys)):
+            head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n".encode()
+            too_large = error_of(raw_answer(running.port, head + b"Content-Length: 5000\r\n\r\n"), 413)
+            slow = error_of(raw_answer(running.port, head + b"Content-Length: 50\r\n\r\n{\"prompt\""), 408)
+            big_head = error_of(raw_answer(running.port, head + b"X-Padding: " + b"p" * 1024, pieces=8), 431)
+            for error, code in ((too_large, "body_too_large"), (slow, "body_timeout"),
+                                (big_head, "headers_too_large")):
+                assert set(error) == keys and error["code"] == code, (path, error)
+        assert too_large["message"].startswith("body: larger than the limit of 1000 bytes")
+        # The official client reads the OpenAI-shaped one as an error with its message.
+        with pytest.raises(openai.APIStatusError, match="larger than the limit of 1000 bytes") as caught:
+            client(running).completions.create(model="verse", prompt="x" * 2000, max_tokens=1)
+        assert caught.value.status_code == 413 and caught.value.body["type"] == "invalid_request_error"

@@ -51,7 +51,8 @@ from ..errors import ConfigError, InputError, InputTooLarge, ModelworksError
 from ..engine.memory import release_freed_memory
 from ..export.package import NAME_PATTERN  # model names, versions and request ids: one character set
 from .batching import Batcher, Draining, InferenceFailed, Overloaded
-from .completions import complete
+from .completions import complete, openai_error_body
+from .error_formats import ErrorFormats
 from .http import httptools_protocol
 from .logs import configure_logging, log
 from .metrics import Metrics
@@ -171,6 +172,7 @@ class ModelServer:
         self.settings = settings
         self.loader = loader  # path -> InferenceModel, for the admin API (the CLI passes one that knows tasks)
         self.metrics = Metrics()
+        self.error_formats = ErrorFormats()  # the shape of errors answered before routing, by path prefix
         self.ready = False
         self.draining = False
         self.metrics.ready.set_function(lambda: float(self.ready and self.servable))
@@ -472,7 +474,7 @@ class RequestContext:
         length = headers.get(b"content-length")
         expects_body = length not in (None, b"0") or b"chunked" in headers.get(b"transfer-encoding", b"").lower()
         state.update(request_id=request_id, arrival=arrival, body_at=arrival, body_done=not expects_body,
-                     caller=caller.decode("latin-1") if caller else None)
+                     caller=caller.decode("latin-1") if caller else None, path=scope["path"])
         status, started = 500, False
 
         async def send_with_id(message):
@@ -524,19 +526,17 @@ class RequestContext:
         finally:
             self.record(scope, state, status, time.perf_counter() - arrival)
 
-    @classmethod
-    async def too_large(cls, send, state: dict, limit: int, length: bytes | None) -> None:
+    async def too_large(self, send, state: dict, limit: int, length: bytes | None) -> None:
         got = f" (got {length.decode('latin-1')} bytes)" if length else ""
-        await cls.refuse(send, state, 413, "body_too_large", f"body: larger than the limit of {limit} bytes{got}; "
+        await self.refuse(send, state, 413, "body_too_large", f"body: larger than the limit of {limit} bytes{got}; "
                          "send a smaller file (the server's --max-body-bytes)")
 
-    @staticmethod
-    async def refuse(send, state: dict, status: int, code: str, message: str) -> None:
-        """An error answered before (or instead of) the app; the connection is closed, since the rest of the body
-        may still be on its way."""
+    async def refuse(self, send, state: dict, status: int, code: str, message: str) -> None:
+        """An error answered before (or instead of) the app, in the shape the path's API uses (error_formats.py);
+        the connection is closed, since the rest of the body may still be on its way."""
         state["error"] = code
-        body = json.dumps({"error": {"code": code, "message": message, "field": None},
-                           "request_id": state.get("request_id")}).encode()
+        body = json.dumps(self.server.error_formats.body(state["path"], status, code, message,
+                                                         state.get("request_id"))).encode()
         await send({"type": "http.response.start", "status": status,
                     "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                                 (b"connection", b"close")]})
@@ -762,6 +762,8 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
     async def completions(request: Request):
         return await complete(server, request)
 
+    server.error_formats.register("/v1/completions", openai_error_body)
+
     @app.post("/v1/models/{name}/predict", include_in_schema=False)
     async def predict_unknown(name: str):
         server.route_or_404(name)
@@ -928,7 +930,7 @@ def run_server(models: list, weights: list[float], settings: ServeSettings, load
     if not settings.admin_token:
         log("admin API disabled", reason=f"{ADMIN_TOKEN_ENV} is not set")
     # The request head's size and arrival time are bounded in the protocol (serve/http.py), before the app sees it.
-    protocol = httptools_protocol(settings.max_header_bytes, settings.timeout_s)
+    protocol = httptools_protocol(settings.max_header_bytes, settings.timeout_s, app.state.server.error_formats)
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=settings.drain_s, log_level=log_level,
                             http=protocol or "h11", h11_max_incomplete_event_size=settings.max_header_bytes)

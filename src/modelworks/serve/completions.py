@@ -53,11 +53,16 @@ class CompletionError(Exception):
 
     @property
     def kind(self) -> str:
-        return {400: "invalid_request_error", 404: "invalid_request_error", 415: "invalid_request_error",
-                503: "overloaded_error", 504: "timeout_error"}.get(self.status, "server_error")
+        special = {408: "timeout_error", 503: "overloaded_error", 504: "timeout_error"}
+        return special.get(self.status, "invalid_request_error" if 400 <= self.status < 500 else "server_error")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def openai_error_body(status: int, code: str, message: str, request_id: str | None = None) -> dict:
+    """An error produced before routing (413, 408, 431: serve/error_formats.py) in OpenAI's shape."""
+    return CompletionError(status, message, code=code).body()
 
 
 def error_response(request: Request, exc: CompletionError) -> JSONResponse:
@@ -142,16 +147,11 @@ async def answer(server, request: Request, state: dict) -> Response:
     if not streaming_routes:
         raise CompletionError(404, "no served model generates text; /v1/completions needs one", "model",
                               "model_not_found")
-    remaining = lambda: settings.timeout_s - (time.perf_counter() - state["arrival"])  # noqa: E731
-    try:
-        async with asyncio.timeout(remaining()):
-            # The model is named inside the body: read it with the first streaming route's Request model, and
-            # again below if the named model's differs.
-            first = next(iter(streaming_routes.values()))
-            body, requests = await read_body(request, first.predictor_class)
-    except TimeoutError:
-        raise CompletionError(504, f"body not read within {settings.timeout_s} s (timeout_s)", code="timeout") \
-            from None
+    # The model is named inside the body: read it with the first streaming route's Request model, and again below
+    # if the named model's differs. A body that does not arrive within timeout_s is answered 408 by the middleware
+    # (in OpenAI's shape: serve/error_formats.py), as on every route.
+    first = next(iter(streaming_routes.values()))
+    body, requests = await read_body(request, first.predictor_class)
     name = body.model
     if name is None:
         if len(streaming_routes) > 1:
@@ -227,6 +227,9 @@ class Generation:
         except TimeoutError:
             raise CompletionError(504, f"no token within {timeout_s} s (timeout_s); the server is overloaded, "
                                   "retry later", code="timeout") from None
+        return self.accept(index, event)
+
+    def accept(self, index, event):
         if index is None:
             raise CompletionError(499, "the client disconnected", code="client_disconnected")
         if isinstance(event, InferenceFailed):
@@ -234,6 +237,20 @@ class Generation:
         if event.finished:
             self.open.discard(index)
         return index, event
+
+    def merge_ready(self, index: int, delta) -> tuple[str, bool, str | None, tuple | None]:
+        """The deltas of choice `index` already queued behind `delta`, joined: under load the worker steps while
+        this stream's previous chunk is being written, and one chunk per waiting token would multiply the writes
+        (and the client's reads) by the backlog. Returns (text, finished, finish_reason, the first event of
+        another choice, held for the next chunk)."""
+        text, finished, reason = delta.text, delta.finished, delta.finish_reason
+        while not finished and not self.events.empty():
+            other = self.accept(*self.events.get_nowait())
+            if other[0] != index:
+                return text, finished, reason, other
+            text += other[1].text
+            finished, reason = other[1].finished, other[1].finish_reason
+        return text, finished, reason, None
 
     def usage(self) -> dict:
         prompt = sum(len(s.sequence.item.prompt_ids) for s in self.created) // self.body.n
@@ -281,10 +298,19 @@ class Generation:
             started = {first[0]}
             while True:
                 index, delta = event
-                if delta.text or delta.finished:
-                    choice = {"text": delta.text, "index": index, "logprobs": None,
-                              "finish_reason": delta.finish_reason if delta.finished else None}
+                try:
+                    text, finished, reason, held = self.merge_ready(index, delta)
+                except CompletionError as exc:
+                    yield encode_event(exc.body())
+                    return
+                if text or finished:
+                    choice = {"text": text, "index": index, "logprobs": None,
+                              "finish_reason": reason if finished else None}
                     yield encode_event(self.envelope([choice]))
+                if held is not None:
+                    event = held
+                    started.add(event[0])
+                    continue
                 if not self.open:
                     break
                 try:

@@ -9,6 +9,9 @@ help: it runs only once the whole head has arrived. So the limits live here, cou
 - the head not complete within `header_timeout_s` of the connection's opening, or of the first byte of a later
   request on a kept-alive connection (uvicorn's keep-alive timeout covers the wait for that byte): 408, closed.
 
+The error body has the shape the request's path uses (serve/error_formats.py: OpenAI's on /v1/completions), read
+from the part of the URL parsed so far.
+
 Where httptools is absent uvicorn falls back to h11, whose own `h11_max_incomplete_event_size` is set instead
 (run_server); h11 has no head timeout.
 """
@@ -18,19 +21,20 @@ from __future__ import annotations
 import json
 import logging
 
+from .error_formats import ErrorFormats
 from .logs import log
 
 REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
-def error_bytes(status: int, code: str, message: str) -> bytes:
-    """A complete HTTP/1.1 error response in the API's error shape, closing the connection."""
-    body = json.dumps({"error": {"code": code, "message": message, "field": None}, "request_id": None}).encode()
+def error_bytes(status: int, code: str, message: str, path: str = "", formats: ErrorFormats | None = None) -> bytes:
+    """A complete HTTP/1.1 error response in the error shape of the API at `path`, closing the connection."""
+    body = json.dumps((formats or ErrorFormats()).body(path, status, code, message)).encode()
     return b"".join([b"HTTP/1.1 %d %s\r\n" % (status, REASONS[status]), b"content-type: application/json\r\n",
                      b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body])
 
 
-def httptools_protocol(max_header_bytes: int, header_timeout_s: float):
+def httptools_protocol(max_header_bytes: int, header_timeout_s: float, formats: ErrorFormats | None = None):
     """A subclass of uvicorn's httptools protocol enforcing the two limits; None when httptools is not installed."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -82,7 +86,8 @@ def httptools_protocol(max_header_bytes: int, header_timeout_s: float):
 
         def refuse(self, status: int, code: str, message: str) -> None:
             log("request refused", logging.INFO, status=status, error=code, client=str(self.client))
-            self.transport.write(error_bytes(status, code, message))
+            path = getattr(self, "url", b"").decode("latin-1")  # as much of the URL as has arrived
+            self.transport.write(error_bytes(status, code, message, path, formats))
             self.transport.close()
 
     return LimitedHttpToolsProtocol

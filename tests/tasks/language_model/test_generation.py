@@ -177,3 +177,54 @@ def test_streamed_deltas_of_byte_level_tokens_join_into_valid_text():
             deltas += [d.text for d in gen.step([sequence], eager_runner(model))]
     assert "".join(deltas) == gen.respond(sequence).text
     assert not any(d.endswith("\ufffd") for d in deltas[:-1])  # no delta stops inside a character
+
+
+def test_slots_are_reused_after_the_end_and_freed_when_a_sequence_is_dropped():
+    """The preallocated cache: a finished sequence's slot goes to the next one; a sequence dropped unfinished (a
+    client that left) frees its slot once nothing refers to it; the cache grows only past the slots in use."""
+    import gc
+
+    model = random_decoder()
+    gen = generator()
+    run = eager_runner(model)
+    request = lambda n: gen.parse(CompletionRequest(prompt="the", max_tokens=n, temperature=0.0))  # noqa: E731
+    with torch.no_grad():
+        first = gen.start(request(2))
+        dropped = gen.start(request(50))
+        gen.step([first, dropped], run)
+        slots = first.slots
+        used = {first.slot, dropped.slot}
+        gen.step([first, dropped], run)
+        assert first.finished and slots.cache.shape[2] == 2
+        late = gen.start(request(3))
+        gen.step([late, dropped], run)
+        assert late.slot in used and late.slot != dropped.slot  # the finished one's slot
+        del dropped
+        gc.collect()
+        again = gen.start(request(3))
+        gen.step([again, late], run)
+        assert again.slot in used and slots.cache.shape[2] == 2  # the dropped one's slot; no growth
+
+
+def test_a_row_samples_the_same_token_alone_and_in_a_mixed_batch():
+    """Batched sampling is row-wise: per-row options (greedy, top-k, top-p, min-p, penalties) beside each other
+    give each row what it gets alone, drawing from its own generator."""
+    from modelworks.tasks.language_model.sampling import BatchOptions, choose_tokens
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(5, 40)).astype(np.float32)
+    options = [SamplingOptions(temperature=0.0), SamplingOptions(top_k=5), SamplingOptions(top_p=0.5),
+               SamplingOptions(min_p=0.2, temperature=0.7), SamplingOptions(top_k=3, repetition_penalty=1.3,
+                                                                            presence_penalty=0.5)]
+    seen = np.zeros((5, 40), bool)
+    seen[4, np.argsort(-logits[4])[:2]] = True  # the two best tokens of the penalised row were already used
+
+    def draw(rows):
+        generators = [np.random.default_rng(100 + r) for r in rows]
+        return choose_tokens(logits[rows], BatchOptions.of([options[r] for r in rows]),
+                             lambda which: [generators[i].random() for i in which], seen[rows], seen[rows])
+
+    alone = [int(draw([r])[0]) for r in range(5)]
+    assert draw(list(range(5))).tolist() == alone
+    assert draw([4, 2, 0]).tolist() == [alone[4], alone[2], alone[0]]
+    assert alone[0] == int(np.argmax(logits[0]))

@@ -1,4 +1,4 @@
-"""Text generation over the exported `prefill` and `decode` graphs, with a KV cache per sequence.
+"""Text generation over the exported `prefill` and `decode` graphs, with a preallocated KV cache.
 
 The predictor is driven step by step, so a scheduler can let sequences join and leave the running batch at every
 step (continuous batching):
@@ -8,13 +8,18 @@ step (continuous batching):
                                                      # padded), the others decoded (batched) in the same step
     predictor.respond(sequence)                      # the Response once `sequence.finished`
 
-`predict(items, run)` is that loop for one fixed batch. Each sequence holds its own keys/values (numpy,
-[L, 2, H, S, D]); a step pads the active caches on the left to one length and masks the padding, with each row's
-own positions, so sequences of different lengths share a graph call.
+`predict(items, run)` is that loop for one fixed batch. Keys and values live in one preallocated array per
+stepping thread (`KVSlots`, [L, 2, slots, H, context, D]): a sequence owns a slot from its prefill to its end, the
+prefill writes the slot, and a decode step gathers the active slots up to the longest length in one array
+operation, masks each row past its own length, and writes the new keys/values back with one scatter. Sampling runs
+over the whole batch at once (sampling.choose_tokens). Nothing in a step costs Python work proportional to a
+sequence's length.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...data.text import tokenizer_from_json
 from ...errors import InputError
 from ..base import Predictor
-from .sampling import SamplingOptions, choose_token
+from .sampling import BatchOptions, SamplingOptions, choose_tokens
 
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -68,13 +73,50 @@ class Delta:
     finish_reason: str | None
 
 
+class KVSlots:
+    """Keys and values of the sequences one thread steps: one array [L, 2, slots, H, context, D], allocated at the
+    first prefill (the graph's output gives L, H, D and the dtype) and doubled when every slot is taken. A slot's
+    entries 0..length-1 are its sequence's window; the rest is stale and masked."""
+
+    def __init__(self, context: int):
+        self.context = context
+        self.cache: np.ndarray | None = None
+        self.free: list[int] = []  # slots not owned by a sequence, popped from the end (lowest first)
+        self.lock = threading.Lock()  # `release` may run on another thread (a dropped sequence's finalizer)
+
+    def allocate(self, kv: np.ndarray) -> int:
+        """A free slot, for keys/values shaped like the prefill output `kv` [L, 2, B, H, T, D]."""
+        with self.lock:
+            if self.cache is None:
+                L, two, _, H, _, D = kv.shape
+                self.cache = np.zeros((L, two, 1, H, self.context, D), kv.dtype)
+                self.free = [0]
+            if not self.free:
+                n = self.cache.shape[2]
+                grown = np.zeros((*self.cache.shape[:2], 2 * n, *self.cache.shape[3:]), self.cache.dtype)
+                grown[:, :, :n] = self.cache
+                self.cache = grown
+                self.free = list(range(2 * n - 1, n - 1, -1))
+            return self.free.pop()
+
+    def release(self, slot: int) -> None:
+        with self.lock:
+            self.free.append(slot)
+
+
 @dataclass
 class Sequence:
     item: GenerationItem
     rng: np.random.Generator
     tokens: list[int]  # prompt and generated
+    options: np.ndarray  # the sampling options as one row (SamplingOptions.row), stacked at each step
     window_start: int = 0  # index in `tokens` of the cache's first entry (moves when the context overflows)
-    cache: np.ndarray | None = None  # [L, 2, H, S, D]; None: needs a prefill
+    slots: KVSlots | None = None  # where its keys/values live (the pool of the thread that prefilled it)
+    slot: int = -1
+    length: int = 0  # keys/values in its slot; 0: needs a prefill
+    release: weakref.finalize | None = None  # frees the slot once: at the end, or when the sequence is dropped
+    seen: np.ndarray | None = None  # [V] bool, tokens in the text so far (kept only when a penalty is set)
+    produced: np.ndarray | None = None  # [V] bool, tokens generated so far (idem)
     generated: list[int] = field(default_factory=list)
     text: str = ""  # the generated text decoded so far
     pending: list[int] = field(default_factory=list)  # tokens not in `text` yet: a partial UTF-8 character (BPE)
@@ -96,6 +138,8 @@ class TextGenerator(Predictor):
         self.tokenizer = tokenizer
         self.context = int(spec["context"])
         self.max_tokens_limit = int(spec.get("max_tokens_limit", 4096))
+        self.vocab_size = int(spec["vocab_size"])
+        self.local = threading.local()  # each stepping thread's KVSlots
 
     @staticmethod
     def build_spec(tokenizer, context: int, graphs: dict) -> dict:
@@ -135,27 +179,57 @@ class TextGenerator(Predictor):
     # ------------------------------------------------------------------------------------------ the loop
 
     def start(self, item: GenerationItem) -> Sequence:
-        return Sequence(item, np.random.default_rng(item.seed), list(item.prompt_ids))
+        sequence = Sequence(item, np.random.default_rng(item.seed), list(item.prompt_ids), item.options.row())
+        if item.options.penalised:
+            sequence.seen = np.zeros(self.vocab_size, bool)
+            sequence.seen[np.asarray(item.prompt_ids, np.int64)] = True
+            sequence.produced = np.zeros(self.vocab_size, bool)
+        return sequence
+
+    def kv_slots(self) -> KVSlots:
+        """This thread's cache: the scheduler's worker and each batch-inference thread step their own sequences."""
+        slots = getattr(self.local, "slots", None)
+        if slots is None:
+            slots = self.local.slots = KVSlots(self.context)
+        return slots
 
     def step(self, sequences: list[Sequence], run) -> list[Delta]:
-        """One new token for every unfinished sequence in `sequences` (in order): those without a cache are
-        prefilled, the others decoded, each group in one batched graph call."""
-        logits: dict[int, np.ndarray] = {}
-        fresh = [i for i, s in enumerate(sequences) if s.cache is None and not s.finished]
-        running = [i for i, s in enumerate(sequences) if s.cache is not None and not s.finished]
+        """One new token for every unfinished sequence in `sequences` (in order): those without keys/values are
+        prefilled, the others decoded, each group in one batched graph call; then one batched draw for all."""
+        fresh = [s for s in sequences if s.length == 0 and not s.finished]
+        running = [s for s in sequences if s.length > 0 and not s.finished]
+        active, logits = [], []
         if fresh:
-            logits.update(zip(fresh, self.prefill([sequences[i] for i in fresh], run)))
-        if running:
-            logits.update(zip(running, self.decode([sequences[i] for i in running], run)))
+            logits.append(self.prefill(fresh, run))
+            active += fresh
+        groups: dict[int, list[Sequence]] = {}
+        for sequence in running:  # one group unless sequences were prefilled on different threads
+            groups.setdefault(id(sequence.slots), []).append(sequence)
+        for group in groups.values():
+            logits.append(self.decode(group, run))
+            active += group
+        chosen = dict(zip(map(id, active), self.choose(active, np.concatenate(logits)) if active else []))
         deltas = []
-        for i, sequence in enumerate(sequences):
-            if i not in logits:
+        for sequence in sequences:
+            token = chosen.get(id(sequence))
+            if token is None:
                 deltas.append(Delta("", None, sequence.finished, sequence.finish_reason))
-                continue
-            deltas.append(self.advance(sequence, logits[i]))
+            else:
+                deltas.append(self.advance(sequence, int(token)))
         return deltas
 
-    def prefill(self, sequences: list[Sequence], run) -> list[np.ndarray]:
+    def choose(self, sequences: list[Sequence], logits: np.ndarray) -> np.ndarray:
+        """The next token of each sequence from logits [B, V], in one batched draw."""
+        options = BatchOptions(np.stack([s.options for s in sequences]))
+        seen = produced = None
+        if any(s.seen is not None for s in sequences):
+            blank = np.zeros(logits.shape[1], bool)
+            seen = np.stack([blank if s.seen is None else s.seen for s in sequences])
+            produced = np.stack([blank if s.produced is None else s.produced for s in sequences])
+        return choose_tokens(logits, options, lambda rows: [sequences[r].rng.random() for r in rows], seen,
+                             produced)
+
+    def prefill(self, sequences: list[Sequence], run) -> np.ndarray:
         windows = [s.tokens[s.window_start:] for s in sequences]
         T = max(len(w) for w in windows)
         tokens = np.zeros((len(windows), T), np.int64)
@@ -167,38 +241,43 @@ class TextGenerator(Predictor):
             positions[b, T - n:] = np.arange(n)
             mask[b, T - n:] = True
         logits, kv = run({"tokens": tokens, "positions": positions, "mask": mask}, graph="prefill")
+        slots = self.kv_slots()
         for b, (sequence, window) in enumerate(zip(sequences, windows)):
-            sequence.cache = np.ascontiguousarray(kv[:, :, b, :, T - len(window):])
-        return list(logits)
+            if sequence.slots is None:
+                sequence.slots, sequence.slot = slots, slots.allocate(kv)
+                sequence.release = weakref.finalize(sequence, slots.release, sequence.slot)
+            n = len(window)
+            sequence.slots.cache[:, :, sequence.slot, :, :n] = kv[:, :, b, :, T - n:]
+            sequence.length = n
+        return np.asarray(logits)
 
-    def decode(self, sequences: list[Sequence], run) -> list[np.ndarray]:
-        S = max(s.cache.shape[3] for s in sequences)
-        L, two, H, _, D = sequences[0].cache.shape
-        B = len(sequences)
-        past = np.zeros((L, two, B, H, S, D), sequences[0].cache.dtype)
-        mask = np.zeros((B, S + 1), bool)
-        tokens = np.zeros((B, 1), np.int64)
-        positions = np.zeros((B, 1), np.int64)
-        for b, sequence in enumerate(sequences):
-            n = sequence.cache.shape[3]
-            past[:, :, b, :, S - n:] = sequence.cache
-            mask[b, S - n:] = True
-            tokens[b, 0] = sequence.tokens[-1]
-            positions[b, 0] = n
-        logits, kv = run({"tokens": tokens, "positions": positions, "mask": mask, "past": past}, graph="decode")
-        for b, sequence in enumerate(sequences):
-            sequence.cache = np.concatenate([sequence.cache, kv[:, :, b]], axis=3)
-        return list(logits)
+    def decode(self, sequences: list[Sequence], run) -> np.ndarray:
+        """One token for each of `sequences` (all in one KVSlots): the slots' first S entries (S: the longest
+        length) as `past`, each row masked past its own length, the new token's key/value at index S."""
+        cache = sequences[0].slots.cache
+        index = np.array([s.slot for s in sequences])
+        lengths = np.array([s.length for s in sequences])
+        S = int(lengths.max())
+        past = cache[:, :, index, :, :S]  # [L, 2, B, H, S, D], one gather
+        mask = np.arange(S + 1) < lengths[:, None]
+        mask[:, S] = True
+        tokens = np.array([[s.tokens[-1]] for s in sequences], np.int64)
+        logits, kv = run({"tokens": tokens, "positions": lengths[:, None], "mask": mask, "past": past},
+                         graph="decode")
+        cache[:, :, index, :, lengths] = kv[:, :, :, :, 0].transpose(2, 0, 1, 3, 4)  # [B, L, 2, H, D], one scatter
+        for sequence in sequences:
+            sequence.length += 1
+        return np.asarray(logits)
 
-    def advance(self, sequence: Sequence, logits: np.ndarray) -> Delta:
-        """Choose the next token, extend the text, check the stop conditions; the text delta to hand out."""
+    def advance(self, sequence: Sequence, token: int) -> Delta:
+        """Extend the text by the chosen token, check the stop conditions; the text delta to hand out."""
         item = sequence.item
-        token = choose_token(np.asarray(logits, np.float32), sequence.tokens, sequence.generated, item.options,
-                             sequence.rng)
         if token == self.tokenizer.eot_id:
             return self.finish(sequence, "stop", None)
         sequence.tokens.append(token)
         sequence.generated.append(token)
+        if sequence.seen is not None:
+            sequence.seen[token] = sequence.produced[token] = True
         # Decoded incrementally (the whole text again at every token would cost O(n) per step); byte-level
         # tokens that end inside a UTF-8 character wait in `pending` for the rest of it.
         sequence.pending.append(token)
@@ -213,11 +292,11 @@ class TextGenerator(Predictor):
                 return self.finish(sequence, "stop", token)
         if len(sequence.generated) >= item.max_tokens:
             return self.finish(sequence, "length", token)
-        if sequence.cache is not None and sequence.cache.shape[3] + 1 > self.context:
-            # The cache is full: keep the last half of the context and prefill it again at the next step (positions
-            # restart at 0, as the model saw them in training).
+        if sequence.length + 1 > self.context:
+            # The window is full: keep the last half of the context and prefill it again (into the same slot) at
+            # the next step; positions restart at 0, as the model saw them in training.
             sequence.window_start = len(sequence.tokens) - self.context // 2
-            sequence.cache = None
+            sequence.length = 0
         # Hold back text that could still become a stop string.
         safe = len(sequence.text)
         for stop in item.stop:
@@ -230,7 +309,9 @@ class TextGenerator(Predictor):
         return Delta(delta, token, False, None)
 
     def finish(self, sequence: Sequence, reason: str, token: int | None) -> Delta:
-        sequence.finished, sequence.finish_reason, sequence.cache = True, reason, None
+        sequence.finished, sequence.finish_reason, sequence.length = True, reason, 0
+        if sequence.release is not None:
+            sequence.release()  # the slot is free for the next sequence at once
         if sequence.pending:  # the end came inside a character: show what there is (U+FFFD for the rest)
             sequence.text += self.tokenizer.decode(sequence.pending)
             sequence.pending.clear()
