@@ -127,6 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads decoding request files off the event loop (bounds decoding memory too)")
     serve.add_argument("--drain-s", type=float, default=15.0,
                        help="on SIGTERM/Ctrl-C, how long in-flight requests may take to finish")
+    serve.add_argument("--events", metavar="URL", help="event store, sqlite:PATH or postgresql://USER@HOST/DB: "
+                       "enables POST /v1/events, and models that read a user's history read it there live")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     debug = verbs.add_parser(
@@ -345,7 +347,8 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_bytes=args.max_body_bytes,
                              max_header_bytes=args.max_header_bytes, max_image_pixels=args.max_image_pixels,
-                             decode_threads=args.decode_threads, drain_s=args.drain_s, max_running=args.max_running)
+                             decode_threads=args.decode_threads, drain_s=args.drain_s, max_running=args.max_running,
+                             events=args.events)
     models = [open_model(p, args.runtime, args.threads) for p in args.packages]
     loader = lambda path: open_model(path, args.runtime, args.threads)  # noqa: E731  the admin API's loads
     try:
