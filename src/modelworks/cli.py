@@ -1,4 +1,4 @@
-"""The `modelworks` command: verbs train / calibrate / evaluate / export / predict / serve / debug / generate /
+"""The `modelworks` command: verbs train / calibrate / evaluate / export / predict / serve / retrain / debug / generate /
 recipes.
 
     modelworks train classification --recipe fashion-mnist --set optim.lr=0.002
@@ -176,6 +176,19 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--checkpoint", default="best", choices=["best", "last"])
     generate.add_argument("--threads", type=int,
                           help="CPU threads for the runtime (1 is fastest for one stream of a small model)")
+
+    retrain = verbs.add_parser("retrain", help="train a new version on the event store's events; promote it into a "
+                               "running server if it is not worse")
+    retrain.add_argument("package", metavar="PACKAGE", help="the serving version's package: its config is the recipe")
+    retrain.add_argument("--events", required=True, metavar="URL", help="sqlite:PATH or postgresql://USER@HOST/DB")
+    retrain.add_argument("--out", help="runs folder for the new run (default: the package's recorded output_dir)")
+    retrain.add_argument("--version", help="the new version's name (default: r<UTC time>)")
+    retrain.add_argument("--promote", action="store_true", help="load and promote it through the admin API of "
+                         "--server (MODELWORKS_ADMIN_TOKEN) when it is not worse on the newest events")
+    retrain.add_argument("--server", default="http://127.0.0.1:8000", help="the running server (with --promote)")
+    retrain.add_argument("--name", help="the model's name on the server (default: the package's)")
+    retrain.add_argument("--runtime", default="onnx", choices=["eager", "torchscript", "onnx"],
+                         help="runtime that scores both versions on the events")
 
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.add_argument("task", nargs="?")
@@ -516,6 +529,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_predict(args)
         if args.verb == "serve":
             return run_serve(args)
+        if args.verb == "retrain":
+            from .retrain import run_retrain
+
+            return run_retrain(Path(args.package), args.events, Path(args.out) if args.out else None, args.version,
+                               args.server if args.promote else None, args.runtime, args.name)
         if args.verb == "debug":
             return run_debug(args)
         if args.verb == "generate":

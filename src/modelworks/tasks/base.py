@@ -306,6 +306,19 @@ class Task:
 
     # ------------------------------------------------------------------------------------------ inference
 
+    def retrain_overrides(self, events_file: Path) -> list[str]:
+        """`--set` overrides under which this run's config trains on its recorded data plus the events of
+        `events_file` (a CSV with the header user,item,timestamp: the event store's content), for
+        `modelworks retrain`. Empty (the default): the task cannot learn from events, and retrain says so."""
+        return []
+
+    @classmethod
+    def evaluate_on_events(cls, model: Any, events: list[tuple[str, str, float]]) -> dict[str, float] | None:
+        """A served model's (export.runtime.InferenceModel) quality on the newest events, (user, item, ts) in time
+        order: `modelworks retrain` compares the new version with the serving one by it, under the key of
+        `monitor` (without its split). None (the default): the task cannot judge, and retrain will not promote."""
+        return None
+
     predictor_class: ClassVar[type[Predictor]]
 
     def predictor(self) -> Predictor:
