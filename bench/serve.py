@@ -153,13 +153,14 @@ def free_port() -> int:
 
 class Server:
     def __init__(self, package: Path, runtime: str, max_batch_size: int, max_wait_ms: float, max_queue: int,
-                 threads: int | None):
+                 threads: int | None, extra: list[str] | None = None):
         self.port = free_port()
         args = [sys.executable, "-m", "modelworks", "serve", str(package), "--port", str(self.port),
                 "--runtime", runtime, "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
                 "--max-queue", str(max_queue)]
         if threads:
             args += ["--threads", str(threads)]
+        args += extra or []
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         env.pop("MODELWORKS_ADMIN_TOKEN", None)
         self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)

@@ -94,3 +94,21 @@ def tiny_detection_package(tmp_path_factory) -> Path:
     out = root / "package"
     export_run(run_dir, out, {"name": "boxes", "version": "v1"}, log=lambda line: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_rec_package(tmp_path_factory) -> Path:
+    """An EASE recommender (closed form: no training steps) on an ml-100k-format fixture of 40 users walking 20
+    items in order, exported as a package with version 1; its run directory is the package's source run."""
+    from modelworks.cli import main
+    from modelworks.tasks.recommendation.data import write_ml100k
+
+    root = tmp_path_factory.mktemp("rec")
+    write_ml100k(root / "ml-100k", n_users=40, n_items=20, seed=3)
+    assert main(["train", "recommendation", "--recipe", "ease", "--data", f"movielens:{root / 'ml-100k'}",
+                 "--name", "ease", "--set", f"output_dir={root / 'runs'}", "--set", "model.max_len=8",
+                 "--set", "model.l2=5"]) == 0
+    package = root / "package"
+    assert main(["export", str(root / "runs" / "recommendation" / "ease"), "--out", str(package),
+                 "--version", "1", "--format", "onnx"]) == 0
+    return package

@@ -1,5 +1,5 @@
-"""The `modelworks` command: verbs train / calibrate / evaluate / export / predict / serve / debug / generate /
-caption / recipes.
+"""The `modelworks` command: verbs train / calibrate / evaluate / export / predict / serve / retrain / debug /
+generate / caption / recipes.
 
     modelworks train classification --recipe fashion-mnist --set optim.lr=0.002
     modelworks train --resume runs/classification/NAME
@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads decoding request files off the event loop (bounds decoding memory too)")
     serve.add_argument("--drain-s", type=float, default=15.0,
                        help="on SIGTERM/Ctrl-C, how long in-flight requests may take to finish")
+    serve.add_argument("--events", metavar="URL", help="event store, sqlite:PATH or postgresql://USER@HOST/DB: "
+                       "enables POST /v1/events, and models that read a user's history read it there live")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     debug = verbs.add_parser(
@@ -190,6 +192,19 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--stream", action="store_true", help="print the greedy (or sampled) caption as it is "
                                                                "decoded, token by token")
     add_model_source_arguments(caption)
+
+    retrain = verbs.add_parser("retrain", help="train a new version on the event store's events; promote it into a "
+                               "running server if it is not worse")
+    retrain.add_argument("package", metavar="PACKAGE", help="the serving version's package: its config is the recipe")
+    retrain.add_argument("--events", required=True, metavar="URL", help="sqlite:PATH or postgresql://USER@HOST/DB")
+    retrain.add_argument("--out", help="runs folder for the new run (default: the package's recorded output_dir)")
+    retrain.add_argument("--version", help="the new version's name (default: r<UTC time>)")
+    retrain.add_argument("--promote", action="store_true", help="load and promote it through the admin API of "
+                         "--server (MODELWORKS_ADMIN_TOKEN) when it is not worse on the newest events")
+    retrain.add_argument("--server", default="http://127.0.0.1:8000", help="the running server (with --promote)")
+    retrain.add_argument("--name", help="the model's name on the server (default: the package's)")
+    retrain.add_argument("--runtime", default="onnx", choices=["eager", "torchscript", "onnx"],
+                         help="runtime that scores both versions on the events")
 
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.add_argument("task", nargs="?")
@@ -370,7 +385,8 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServeSettings(max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
                              max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_bytes=args.max_body_bytes,
                              max_header_bytes=args.max_header_bytes, max_image_pixels=args.max_image_pixels,
-                             decode_threads=args.decode_threads, drain_s=args.drain_s, max_running=args.max_running)
+                             decode_threads=args.decode_threads, drain_s=args.drain_s, max_running=args.max_running,
+                             events=args.events)
     models = [open_model(p, args.runtime, args.threads) for p in args.packages]
     loader = lambda path: open_model(path, args.runtime, args.threads)  # noqa: E731  the admin API's loads
     try:
@@ -575,6 +591,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_predict(args)
         if args.verb == "serve":
             return run_serve(args)
+        if args.verb == "retrain":
+            from .retrain import run_retrain
+
+            return run_retrain(Path(args.package), args.events, Path(args.out) if args.out else None, args.version,
+                               args.server if args.promote else None, args.runtime, args.name)
         if args.verb == "debug":
             return run_debug(args)
         if args.verb == "generate":

@@ -7,6 +7,8 @@
     GET  /docs, /openapi.json            the API's documentation (Swagger UI served locally) and schema
     GET  /v1/models, /v1/models/{name}   what is served: versions, traffic split, inputs, labels, streams
     POST /v1/models/{name}/predict       JSON (file base64) or multipart upload; typed by the task's predictor
+    GET  /v1/models/{name}/{route}?...   a predictor's own query routes (recommendation: /recommend?user=42)
+    POST /v1/events                      what users did, into the event store (serve --events); see live.py
     POST /v1/completions                 OpenAI's completions API (streamed or not), for predictors that stream
     /v1/admin/models/{name}/...          load / split / promote / rollback / unload; needs MODELWORKS_ADMIN_TOKEN
 
@@ -19,6 +21,7 @@ behind a continuous-batching scheduler (streaming.py); the event loop only parse
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import json
 import logging
@@ -50,6 +53,7 @@ from starlette.routing import Route
 from ..errors import ConfigError, InputError, InputTooLarge, ModelworksError
 from ..engine.memory import release_freed_memory
 from ..export.package import NAME_PATTERN  # model names, versions and request ids: one character set
+from ..events import AsyncEventStore, parse_url
 from .batching import Batcher, Draining, InferenceFailed, Overloaded
 from .completions import complete, openai_error_body
 from .error_formats import ErrorFormats
@@ -84,6 +88,9 @@ class ServeSettings:
     decode_threads: int = 2  # threads that decode requests' files, off the event loop
     drain_s: float = 15.0  # graceful shutdown: time in-flight requests get to finish
     admin_token: str | None = None  # None: read MODELWORKS_ADMIN_TOKEN; empty: admin API disabled
+    # The event store (sqlite:PATH | postgresql://USER@HOST/DB): POST /v1/events writes it, and predictors that read
+    # a user's history (Predictor.history_length) read it at request time. None: no store, no /v1/events.
+    events: str | None = None
 
     def __post_init__(self):
         problems = [f"{name}: must be > 0 (got {getattr(self, name)})"
@@ -96,6 +103,8 @@ class ServeSettings:
             problems.append(f"max_wait_ms: must be >= 0 (got {self.max_wait_ms})")
         if problems:
             raise ConfigError("serve: " + "; ".join(problems))
+        if self.events is not None:
+            parse_url(self.events)  # a bad URL fails here, before any model loads
         if self.admin_token is None:
             self.admin_token = os.environ.get(ADMIN_TOKEN_ENV, "")
 
@@ -182,6 +191,36 @@ class ModelServer:
         # Requests' files are decoded here, not on the event loop: a large image must not stall other requests'
         # reads, the probes or the answers. The pool's size also bounds how many decodes hold memory at once.
         self.decoder = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="decode")
+        self.events: AsyncEventStore | None = None  # opened by the lifespan when settings.events is set
+
+    async def open_events(self) -> None:
+        if self.settings.events and self.events is None:
+            store = AsyncEventStore(self.settings.events)
+            await store.open()
+            self.events = store
+
+    async def close_events(self) -> None:
+        if self.events is not None:
+            store, self.events = self.events, None
+            await store.close()
+
+    async def read_history(self, route: ModelRoute, request) -> list[str] | None:
+        """The user's latest items from the event store, for a model whose predictor reads them
+        (Predictor.history_length > 0, e.g. a sequential recommender); None when it does not, or the request brings
+        its own history. Read in the store's thread pool: a lock wait or a network round trip never stalls the loop."""
+        if self.events is None:
+            return None
+        predictors = [version.model.predictor for version in route.versions.values()]
+        length = max(predictor.history_length for predictor in predictors)
+        user = predictors[0].history_user(request) if length > 0 else None
+        if user is None:
+            return None
+        try:
+            return await self.events.latest(user, length)
+        except Exception as exc:  # the store is down or locked past its timeout: this request fails, not the server
+            log("event store read failed", logging.ERROR, error=f"{type(exc).__name__}: {exc}")
+            raise ApiError(503, "event_store_unavailable", f"the event store cannot be read ({type(exc).__name__}); "
+                           "retry later", headers={"Retry-After": "1"}) from None
 
     def new_version(self, name: str, model) -> Version:
         s = self.settings
@@ -281,7 +320,9 @@ class ModelServer:
             message, field = describe_validation_error(exc, fields)
             raise ApiError(422, "invalid_input", message, field) from None
 
-    async def predict(self, name: str, request: Request) -> Response:
+    async def predict(self, name: str, request: Request, read_query: Callable | None = None) -> Response:
+        """Answer one request through the model's batcher. `read_query() -> (typed request, None)` replaces reading
+        the body, for the predictor's GET query routes (Predictor.query_routes)."""
         state = request.scope["state"]
         route = self.routes[name]
         state["model"] = name
@@ -295,9 +336,13 @@ class ModelServer:
         route.arriving[key] = state  # a batch about to run waits for arriving requests (up to max_wait_ms)
         try:
             async with asyncio.timeout(remaining_s()):
-                screens = [version.model.predictor for version in route.versions.values()]
-                parsed_request, file = await self.read_request(route.predictor_class, request, screens)
-                item, version = await self.parse(route, state, parsed_request, file)
+                if read_query is None:
+                    screens = [version.model.predictor for version in route.versions.values()]
+                    parsed_request, file = await self.read_request(route.predictor_class, request, screens)
+                else:
+                    parsed_request, file = read_query()
+                history = await self.read_history(route, parsed_request)
+                item, version = await self.parse(route, state, parsed_request, file, history)
         except TimeoutError:
             if not state["body_done"]:
                 raise BodyTimeout() from None  # answered 408 by the middleware, as for any route
@@ -335,11 +380,14 @@ class ModelServer:
         body = f'{envelope[:-1]}, "prediction": {answer.model_dump_json()}}}'
         return Response(body, media_type="application/json", headers={"X-Model-Version": version.name})
 
-    async def parse(self, route: ModelRoute, state: dict, request, file: bytes | None) -> tuple[object, Version]:
+    async def parse(self, route: ModelRoute, state: dict, request, file: bytes | None,
+                    history: list[str] | None = None) -> tuple[object, Version]:
         """(item, version): the request decoded by the predictor of the version it is routed to, on the event loop
         when the predictor says it is cheap (parse_inline), else in the decode pool. A version swapped out or
         unloaded while its request decoded in the pool is chosen again (an admin swap between the choice and the
-        queue would otherwise answer 503)."""
+        queue would otherwise answer 503). `history`: the user's items from the event store, given to that
+        version's predictor (Predictor.with_history)."""
+        original = request
         state["body_at"] = math.inf  # decoding: a batch about to run should wait for it
         caller = state.get("caller")
         loop = asyncio.get_running_loop()
@@ -347,6 +395,8 @@ class ModelServer:
             version = route.choose(caller)
             state["version"] = version.name
             predictor = version.model.predictor
+            if history is not None:
+                request = predictor.with_history(original, history)
             try:
                 item = predictor.parse_inline(request, file)
                 if item is not None:
@@ -644,9 +694,32 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
     groups = group_models(models, weights, name)
     routes = {model_name: ModelRoute(model_name) for model_name in groups}
     server = ModelServer(routes, settings, loader)
+    # /docs from Swagger UI's files in the fastapi-offline package, not FastAPI's default CDN: offline, on a
+    # closed network or behind a proxy the default page is blank. ReDoc (another CDN page) is not offered.
+    app = FastAPI(title="modelworks model server", version=__import__("modelworks").__version__,
+                  lifespan=make_lifespan(server, groups), description=__doc__, docs_url=None, redoc_url=None)
+    app.mount("/docs-assets", StaticFiles(directory=SWAGGER_UI), name="docs-assets")
+    app.state.server = server
+    app.add_middleware(RequestContext, server=server)
+    install_error_handlers(app)
+    add_probe_routes(app, server)
+    documented = add_model_routes(app, server, groups)
+    from .live import add_event_routes, add_query_routes  # live.py builds on this module's errors and envelope
+
+    add_query_routes(app, server, groups, documented)
+    add_event_routes(app, server)
+    add_admin_routes(app, server)
+    install_openapi(app, groups, documented)
+    return app
+
+
+def make_lifespan(server: ModelServer, groups: dict) -> Callable:
+    """Start: open the event store, load, warm up and route every version; stop: drain them, close the store."""
+    routes, settings = server.routes, server.settings
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        await server.open_events()
         for model_name, (group, group_weights) in groups.items():
             route = routes[model_name]
             route.versions.clear()
@@ -671,16 +744,14 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
             server.ready, server.draining = False, True
             versions = [v for r in routes.values() for v in r.versions.values()]
             await asyncio.gather(*(server.drain_version(v) for v in versions), *server.retiring)
+            await server.close_events()
             log("stopped", answered_all=all(v.batcher.unfinished == 0 for v in versions))
 
-    # /docs from Swagger UI's files in the fastapi-offline package, not FastAPI's default CDN: offline, on a
-    # closed network or behind a proxy the default page is blank. ReDoc (another CDN page) is not offered.
-    app = FastAPI(title="modelworks model server", version=__import__("modelworks").__version__,
-                  lifespan=lifespan, description=__doc__, docs_url=None, redoc_url=None)
-    app.mount("/docs-assets", StaticFiles(directory=SWAGGER_UI), name="docs-assets")
-    app.state.server = server
-    app.add_middleware(RequestContext, server=server)
+    return lifespan
 
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error as the JSON body of error_response, a 4xx/5xx status, and the server still up."""
     @app.exception_handler(ApiError)
     async def api_error(request: Request, exc: ApiError):
         return error_response(request, exc.status, exc.code, exc.message, exc.field, exc.headers)
@@ -704,6 +775,11 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
             error=f"{type(exc).__name__}: {exc}")
         return error_response(request, 500, "internal_error", f"unexpected {type(exc).__name__}; see the server "
                               "log for this request id")
+
+
+def add_probe_routes(app: FastAPI, server: ModelServer) -> None:
+    """The demo page, /docs, and the probes: /healthz, /readyz, /metrics."""
+    routes = server.routes
 
     # ------------------------------------------------------------------------------------------ probes
 
@@ -736,6 +812,12 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
     async def metrics():
         return Response(server.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+
+def add_model_routes(app: FastAPI, server: ModelServer, groups: dict) -> list[APIRoute]:
+    """/v1/models, each model's predict route and /v1/completions; returns the routes served by Starlette that
+    the OpenAPI schema documents."""
+    routes = server.routes
+
     # ------------------------------------------------------------------------------------------ models
 
     @app.get("/v1/models", tags=["models"], summary="Served models, their versions and traffic split")
@@ -767,7 +849,11 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
     @app.post("/v1/models/{name}/predict", include_in_schema=False)
     async def predict_unknown(name: str):
         server.route_or_404(name)
+    return documented
 
+
+def add_admin_routes(app: FastAPI, server: ModelServer) -> None:
+    """/v1/admin/models/{name}/...: load, split, promote, rollback, unload; each behind the admin token."""
     # ------------------------------------------------------------------------------------------ admin
 
     @app.post("/v1/admin/models/{name}/versions", tags=["admin"], openapi_extra={"security": ADMIN_SECURITY},
@@ -840,9 +926,6 @@ def create_app(models: list, weights: list[float] | None = None, settings: Serve
             log("version unloaded", model=name, version=version)
             return route.describe()
 
-    install_openapi(app, groups, documented)
-    return app
-
 
 def describe_route(route: ModelRoute) -> dict:
     predictor = next(iter(route.versions.values())).model.predictor
@@ -854,14 +937,20 @@ def describe_route(route: ModelRoute) -> dict:
             "streams": route.streams, "completions": "/v1/completions" if route.streams else None}
 
 
-def register_predict_route(app: FastAPI, server: ModelServer, name: str, predictor_class: type,
-                           documented: list[APIRoute]) -> None:
-    """POST /v1/models/{name}/predict, documented with the predictor's own request and response models."""
-    envelope = create_model(
+@functools.cache
+def response_envelope(predictor_class: type) -> type[BaseModel]:
+    """The documented answer of a predict (or query) route: the prediction and which version gave it."""
+    return create_model(
         f"{predictor_class.Response.__name__}Envelope",
         model=(str, ...), version=(str, Field(description="The version that answered (A/B).")),
         request_id=(str, ...), latency_ms=(float, Field(description="Server time from arrival to answer.")),
         prediction=(predictor_class.Response, ...))
+
+
+def register_predict_route(app: FastAPI, server: ModelServer, name: str, predictor_class: type,
+                           documented: list[APIRoute]) -> None:
+    """POST /v1/models/{name}/predict, documented with the predictor's own request and response models."""
+    envelope = response_envelope(predictor_class)
     request_schema = {"$ref": f"#/components/schemas/{predictor_class.Request.__name__}"}
     content = {"application/json": {"schema": request_schema}}
     if predictor_class.file_field:

@@ -44,6 +44,8 @@ class Metrics:
                                        "batch", LABELS, registry=r)
         self.traffic_weight = Gauge("modelworks_traffic_weight", "Share of traffic routed to each version (A/B)",
                                     LABELS, registry=r)
+        self.events = Counter("modelworks_events", "Events posted to /v1/events, by outcome: stored, or duplicate "
+                              "(an event_id stored before: acknowledged, not stored again)", ["outcome"], registry=r)
         # Unlabelled: one value per server. An alert reads readiness here rather than probing /readyz, and the
         # queue's bound here to turn modelworks_queue_depth into a saturation ratio.
         self.ready = Gauge("modelworks_ready", "1 while /readyz answers 200 (every model has a loaded, warmed-up "

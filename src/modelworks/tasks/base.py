@@ -153,6 +153,35 @@ class Predictor:
             return [i["name"] for i in entry["inputs"]], list(entry["outputs"])
         return self.input_names, self.output_names
 
+    # ---- live history (`modelworks serve --events URL`): a predictor that answers from what a user did reads the
+    # user's latest events from the server's event store at request time, with no retraining in between.
+    # How many of a user's latest events the predictor reads per request; 0 (the default): it reads none.
+    history_length: int = 0
+
+    def history_user(self, request: BaseModel) -> str | None:
+        """The user whose latest events this request should be answered from, or None (the request brings its own
+        history, or names no user). Only asked when `history_length` > 0 and the server has an event store."""
+        return None
+
+    def with_history(self, request: BaseModel, items: list[str]) -> BaseModel:
+        """The request with the user's latest items from the store (oldest first, up to `history_length`) filled
+        in. Items the predictor does not know (stored before a catalogue changed) are its to drop."""
+        return request
+
+    def unknown_items(self, items: list[str]) -> list[str]:
+        """The items of incoming events this predictor does not know: POST /v1/events refuses them (422), so the
+        store holds only what a served model can read."""
+        return []
+
+    # GET routes of the predictor's own, by name: GET /v1/models/{model}/{route}?... validates its query string
+    # into the model given here and answers `request_from_query(route, query)` through the predict path (batching,
+    # A/B, live history). E.g. recommendation's {"recommend": RecommendQuery}.
+    query_routes: ClassVar[dict[str, type[BaseModel]]] = {}
+
+    def request_from_query(self, route: str, query: BaseModel) -> BaseModel:
+        """A query of one of `query_routes` as this predictor's Request."""
+        raise NotImplementedError
+
     def files(self) -> dict[str, bytes]:
         """Files the predictor needs beside its spec (a tokenizer, an item catalogue): written into the package,
         checksummed with the rest, and read back by `Task.load_predictor(spec, folder)`. Plain data, never pickle."""
@@ -279,6 +308,19 @@ class Task:
         return {}
 
     # ------------------------------------------------------------------------------------------ inference
+
+    def retrain_overrides(self, events_file: Path) -> list[str]:
+        """`--set` overrides under which this run's config trains on its recorded data plus the events of
+        `events_file` (a CSV with the header user,item,timestamp: the event store's content), for
+        `modelworks retrain`. Empty (the default): the task cannot learn from events, and retrain says so."""
+        return []
+
+    @classmethod
+    def evaluate_on_events(cls, model: Any, events: list[tuple[str, str, float]]) -> dict[str, float] | None:
+        """A served model's (export.runtime.InferenceModel) quality on the newest events, (user, item, ts) in time
+        order: `modelworks retrain` compares the new version with the serving one by it, under the key of
+        `monitor` (without its split). None (the default): the task cannot judge, and retrain will not promote."""
+        return None
 
     predictor_class: ClassVar[type[Predictor]]
 

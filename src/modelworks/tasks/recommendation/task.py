@@ -3,6 +3,7 @@ retrieval model and a popularity baseline, under the leave-last-out, full-rankin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Literal
@@ -16,7 +17,7 @@ from ..base import Splits, StepOutput, Task
 from . import data as rec_data
 from .metrics import RankingMetrics, mask_seen, target_ranks
 from .models import EASE, SASRec, MostPopular, multi_hot
-from .predictor import RecommendationPredictor
+from .predictor import RecommendationPredictor, RecommendationRequest
 from .retrieval import INDEX_KINDS
 from .two_tower import TwoTower, UserTower
 from .two_tower_predictor import TwoTowerPredictor
@@ -56,6 +57,9 @@ class RecommendationDataConfig:
     item_column: str = "item"
     timestamp_column: str = "timestamp"
     min_interactions: int = 3  # users with fewer only train: leave-last-out needs two held-out items
+    # More interactions appended to the source: a CSV with the header user,item,timestamp, as `modelworks retrain`
+    # exports the event store's events. Empty: none.
+    events: str = ""
 
     def __post_init__(self):
         kind, sep, path = self.source.partition(":")
@@ -86,10 +90,28 @@ class RecommendationTask(Task):
         data = self.cfg.data
         kind, _, path = data.source.partition(":")
         if kind == "movielens":
-            return rec_data.read_movielens(Path(path))
-        if not Path(path).is_file():
+            interactions = rec_data.read_movielens(Path(path))
+        elif not Path(path).is_file():
             raise DataError(f"data.source: {path} is not a file; interactions:FILE.csv names a CSV of events")
-        return rec_data.read_csv_events(Path(path), data.user_column, data.item_column, data.timestamp_column)
+        else:
+            interactions = rec_data.read_csv_events(Path(path), data.user_column, data.item_column,
+                                                    data.timestamp_column)
+        if data.events:
+            # Appended: the split orders each user's interactions by time, so the events land where they happened.
+            extra = rec_data.read_csv_events(Path(data.events), "user", "item", "timestamp")
+            interactions.users += extra.users
+            interactions.items += extra.items
+            interactions.timestamps += extra.timestamps
+        return interactions
+
+    def retrain_overrides(self, events_file: Path) -> list[str]:
+        # The recorded source stays when it is still readable (titles and genres come from it); otherwise the
+        # events alone train, and items new to the catalogue have no titles.
+        _, _, path = self.cfg.data.source.partition(":")
+        if Path(path).exists():
+            return [f"data.events={events_file}"]
+        return [f"data.source=interactions:{events_file}", "data.user_column=user", "data.item_column=item",
+                "data.timestamp_column=timestamp", "data.events="]
 
     def load_split(self) -> tuple[rec_data.Interactions, rec_data.LeaveLastOut]:
         """Read the data and split it; the task learns the item catalogue from it."""
@@ -210,6 +232,33 @@ class RecommendationTask(Task):
             return TwoTowerPredictor(spec, self.catalogue, self.item_vectors)
         spec = RecommendationPredictor.build_spec(self.n_items, m.max_len, m.name)
         return RecommendationPredictor(spec, self.catalogue)
+
+    @classmethod
+    def evaluate_on_events(cls, model, events: list[tuple[str, str, float]]) -> dict[str, float]:
+        """Leave-last-out on the events: each user's newest event is the target, the events before it the history
+        (as the server reads it), seen items masked, full ranking; HR@10 and NDCG@10 as in training."""
+        predictor: RecommendationPredictor = model.predictor
+        histories: dict[str, list[str]] = {}
+        for user, item, _ in events:
+            histories.setdefault(user, []).append(item)
+        items, targets = [], []
+        for user, sequence in histories.items():
+            if len(sequence) < 2:
+                continue
+            history = [i for i in sequence[:-1] if i in predictor.index][-predictor.max_len:]
+            request = RecommendationRequest(user=user, history=history, k=min(10, len(predictor.ids)))
+            items.append(predictor.parse(request))
+            targets.append(sequence[-1])
+        hits, gains = 0.0, 0.0
+        for start in range(0, len(items), 256):
+            answers = model.predict(items[start:start + 256])
+            for answer, target in zip(answers, targets[start:start + 256]):
+                ranked = [entry.item for entry in answer.items]
+                if target in ranked:  # a target the model does not know is a miss
+                    hits += 1
+                    gains += 1 / math.log2(ranked.index(target) + 2)
+        n = max(len(targets), 1)
+        return {"hr@10": hits / n, "ndcg@10": gains / n, "users": float(len(targets))}
 
     @classmethod
     def load_predictor(cls, spec: dict, folder: Path | None = None) -> RecommendationPredictor:

@@ -1,0 +1,194 @@
+"""Live recommendation serving on ml-100k, in one run on one CPU: event ingestion into the SQLite event store, and
+GET /recommend at 32 concurrent clients with each user's history read live from that store, against a plain
+FastAPI + uvicorn server returning ALS scores from memory (bench/recommendation_plain_server.py).
+
+    flock /tmp/cpu.lock python bench/recommendation_serve.py [--data ../shared/data/movielens/ml-100k]
+
+1. A SASRec (the sasrec recipe, max_len 50) trains for --train-s seconds and is exported (ONNX): its quality is
+   not measured here (bench/recommendation.py does), only its serving cost.
+2. `modelworks serve PACKAGE --events sqlite:...`: all 100,000 ml-100k ratings are posted to /v1/events, in
+   batches of 100 from 8 clients, then single events from 32 clients; the store must then hold every event once
+   (re-posting a slice stores nothing).
+3. /recommend?user=U&k=10&exclude=seen for random users, 32 closed-loop clients: the server reads each user's
+   latest 50 events from SQLite, runs the graph in dynamic batches and masks what was seen.
+4. The same load against the plain server (implicit's ALS, trained in the bench venv
+   /root/.cache/modelworks-bench-venv; its factors are served by FastAPI in this Python).
+Prints a table and writes bench/results/recommendation_serve.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serve import Server, closed_loop, free_port, read_response  # noqa: E402  bench/serve.py's load generator
+
+BENCH_VENV = Path(os.environ.get("MODELWORKS_BENCH_VENV", Path.home() / ".cache" / "modelworks-bench-venv"))
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "movielens" / "ml-100k"
+
+ALS_SCRIPT = """
+import sys, numpy as np, scipy.sparse as sp
+from implicit.als import AlternatingLeastSquares
+rows = [line.split("\\t") for line in open(sys.argv[1] + "/u.data")]
+users = sorted({r[0] for r in rows}, key=int); items = sorted({r[1] for r in rows}, key=int)
+u_of = {u: i for i, u in enumerate(users)}; i_of = {x: i for i, x in enumerate(items)}
+m = sp.csr_matrix((np.ones(len(rows), np.float32), ([u_of[r[0]] for r in rows], [i_of[r[1]] for r in rows])),
+                  shape=(len(users), len(items)))
+model = AlternatingLeastSquares(factors=64, iterations=15, random_state=0)
+model.fit(m, show_progress=False)
+np.savez(sys.argv[2], user_factors=np.asarray(model.user_factors), item_factors=np.asarray(model.item_factors),
+         user_ids=np.array(users), item_ids=np.array(items), seen=m.indices, seen_offsets=m.indptr)
+"""
+
+
+def post(path: str, body: bytes) -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+
+
+async def send_all(port: int, requests: list[bytes], clients: int) -> dict:
+    """Each request exactly once, from `clients` keep-alive connections; statuses counted."""
+    queue = list(reversed(requests))
+    statuses: dict[int, int] = {}
+
+    async def worker():
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        while queue:
+            writer.write(queue.pop())
+            status, _ = await read_response(reader)
+            statuses[status] = statuses.get(status, 0) + 1
+        writer.close()
+
+    tic = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return {"seconds": time.perf_counter() - tic, "statuses": statuses}
+
+
+def read_ratings(folder: Path) -> list[tuple[str, str, float]]:
+    return [(u, i, float(t)) for u, i, _, t in (line.split("\t") for line in (folder / "u.data").read_text().splitlines())]
+
+
+def train_package(data: Path, work: Path, train_s: float) -> Path:
+    from modelworks.cli import main
+
+    assert main(["train", "recommendation", "--recipe", "sasrec", "--data", f"movielens:{data}", "--name", "live",
+                 "--set", f"output_dir={work / 'runs'}", "--set", f"train.time_budget_s={train_s}",
+                 "--set", "train.test_at_end=false"]) == 0
+    package = work / "package"
+    assert main(["export", str(work / "runs" / "recommendation" / "live"), "--out", str(package), "--version", "1",
+                 "--format", "onnx"]) == 0
+    return package
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--train-s", type=float, default=20.0)
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--duration-s", type=float, default=15.0)
+    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "recommendation_serve.json"))
+    args = parser.parse_args()
+    data = Path(args.data)
+    if not (data / "u.data").is_file():
+        raise SystemExit(f"--data: {data} has no u.data; give the ml-100k folder")
+    cpu = next((line.split(":", 1)[1].strip() for line in subprocess.run(["lscpu"], capture_output=True, text=True)
+                .stdout.splitlines() if line.startswith("Model name")), platform.processor())
+    work = Path(tempfile.mkdtemp(prefix="rec-serve-"))
+    ratings = read_ratings(data)
+    users = sorted({u for u, _, _ in ratings})
+    rng = random.Random(0)
+    results: dict = {"cpu": cpu, "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "clients": args.clients}
+
+    package = train_package(data, work, args.train_s)
+    store_url = f"sqlite:{work / 'events.db'}"
+    ours = Server(package, "onnx", 32, 2.0, 256, None, extra=["--events", store_url])
+    try:
+        # Ingestion: batches, then single events; every event is stored once.
+        bodies = [json.dumps([{"event_id": f"r{n}", "user": u, "item": i, "type": "rating", "ts": t}
+                              for n, (u, i, t) in enumerate(ratings[s:s + 100], start=s)]).encode()
+                  for s in range(0, len(ratings), 100)]
+        batched = asyncio.run(send_all(ours.port, [post("/v1/events", b) for b in bodies], 8))
+        singles = [post("/v1/events", json.dumps({"event_id": f"s{n}", "user": f"new{n % 50}", "item": "50",
+                                                    "ts": 2e9 + n}).encode()) for n in range(4000)]
+        single = asyncio.run(send_all(ours.port, singles, args.clients))
+        again = asyncio.run(send_all(ours.port, [post("/v1/events", b) for b in bodies[:50]], 8))  # duplicates
+        from modelworks.events import EventStore
+
+        store = EventStore(store_url)
+        stored = store.count()
+        store.close()
+        results["ingestion"] = {
+            "batched": {"events": len(ratings), "batch": 100, "clients": 8, "seconds": batched["seconds"],
+                        "events_per_s": len(ratings) / batched["seconds"], "statuses": batched["statuses"]},
+            "single": {"events": len(singles), "clients": args.clients, "seconds": single["seconds"],
+                       "events_per_s": len(singles) / single["seconds"], "statuses": single["statuses"]},
+            "reposted_duplicates": 5000, "stored": stored, "expected": len(ratings) + len(singles),
+            "no_loss": stored == len(ratings) + len(singles) and again["statuses"] == {200: 50}}
+        print(f"ingestion: {results['ingestion']['batched']['events_per_s']:.0f} events/s in batches of 100, "
+              f"{results['ingestion']['single']['events_per_s']:.0f} events/s one per request; stored {stored} of "
+              f"{len(ratings) + len(singles)} (no loss: {results['ingestion']['no_loss']})", flush=True)
+        requests = [get(f"/v1/models/live/recommend?user={rng.choice(users)}&k=10&exclude=seen") for _ in range(2000)]
+        results["ours"] = asyncio.run(closed_loop(ours.port, requests, args.clients, args.duration_s, args.warmup_s))
+    finally:
+        ours.stop()
+
+    factors = work / "als.npz"
+    subprocess.run([str(BENCH_VENV / "bin" / "python"), "-c", ALS_SCRIPT, str(data), str(factors)], check=True)
+    port = free_port()
+    plain = subprocess.Popen([sys.executable, str(ROOT / "bench" / "recommendation_plain_server.py"), str(factors),
+                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                import urllib.request
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/recommend?user=1&k=10", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise SystemExit("the plain server did not start")
+                time.sleep(0.2)
+        requests = [get(f"/recommend?user={rng.choice(users)}&k=10") for _ in range(2000)]
+        results["plain_als"] = asyncio.run(closed_loop(port, requests, args.clients, args.duration_s, args.warmup_s))
+    finally:
+        plain.terminate()
+        plain.wait(timeout=30)
+
+    ours_row, plain_row = results["ours"], results["plain_als"]
+    results["ratio_rps"] = ours_row["throughput_rps"] / plain_row["throughput_rps"]
+    results["targets"] = {"events_per_s>=2000": results["ingestion"]["single"]["events_per_s"] >= 2000,
+                          "rps>=1.2x_plain": results["ratio_rps"] >= 1.2, "p99<=15ms": ours_row["p99_ms"] <= 15}
+    print(f"\n{cpu}, {os.cpu_count()} cores, {results['date']}; {args.clients} clients, {args.duration_s:.0f} s")
+    print(f"{'server':<44} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    for label, row in (("ours: SASRec, live history from SQLite", ours_row),
+                       ("plain FastAPI + uvicorn, ALS from memory", plain_row)):
+        print(f"{label:<44} {row['throughput_rps']:>8.1f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
+              f"{row['errors']:>7}")
+    print(f"ratio {results['ratio_rps']:.2f}x; targets: {results['targets']}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

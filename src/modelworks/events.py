@@ -1,0 +1,277 @@
+"""The event store: what users did (viewed, rated, bought an item), kept in SQLite or PostgreSQL.
+
+    open_store("sqlite:events.db")                    # a file; WAL, no server, no setup
+    open_store("postgresql://USER@HOST/DB")           # a real server: many replicas write and read one store
+
+Both backends hold the same schema, created and upgraded by the versioned MIGRATIONS on open (a `schema_version`
+table records the last applied; concurrent openers serialise on a lock, so two replicas starting together
+migrate once). Ingestion is idempotent by `event_id`: INSERT ... ON CONFLICT DO NOTHING, so a client that
+retries after a lost answer stores nothing twice, and the answer tells stored from duplicate. Reads of one
+user's latest events go through the index on (user_id, ts).
+
+`EventStore` is synchronous and thread-safe: each thread keeps its own connection (sqlite3 and psycopg
+connections are not shared between threads). The server calls it from a small thread pool of its own
+(`AsyncEventStore`), never on its event loop: a write that waits for SQLite's lock or PostgreSQL's network must
+not stall the other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .errors import ConfigError
+
+MAX_ID_CHARS = 256  # event, user and item ids; longer is not an id
+BUSY_TIMEOUT_MS = 30_000  # SQLite: how long a writer waits for another process's write lock before failing
+PG_LOCK_KEY = 0x6D6F64656C  # pg_advisory_xact_lock key of the migrations ("model")
+
+# The schema, one migration per version, in order; never edit an applied one, append. `{serial}` is the
+# auto-increment primary key of each dialect: it orders events that share a timestamp by arrival.
+MIGRATIONS = [
+    ["CREATE TABLE events (seq {serial} PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL, "
+     "item TEXT NOT NULL, type TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, received_at DOUBLE PRECISION NOT NULL)",
+     "CREATE INDEX events_user_ts ON events (user_id, ts)"],
+]
+
+
+class Event(BaseModel):
+    """One interaction, as POST /v1/events takes it."""
+    model_config = ConfigDict(extra="forbid")
+
+    event_id: str = Field(min_length=1, max_length=MAX_ID_CHARS, description="The client's unique id: an event "
+                          "sent twice (a retry) is stored once.")
+    user: str | int = Field(description="The user's id.")
+    item: str | int = Field(description="The item's id, as in the model's catalogue.")
+    type: str = Field("interaction", min_length=1, max_length=64, description="view, click, rating, purchase, ...")
+    ts: float | None = Field(None, ge=0, allow_inf_nan=False, description="Unix time in seconds; default: arrival.")
+
+    @field_validator("user", "item")
+    @classmethod
+    def short_id(cls, value: str | int) -> str:
+        value = str(value)
+        if not value or len(value) > MAX_ID_CHARS:
+            raise ValueError(f"must be 1 to {MAX_ID_CHARS} characters")
+        return value
+
+
+@dataclass(frozen=True)
+class Dialect:
+    name: str
+    serial: str  # the auto-increment key type
+    placeholder: str  # DB-API parameter marker
+
+
+SQLITE = Dialect("sqlite", "INTEGER", "?")  # INTEGER PRIMARY KEY is the rowid: increasing, no AUTOINCREMENT table
+POSTGRES = Dialect("postgresql", "BIGSERIAL", "%s")
+
+
+def parse_url(url: str) -> tuple[Dialect, str]:
+    kind, sep, rest = url.partition(":")
+    if kind == "sqlite" and sep and rest:
+        return SQLITE, rest
+    if kind in ("postgresql", "postgres") and rest.startswith("//"):
+        return POSTGRES, url
+    raise ConfigError(f"--events: {url!r} is not an event store URL; use sqlite:PATH (e.g. sqlite:events.db) or "
+                      "postgresql://USER@HOST/DB")
+
+
+class EventStore:
+    """A store behind a URL; see the module's docstring."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.dialect, self.target = parse_url(url)
+        self.local = threading.local()
+        self.connections: list = []
+        self.lock = threading.Lock()
+        if self.dialect is POSTGRES:
+            try:
+                import psycopg  # noqa: F401
+            except ImportError:
+                raise ConfigError("--events: a PostgreSQL store needs psycopg; pip install 'modelworks[postgres]'"
+                                  ) from None
+        else:
+            Path(self.target).parent.mkdir(parents=True, exist_ok=True)
+        self.migrate()
+
+    # ------------------------------------------------------------------------------------------ connections
+
+    def connection(self):
+        conn = getattr(self.local, "conn", None)
+        if conn is None:
+            conn = self.connect()
+            self.local.conn = conn
+            with self.lock:
+                self.connections.append(conn)
+        return conn
+
+    def connect(self):
+        if self.dialect is SQLITE:
+            # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE takes the write lock up front, so two
+            # writers never deadlock upgrading a read lock); check_same_thread off for close() from another thread.
+            conn = sqlite3.connect(self.target, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None,
+                                   check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+            # NORMAL under WAL: a commit survives the process crashing; only a power loss may undo the last ones.
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            return conn
+        import psycopg
+
+        try:
+            return psycopg.connect(self.target, autocommit=True)
+        except psycopg.OperationalError as exc:
+            raise ConfigError(f"--events: cannot connect to {self.url} ({str(exc).strip().splitlines()[0]}); is the "
+                              "server running, and does the database exist?") from None
+
+    def transaction(self):
+        """A write transaction on this thread's connection, as a context manager yielding a cursor."""
+        return _Transaction(self.connection(), self.dialect)
+
+    def close(self) -> None:
+        with self.lock:
+            connections, self.connections = self.connections, []
+        for conn in connections:
+            try:
+                conn.close()
+            except Exception:  # a connection of a thread that is gone: nothing left to release
+                pass
+        self.local = threading.local()
+
+    # ------------------------------------------------------------------------------------------ schema
+
+    def migrate(self) -> int:
+        """Apply the migrations this store lacks, under a lock; returns the schema version."""
+        with self.transaction() as cur:
+            if self.dialect is POSTGRES:
+                cur.execute("SELECT pg_advisory_xact_lock(%s)", (PG_LOCK_KEY,))
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL, "
+                        "applied_at DOUBLE PRECISION NOT NULL)")
+            cur.execute("SELECT MAX(version) FROM schema_version")
+            current = cur.fetchone()[0] or 0
+            if current > len(MIGRATIONS):
+                raise ConfigError(f"--events: {self.url} has schema version {current}, newer than this modelworks "
+                                  f"knows ({len(MIGRATIONS)}); upgrade modelworks")
+            for version, statements in enumerate(MIGRATIONS[current:], start=current + 1):
+                for statement in statements:
+                    cur.execute(statement.format(serial=self.dialect.serial))
+                cur.execute(self.sql("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)"),
+                            (version, time.time()))
+        return len(MIGRATIONS)
+
+    def schema_version(self) -> int:
+        with self.transaction() as cur:
+            cur.execute("SELECT MAX(version) FROM schema_version")
+            return cur.fetchone()[0] or 0
+
+    def sql(self, query: str) -> str:
+        return query.replace("?", self.dialect.placeholder)
+
+    # ------------------------------------------------------------------------------------------ events
+
+    def add(self, events: list[Event]) -> int:
+        """Store the events not stored before (by event_id), in one transaction; returns how many were new."""
+        if not events:
+            return 0
+        now = time.time()
+        rows = [(e.event_id, str(e.user), str(e.item), e.type, e.ts if e.ts is not None else now, now)
+                for e in events]
+        query = self.sql("INSERT INTO events (event_id, user_id, item, type, ts, received_at) VALUES (?, ?, ?, ?, ?, ?) "
+                         "ON CONFLICT (event_id) DO NOTHING")
+        with self.transaction() as cur:
+            cur.executemany(query, rows)
+            # Both drivers sum the rows each statement inserted; a conflicting event_id inserts none.
+            return cur.rowcount
+
+    def latest(self, user: str, n: int) -> list[str]:
+        """The user's `n` most recent items, oldest first."""
+        if n <= 0:
+            return []
+        cur = self.connection().cursor()
+        try:
+            cur.execute(self.sql("SELECT item FROM events WHERE user_id = ? ORDER BY ts DESC, seq DESC LIMIT ?"),
+                        (str(user), int(n)))
+            return [row[0] for row in reversed(cur.fetchall())]
+        finally:
+            cur.close()
+
+    def count(self) -> int:
+        cur = self.connection().cursor()
+        try:
+            cur.execute("SELECT COUNT(*) FROM events")
+            return int(cur.fetchone()[0])
+        finally:
+            cur.close()
+
+    def iter_events(self, batch: int = 10_000) -> Iterator[tuple[str, str, float]]:
+        """(user, item, ts) of every event, by time (arrival order within a timestamp)."""
+        cur = self.connection().cursor()
+        try:
+            cur.execute("SELECT user_id, item, ts FROM events ORDER BY ts, seq")
+            while rows := cur.fetchmany(batch):
+                yield from ((u, i, float(t)) for u, i, t in rows)
+        finally:
+            cur.close()
+
+
+class _Transaction:
+    def __init__(self, conn, dialect: Dialect):
+        self.conn, self.dialect = conn, dialect
+
+    def __enter__(self):
+        if self.dialect is SQLITE:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.cur = self.conn.cursor()
+        else:
+            self.tx = self.conn.transaction()
+            self.tx.__enter__()
+            self.cur = self.conn.cursor()
+        return self.cur
+
+    def __exit__(self, kind, exc, traceback):
+        self.cur.close()
+        if self.dialect is SQLITE:
+            self.conn.execute("COMMIT" if kind is None else "ROLLBACK")
+            return False
+        return self.tx.__exit__(kind, exc, traceback)
+
+
+def open_store(url: str) -> EventStore:
+    return EventStore(url)
+
+
+class AsyncEventStore:
+    """An EventStore called from a server's event loop: every call runs in a small pool of threads (each with its
+    own connection), so a slow write or a lock wait never stalls the loop."""
+
+    def __init__(self, url: str, threads: int = 4):
+        self.url = url
+        self.threads = threads
+        self.store: EventStore | None = None
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="events")
+
+    async def open(self) -> None:
+        self.store = await self.call(EventStore, self.url)
+
+    async def call(self, function, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
+
+    async def add(self, events: list[Event]) -> int:
+        return await self.call(self.store.add, events)
+
+    async def latest(self, user: str, n: int) -> list[str]:
+        return await self.call(self.store.latest, user, n)
+
+    async def close(self) -> None:
+        if self.store is not None:
+            await self.call(self.store.close)
+        self.pool.shutdown(wait=True)
