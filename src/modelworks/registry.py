@@ -15,6 +15,7 @@ _TASK_CLASSES = {
     "detection": ("modelworks.tasks.detection.task", "DetectionTask"),
     "language_model": ("modelworks.tasks.language_model.task", "LanguageModelTask"),
     "recommendation": ("modelworks.tasks.recommendation.task", "RecommendationTask"),
+    "diffusion": ("modelworks.tasks.diffusion.task", "DiffusionTask"),
 }
 
 
