@@ -35,11 +35,15 @@ def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray) -> float:
-    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)). tr((S1 S2)^(1/2)) is the sum of the square roots of the
-    eigenvalues of S1 S2, which are real and non-negative for covariance matrices (up to rounding, clipped)."""
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^(1/2)), with tr((S1 S2)^(1/2)) = tr((R S2 R)^(1/2)), R = S1^(1/2):
+    R S2 R is symmetric positive semi-definite, so both roots come from symmetric eigendecompositions (stable
+    where the eigenvalues of the non-symmetric S1 S2 are not, e.g. with fewer samples than dimensions)."""
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     diff = np.asarray(mu1, np.float64) - np.asarray(mu2, np.float64)
-    eigenvalues = np.linalg.eigvals(np.asarray(sigma1, np.float64) @ np.asarray(sigma2, np.float64))
-    trace_sqrt = np.sqrt(np.clip(eigenvalues.real, 0, None)).sum()
+    values, vectors = np.linalg.eigh(sigma1)
+    root1 = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = np.linalg.eigvalsh(root1 @ sigma2 @ root1)
+    trace_sqrt = np.sqrt(np.clip(inner, 0, None)).sum()
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt)
 
 
@@ -100,9 +104,10 @@ class MetricClassifier(nn.Module):
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
             return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
-                                 nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(),
                                  nn.MaxPool2d(2))
 
+        # One convolution per resolution: about 10M multiply-adds an image, so training it costs under a minute
+        # of two CPU cores once per data set (cached), for about 90% test accuracy on Fashion-MNIST.
         self.body = nn.Sequential(block(channels, 32), block(32, 64), block(64, 128),
                                   nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = nn.Linear(128, num_classes)
@@ -114,7 +119,7 @@ class MetricClassifier(nn.Module):
         return self.head(self.body(x))
 
 
-def train_metric_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int = 3,
+def train_metric_classifier(x: torch.Tensor, y: torch.Tensor, num_classes: int, epochs: int = 2,
                             batch_size: int = 256, seed: int = 0) -> MetricClassifier:
     """x: float [N, C, S, S] in [-1, 1] (the diffusion model's range and size)."""
     generator = torch.Generator().manual_seed(seed)
@@ -176,7 +181,8 @@ def metric_classifier(task) -> MetricClassifier:
         return model.eval()
     splits = task.datasets(torch.device("cpu"))
     images, labels = training_images(splits.train)
-    model = train_metric_classifier(task.to_model_range(images), labels, task.num_classes)
+    with torch.enable_grad():  # called from evaluation, which runs without gradients
+        model = train_metric_classifier(task.to_model_range(images), labels, task.num_classes)
     torch.save(model.state_dict(), path)
     return model
 

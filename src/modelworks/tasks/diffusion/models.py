@@ -20,7 +20,7 @@ from torch import nn
 # (pixel unshuffle, as "simple diffusion", Hoogeboom et al. 2023, does for large images): level i then works at
 # resolution H / (p 2^i). On 2 CPU cores the full-resolution level costs most of a small UNet's time.
 SIZES = {
-    "xs": (64, (1, 2), 2, (1,), 2),
+    "xs": (48, (1, 2), 1, (1,), 2),
     "s": (64, (1, 2, 2), 2, (2,), 1),
     "m": (96, (1, 2, 2, 2), 2, (2, 3), 1),
 }
