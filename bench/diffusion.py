@@ -1,7 +1,8 @@
 """Diffusion benchmark, one run, side by side on Fashion-MNIST padded to 32x32 (2-core CPU by default):
 
     python bench/diffusion.py                  # 8 + 8 minutes of training, then sampling and FID (~25 minutes)
-    python bench/diffusion.py --minutes 1      # a quick check of the whole path
+    python bench/diffusion.py --minutes 1      # a quick check of the whole path (below 1 minute, our time budget
+                                               # does not cover the engine's speed probe)
     python bench/diffusion.py --recipe fashion-mnist-long --minutes 60 --skip-peer   # the 60-minute recipe
 
 Peer: `diffusers` UNet2DModel (3.94M parameters: blocks 32/64/128, two layers each, attention at the lowest
