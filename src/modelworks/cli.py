@@ -1,5 +1,5 @@
 """The `modelworks` command: verbs train / calibrate / evaluate / export / predict / serve / retrain / debug /
-generate / caption / recipes.
+generate / caption / sample / recipes.
 
     modelworks train classification --recipe fashion-mnist --set optim.lr=0.002
     modelworks train --resume runs/classification/NAME
@@ -12,6 +12,7 @@ generate / caption / recipes.
     modelworks debug classification --recipe fashion-mnist overfit    # also: augment, gradients
     modelworks generate runs/language_model/NAME --prompt "ROMEO:" --max-new-tokens 300 --temperature 0.8
     modelworks caption runs/captioning/NAME photo.png --beam 5
+    modelworks sample runs/diffusion/NAME --n 64 --class Sneaker --steps 20 --guidance 2.0 --out grid.png
 """
 
 from __future__ import annotations
@@ -206,18 +207,38 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--runtime", default="onnx", choices=["eager", "torchscript", "onnx"],
                          help="runtime that scores both versions on the events")
 
+    add_sample_parser(verbs)
+
     recipes = verbs.add_parser("recipes", help="list the shipped recipes")
     recipes.add_argument("task", nargs="?")
     return parser
 
 
 def add_model_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """generate and caption: a run directory (eager) or a package (any runtime)."""
+    """generate, caption and sample: a run directory (eager) or a package (any runtime)."""
     parser.add_argument("--runtime", default="onnx", choices=["eager", "torchscript", "onnx", "int8"],
                         help="for a package (a run directory always runs eager PyTorch)")
     parser.add_argument("--checkpoint", default="best", choices=["best", "last"])
     parser.add_argument("--threads", type=int,
                         help="CPU threads for the runtime (1 is fastest for one stream of a small model)")
+
+
+def add_sample_parser(verbs) -> None:
+    sample = verbs.add_parser("sample", help="generate images from an image-generating run or package, to a grid",
+                              description="Sample images with a run's best checkpoint (eager PyTorch) or a model "
+                                          "package (any runtime) and write them as one grid PNG, with a progress "
+                                          "bar over the denoising steps. For models whose predictor generates "
+                                          "images.")
+    sample.add_argument("model", metavar="RUN_OR_PACKAGE")
+    sample.add_argument("--n", type=int, default=64, help="images (default 64)")
+    sample.add_argument("--class", dest="label", help="class to generate (default: unconditional)")
+    sample.add_argument("--sampler", help="ddpm, ddim or dpm-solver (default: the model's)")
+    sample.add_argument("--steps", type=int, help="denoising steps (default: the model's)")
+    sample.add_argument("--guidance", type=float, help="classifier-free guidance weight (default: the model's)")
+    sample.add_argument("--eta", type=float, default=0.0, help="DDIM's eta")
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("--out", default="samples.png", help="the grid PNG (default samples.png)")
+    add_model_source_arguments(sample)
 
 
 def print_table(title: str, metrics: dict[str, float]) -> None:
@@ -602,6 +623,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_generate(args)
         if args.verb == "caption":
             return run_caption(args)
+        if args.verb == "sample":
+            from .sample_cli import run_sample
+
+            return run_sample(args)
         return run_recipes(args)
     except ModelworksError as exc:
         print(f"modelworks: error: {exc}", file=sys.stderr)

@@ -16,6 +16,7 @@ _TASK_CLASSES = {
     "language_model": ("modelworks.tasks.language_model.task", "LanguageModelTask"),
     "recommendation": ("modelworks.tasks.recommendation.task", "RecommendationTask"),
     "captioning": ("modelworks.tasks.captioning.task", "CaptioningTask"),
+    "diffusion": ("modelworks.tasks.diffusion.task", "DiffusionTask"),
 }
 
 

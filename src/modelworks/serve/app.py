@@ -63,6 +63,7 @@ from .metrics import Metrics
 from .routing import ModelRoute, Version
 from .screening import screen_upload
 from .streaming import Scheduler, streams
+from .media import negotiate
 
 ADMIN_TOKEN_ENV = "MODELWORKS_ADMIN_TOKEN"
 CALLER_HEADER = "x-caller-id"
@@ -374,6 +375,9 @@ class ModelServer:
         confidence = version.model.predictor.confidence(answer)
         if confidence is not None:
             self.metrics.confidence.labels(name, version.name).observe(confidence)
+        media = negotiate(version.model.predictor, answer, request.headers.get("accept"))
+        if media is not None:  # the answer as a file the client asked for (serve/media.py)
+            return Response(media[0], media_type=media[1], headers={"X-Model-Version": version.name})
         envelope = json.dumps({"model": name, "version": version.name, "request_id": state.get("request_id"),
                                "latency_ms": round((time.perf_counter() - state["arrival"]) * 1000, 3)})
         # The prediction is serialised by pydantic directly (no dict in between) and spliced into the envelope.
@@ -934,7 +938,8 @@ def describe_route(route: ModelRoute) -> dict:
             "outputs": spec.get("outputs"), "labels": spec.get("labels"), "file_field": predictor.file_field,
             "request_fields": list(predictor.Request.model_fields), "preprocessing": spec.get("preprocessing"),
             "postprocessing": spec.get("postprocessing"), "limits": predictor.limits,
-            "streams": route.streams, "completions": "/v1/completions" if route.streams else None}
+            "streams": route.streams, "completions": "/v1/completions" if route.streams else None,
+            "generates": spec.get("generates")}
 
 
 @functools.cache

@@ -1,0 +1,1 @@
+"""Project 4: diffusion image synthesis."""
