@@ -10,7 +10,7 @@ resolution) with its DDPMScheduler (linear betas, eps prediction), fp32, AdamW 1
 same minutes on the same training split, sampled by DDIMScheduler in 50 steps. diffusers is installed into the
 bench's own folder, not the package's dependencies:
 
-    /work/main/.venv/bin/pip install --no-deps --target /root/.cache/modelworks-bench-diffusers diffusers
+    .venv/bin/pip install --no-deps --target ~/.cache/modelworks-bench-diffusers diffusers
 
 (`--peer-path` names that folder; it goes on the peer worker's PYTHONPATH only.) Ours: the `fashion-mnist` recipe
 (xs UNet, v-prediction on the cosine schedule, bf16, EMA) under `train.time_budget_s`, sampled by DPM-Solver++(2M)

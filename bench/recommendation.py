@@ -8,7 +8,7 @@ with paired per-user comparisons; and faiss retrieval on a synthetic catalogue o
 
 Ours run through the engine exactly as `modelworks train recommendation --recipe ease|sasrec|two-tower` does (in
 process); ALS/BPR run in a separate virtual environment (--implicit-python, default
-/root/.cache/modelworks-bench-venv), as `implicit` is no dependency of modelworks. EASE's lambda is chosen per
+~/.cache/modelworks-bench-venv), as `implicit` is no dependency of modelworks. EASE's lambda is chosen per
 dataset on the validation split from --ease-l2. Paired comparisons: per test user, each model's NDCG@10 averaged
 over seeds; the difference against a baseline, its mean, standard error and paired t. Writes
 bench/results/recommendation.json. Run alone (the times are wall clock): `flock LOCKFILE python bench/...`.
@@ -274,7 +274,7 @@ def main() -> None:
     parser.add_argument("--small-ease-l2", type=float, nargs="+", default=[200, 500],
                         help="EASE's lambdas on ml-latest-small (each solve of its 9.7k items takes ~40 s)")
     parser.add_argument("--skip-implicit", action="store_true")
-    parser.add_argument("--implicit-python", default="/root/.cache/modelworks-bench-venv/bin/python")
+    parser.add_argument("--implicit-python", default=str(Path.home() / ".cache" / "modelworks-bench-venv" / "bin" / "python"))
     parser.add_argument("--sasrec", nargs="*", default=[], help="--set overrides for the SASRec runs")
     parser.add_argument("--two-tower", nargs="*", default=[], help="--set overrides for the two-tower runs")
     parser.add_argument("--no-faiss", action="store_true")

@@ -12,7 +12,7 @@ FastAPI + uvicorn server returning ALS scores from memory (bench/recommendation_
 3. /recommend?user=U&k=10&exclude=seen for random users, 32 closed-loop clients: the server reads each user's
    latest 50 events from SQLite, runs the graph in dynamic batches and masks what was seen.
 4. The same load against the plain server (implicit's ALS, trained in the bench venv
-   /root/.cache/modelworks-bench-venv; its factors are served by FastAPI in this Python).
+   ~/.cache/modelworks-bench-venv; its factors are served by FastAPI in this Python).
 Prints a table and writes bench/results/recommendation_serve.json.
 """
 
