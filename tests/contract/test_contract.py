@@ -305,13 +305,26 @@ WEB_FILE_READERS = {".html": task_names_in_page, ".htm": task_names_in_page,
                     ".js": task_names_in_script, ".mjs": task_names_in_script}
 
 
-@pytest.mark.parametrize("layer", ["engine", "export", "serve"])
+@pytest.mark.parametrize("layer", ["engine", "export", "serve", "models", "data"])
 def test_generic_layers_import_no_task(layer):
     folder = SRC / layer
     files = sorted(folder.rglob("*.py"))
     assert files
     for path in files:
         assert task_imports(path) == [], f"{path.relative_to(SRC)} imports a task: the {layer} must not know any"
+
+
+def test_no_task_imports_another_task():
+    """Code two tasks share (the transformer decoder, sampling, beam search, image backbones, scene generators)
+    lives in a module both import (models/, data/, tasks/base.py ...), never in one task imported by another."""
+    task_packages = sorted(path for path in (SRC / "tasks").iterdir() if (path / "__init__.py").is_file())
+    assert len(task_packages) == len(TASKS)
+    for package in task_packages:
+        for path in sorted(package.rglob("*.py")):
+            others = sorted(name for name in imported_modules(path) for other in task_packages
+                            if other != package and (name == f"modelworks.tasks.{other.name}"
+                                                     or name.startswith(f"modelworks.tasks.{other.name}.")))
+            assert others == [], f"{path.relative_to(SRC)} imports another task: {others}; move the shared code"
 
 
 @pytest.mark.parametrize("layer", ["engine", "export", "serve"])

@@ -10,7 +10,7 @@ from modelworks.data.text import CharTokenizer
 from modelworks.errors import InputError
 from modelworks.models.transformer import Decoder, DecoderConfig
 from modelworks.tasks.language_model.predictor import CompletionRequest, TextGenerator
-from modelworks.tasks.language_model.sampling import SamplingOptions, choose_token, filter_logits
+from modelworks.models.sampling import SamplingOptions, choose_token, filter_logits
 from modelworks.tasks.language_model.task import eager_runner, generate_uncached
 
 VOCAB = "abcdefghijklmnopqrstuvwxyz .\n"
@@ -209,7 +209,7 @@ def test_slots_are_reused_after_the_end_and_freed_when_a_sequence_is_dropped():
 def test_a_row_samples_the_same_token_alone_and_in_a_mixed_batch():
     """Batched sampling is row-wise: per-row options (greedy, top-k, top-p, min-p, penalties) beside each other
     give each row what it gets alone, drawing from its own generator."""
-    from modelworks.tasks.language_model.sampling import BatchOptions, choose_tokens
+    from modelworks.models.sampling import BatchOptions, choose_tokens
 
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(5, 40)).astype(np.float32)

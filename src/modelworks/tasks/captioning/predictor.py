@@ -33,7 +33,7 @@ from ...models.decoding import beam_search
 from ..base import Predictor
 from ..image_requests import (FORMATS, IMAGE_SUFFIXES, INLINE_PIXELS, ScreensImageHeaders, decode_base64,
                               decode_image_file, default_max_pixels, small_file)
-from ..language_model.sampling import SamplingOptions, choose_token
+from ...models.sampling import SamplingOptions, choose_token
 
 TOKENIZER_FILE = "tokenizer.json"
 MAX_BEAM = 8  # wider beams cost linearly and, on captioning, score no better (Vinyals et al. 2016 use 3)

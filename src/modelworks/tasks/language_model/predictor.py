@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ...data.text import tokenizer_from_json
 from ...errors import InputError
 from ..base import Predictor
-from .sampling import BatchOptions, SamplingOptions, choose_tokens
+from ...models.sampling import BatchOptions, SamplingOptions, choose_tokens
 
 TOKENIZER_FILE = "tokenizer.json"
 
