@@ -2,7 +2,7 @@
 GET /recommend at 32 concurrent clients with each user's history read live from that store, against a plain
 FastAPI + uvicorn server returning ALS scores from memory (bench/recommendation_plain_server.py).
 
-    flock /tmp/cpu.lock python bench/recommendation_serve.py [--data ../shared/data/movielens/ml-100k]
+    flock LOCKFILE python bench/recommendation_serve.py [--data ../shared/data/movielens/ml-100k]
 
 1. A SASRec (the sasrec recipe, max_len 50) trains for --train-s seconds and is exported (ONNX): its quality is
    not measured here (bench/recommendation.py does), only its serving cost.
