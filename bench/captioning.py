@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,17 +42,10 @@ from modelworks.config import load_config, read_recipe  # noqa: E402
 from modelworks.models.convnets import fastnet_features  # noqa: E402
 from modelworks.tasks.captioning.model import PIXEL_MEAN, PIXEL_STD  # noqa: E402
 from modelworks.tasks.captioning.task import IGNORE, CaptioningTask  # noqa: E402
+from machine import cpu_name  # bench/machine.py: bench/ is on sys.path when a script runs
 
 THREADS = 2
 TIMED_IMAGES = 50
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def modelworks(args: list[str], timeout_s: float) -> subprocess.CompletedProcess:

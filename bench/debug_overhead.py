@@ -17,9 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +28,7 @@ from modelworks import config as config_mod
 from modelworks.engine import rundir
 from modelworks.engine.loop import fit
 from modelworks.registry import get_task
+from machine import cpu_name  # bench/machine.py: bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {  # name -> overrides
@@ -42,14 +41,6 @@ RUNS = {  # task -> (recipe, overrides that make it short: training steps, one v
     "detection": ("fmnist-scenes", ["train.epochs=0.5", "train.eval_every_steps=0", "train.log_every_steps=10",
                                     "train.ema.enabled=false"]),
 }
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def train_once(task_name: str, setting: str, folder: Path) -> dict:

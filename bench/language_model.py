@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -37,20 +35,11 @@ from modelworks.engine.loop import fit
 from modelworks.engine.memory import keep_freed_memory
 from modelworks.models.transformer import Decoder, DecoderConfig
 from modelworks.tasks.language_model.task import LanguageModelTask, eager_runner, generate_uncached
+from machine import cpu_name  # bench/machine.py: bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 NANOGPT_ARCH = dict(norm="layernorm", positions="learned", mlp="gelu", qk_norm=False, tie_embeddings=True,
                     zero_init_proj=False)
-
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def train_recipe(recipe: str, out: Path, overrides: list[str]) -> dict:

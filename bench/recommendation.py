@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import statistics
 import subprocess
 import tempfile
@@ -34,18 +33,12 @@ from modelworks.engine.loop import evaluate_run, fit, load_for_evaluation
 from modelworks.tasks.recommendation import data as rec_data
 from modelworks.tasks.recommendation.metrics import mask_seen, target_ranks
 from modelworks.tasks.recommendation.task import RecommendationTask
+from machine import cpu_name  # bench/machine.py: bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parent.parent
 ISSUE_TABLE = {"ml-100k": {"most-popular": 0.025, "als": 0.040, "bpr": 0.045, "ease": 0.041, "sasrec": 0.062},
                "ml-latest-small": {"als": 0.033, "ease": 0.041}}  # NDCG@10
 METRICS = ("ndcg@10", "hr@10", "mrr", "coverage@10", "popularity@10")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 # ---------------------------------------------------------------------------------------------- our models

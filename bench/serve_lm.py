@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from machine import cpu_name  # bench/machine.py: bench/ is on sys.path when a script runs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,16 +95,6 @@ async def burst(url: str, clients: int, prompt: str, max_tokens: int) -> dict:
     statuses = [r["status"] for r in results]
     return {"clients": clients, "ok": statuses.count(200), "503": statuses.count(503),
             "other": len(statuses) - statuses.count(200) - statuses.count(503)}
-
-
-def cpu_name() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main() -> None:
