@@ -65,6 +65,23 @@ class InMemoryImages(Dataset):
 # ---------------------------------------------------------------------------------------------- Fashion-MNIST
 
 
+IMAGE_SOURCES = ("fashion-mnist", "cifar10", "imagefolder")
+
+
+def check_image_source(source: str, val_fraction: float, channels: int) -> str:
+    """Validate an image task's `data.source`, `data.val_fraction` and `data.channels` (config errors name the
+    key); returns the source's kind."""
+    kind = source.split(":", 1)[0]
+    if kind not in IMAGE_SOURCES or (kind == "imagefolder") != (":" in source):
+        raise ValueError(f"data.source: {source!r} is not a data source; use fashion-mnist, cifar10 or "
+                         "imagefolder:PATH")
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"data.val_fraction: must be in (0, 1) (got {val_fraction})")
+    if channels not in (1, 3):
+        raise ValueError(f"data.channels: must be 1 or 3 (got {channels})")
+    return kind
+
+
 def _find_idx(folder: Path, stem: str) -> Path | None:
     for name in (stem + ".gz", stem):
         if (folder / name).is_file():

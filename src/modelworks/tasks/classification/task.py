@@ -53,14 +53,7 @@ class ClassificationDataConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self):
-        kind = self.source.split(":", 1)[0]
-        if kind not in ("fashion-mnist", "cifar10", "imagefolder") or (kind == "imagefolder") != (":" in self.source):
-            raise ValueError(f"data.source: {self.source!r} is not a data source; use fashion-mnist, cifar10 or "
-                             "imagefolder:PATH")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"data.val_fraction: must be in (0, 1) (got {self.val_fraction})")
-        if self.channels not in (1, 3):
-            raise ValueError(f"data.channels: must be 1 or 3 (got {self.channels})")
+        image_data.check_image_source(self.source, self.val_fraction, self.channels)
 
 
 def shift_image(x: torch.Tensor, pixels: int) -> torch.Tensor:

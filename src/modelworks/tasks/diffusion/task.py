@@ -66,14 +66,7 @@ class DiffusionDataConfig:
     cache_dir: str = "~/.cache/modelworks/diffusion"  # reference statistics and the metric classifier, per data set
 
     def __post_init__(self):
-        kind = self.source.split(":", 1)[0]
-        if kind not in ("fashion-mnist", "cifar10", "imagefolder") or (kind == "imagefolder") != (":" in self.source):
-            raise ValueError(f"data.source: {self.source!r} is not a data source; use fashion-mnist, cifar10 or "
-                             "imagefolder:PATH")
-        if not 0 < self.val_fraction < 1:
-            raise ValueError(f"data.val_fraction: must be in (0, 1) (got {self.val_fraction})")
-        if self.channels not in (1, 3):
-            raise ValueError(f"data.channels: must be 1 or 3 (got {self.channels})")
+        kind = image_data.check_image_source(self.source, self.val_fraction, self.channels)
         if self.image_size < 8 or self.image_size % 4:
             raise ValueError(f"data.image_size: must be a multiple of 4, at least 8 (got {self.image_size}); the "
                              "UNet halves it twice")
