@@ -48,6 +48,8 @@ def test_references_describe_the_layout(items):
             noun = NOUNS[g.label][g.count > 1]
             assert any(f"{'a' if g.count == 1 else 'two'} {g.size} {g.colour} {noun}" in r for r in refs)
             assert len(g.boxes) == g.count
+        for r in refs:  # the verb agrees with the count that follows it
+            assert not re.search(r"there is two|there are a ", r), r
         if relation is None:
             continue
         a, b = groups

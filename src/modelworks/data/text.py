@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError, InputError
+from ..files import write_atomic
 
 END_OF_TEXT = "<|endoftext|>"
 
@@ -197,10 +198,8 @@ def cached_encoding(cache_dir: Path | None, tokenizer, documents: list[str]) -> 
     if path.is_file():
         return np.load(path, allow_pickle=False)
     tokens = encode_documents(tokenizer, documents)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, tokens, allow_pickle=False)
-    tmp.replace(path)
+    # Atomic: the ranks of one run may all miss the cache and write it at once, while another already reads it.
+    write_atomic(path, lambda f: np.save(f, tokens, allow_pickle=False))
     return tokens
 
 

@@ -7,9 +7,7 @@ whose restricted unpickler refuses any other object: a tampered file cannot run 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -17,21 +15,12 @@ import torch
 from torch import nn
 
 from ..errors import CheckpointError
+from ..files import write_atomic
 
 
 def save_atomic(state: dict, path: Path) -> None:
     """Write to a temporary file in the same folder, fsync, then rename: a crash leaves the old file intact."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda f: torch.save(state, f))
 
 
 # What fit() saves; a training checkpoint must hold all of it to be resumed.

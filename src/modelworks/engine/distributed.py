@@ -72,6 +72,21 @@ def barrier() -> None:
         dist.barrier()
 
 
+@contextlib.contextmanager
+def main_first():
+    """Rank 0 runs the body first, the other ranks after it: what the body downloads, generates or caches (data
+    sets, tokenizers, token files) is written once, whole, and then read by every other rank, not written by all
+    ranks at once. One process: just the body."""
+    if not dist.is_initialized():
+        yield
+        return
+    if not is_main():
+        dist.barrier()
+    yield
+    if is_main():
+        dist.barrier()
+
+
 def broadcast_object(value):
     """Rank 0's value on every rank (e.g. the run directory name, which holds rank 0's timestamp)."""
     if not dist.is_initialized():

@@ -267,7 +267,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     if task.trains_in_closed_form():  # solved once, not stepped (EASE): engine/closed_form.py
         return closed_form.fit(task, cfg, run_dir, device, precision)
 
-    splits = task.datasets(device)
+    with distributed.main_first():  # rank 0 writes generated data and caches, then the others read them
+        splits = task.datasets(device)
     batch_size, note = batch_size_for(t.batch_size, len(splits.train), world * micro_batches)
     if note:
         splits.notes.append(note)
@@ -501,7 +502,8 @@ def calibrate_run(task, cfg: RunConfig, run_dir: Path, which: str = "best") -> d
     nothing written) for a task without calibration."""
     device = resolve_device(cfg.train.device)
     precision = choose_precision(cfg.train.precision, device)
-    splits = task.datasets(device)
+    with distributed.main_first():
+        splits = task.datasets(device)
     model = load_for_evaluation(task, run_dir, device, cfg, which)
     indices = eval_indices(len(splits.val), cfg.train.eval_batch_size, 0, 1)
     batches = (task.prepare_batch(b, None)
@@ -547,7 +549,8 @@ def evaluate_run(task, cfg: RunConfig, run_dir: Path, split: str = "test", which
     source without a test split (an ImageFolder tree without test/) is reported on its validation split."""
     device = resolve_device(cfg.train.device)
     precision = choose_precision(cfg.train.precision, device)
-    splits = task.datasets(device)
+    with distributed.main_first():
+        splits = task.datasets(device)
     dataset = {"train": splits.train, "val": splits.val, "test": splits.test}[split]
     if dataset is None and fallback_to_val:
         print(f"the data source has no {split} split: reporting on the validation split instead")

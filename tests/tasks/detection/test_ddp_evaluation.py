@@ -14,7 +14,7 @@ from modelworks.config import load_config
 from modelworks.tasks.detection.task import DetectionTask
 
 pytestmark = pytest.mark.ddp
-WORKER = Path(__file__).with_name("ddp_eval_worker.py")
+WORKER = Path(__file__).parents[2] / "engine" / "ddp_eval_worker.py"
 
 
 def test_two_ranks_report_the_metrics_of_one_process(tmp_path):
@@ -29,7 +29,7 @@ def test_two_ranks_report_the_metrics_of_one_process(tmp_path):
     results = {}
     for name, command in runs.items():
         out = tmp_path / f"{name}.json"
-        proc = subprocess.run([*command, str(tmp_path / "config.json"), str(out)], capture_output=True, text=True,
+        proc = subprocess.run([*command, str(tmp_path / "config.json"), str(out), "60"], capture_output=True, text=True,
                               env=env, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         results[name] = json.loads(out.read_text())

@@ -11,6 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
+from torch.distributed.elastic.multiprocessing.errors import record
+
 from modelworks.config import load_config
 from modelworks.engine import distributed
 from modelworks.engine.loop import fit
@@ -31,7 +33,8 @@ class InterruptedTask(LanguageModelTask):
         return super().step(model, batch)
 
 
-if __name__ == "__main__":
+@record  # a rank that fails puts its traceback in torchrun's summary, which the test shows
+def main() -> None:
     raw, run_dir, extra = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), sys.argv[3:]
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = load_config(LanguageModelTask, raw)
@@ -42,3 +45,7 @@ if __name__ == "__main__":
     result = fit(task, cfg, run_dir, resume=extra == ["--resume"])
     print(f"rank {distributed.rank()} of {distributed.world_size()}: {result.status} at step {result.step}", flush=True)
     distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -47,7 +47,7 @@ def torchrun(config: Path, run_dir: Path, *extra: str) -> subprocess.CompletedPr
     env["OMP_NUM_THREADS"] = "1"  # two ranks share the cores
     result = subprocess.run([TORCHRUN, "--standalone", "--nproc-per-node", "2", str(WORKER), str(config),
                              str(run_dir), *extra], capture_output=True, text=True, timeout=240, env=env)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-12000:]
     return result
 
 

@@ -43,6 +43,7 @@ COLOUR_NAMES = list(COLOURS)
 HELD_OUT = frozenset((c, COLOUR_NAMES[(2 * c + 1) % len(COLOUR_NAMES)]) for c in range(len(NOUNS)))
 SIZES = {"small": (0.25, 0.31), "large": (0.40, 0.48)}  # item side as a fraction of the image side
 NUMBERS = {1: "a", 2: "two"}
+CAPTIONS_VERSION = 2  # in the folder name: a change to the wording regenerates the captions (2: "there are two")
 # One-group regions: (x0, y0, x1, y1) as fractions of the image, and the phrase that names them.
 REGIONS = {"left": ((0.0, 0.0, 0.5, 1.0), "on the left"), "right": ((0.5, 0.0, 1.0, 1.0), "on the right"),
            "top": ((0.0, 0.0, 1.0, 0.5), "at the top"), "bottom": ((0.0, 0.5, 1.0, 1.0), "at the bottom"),
@@ -81,13 +82,16 @@ class Group:
         words = [NUMBERS[self.count]] + ([self.size] if with_size else []) + [self.colour, noun]
         return " ".join(words)
 
+    def there(self) -> str:
+        return "there are" if self.count > 1 else "there is"
+
 
 def references(groups: list[Group], relation: str | None) -> list[str]:
     """Five differently worded captions of one layout."""
     if len(groups) == 1:
         (g,) = groups
         where = REGIONS[g.region][1]
-        return [f"{g.phrase()} {where}", g.phrase(), f"{g.phrase(False)} {where}", f"there is {g.phrase()} {where}",
+        return [f"{g.phrase()} {where}", g.phrase(), f"{g.phrase(False)} {where}", f"{g.there()} {g.phrase()} {where}",
                 f"an image of {g.phrase()} {where}"]
     a, b = groups
     _, forward, inverse = RELATIONS[relation]
@@ -96,12 +100,13 @@ def references(groups: list[Group], relation: str | None) -> list[str]:
     return [f"{a.phrase()} {forward} {b.phrase()}", f"{b.phrase()} {inverse} {a.phrase()}",
             f"{a.phrase(False)} {forward} {b.phrase(False)}",
             f"{a.phrase()} {REGIONS[a.region][1]} and {b.phrase()} {REGIONS[b.region][1]}",
-            f"there is {b.phrase(False)} {inverse} {a.phrase()}"]
+            f"{b.there()} {b.phrase(False)} {inverse} {a.phrase()}"]
 
 
 def scene_folder(root: Path, cfg: CaptionSceneConfig) -> Path:
     """Where captions with these settings live: the name encodes every setting, so a change regenerates."""
-    return root / f"fmnist-captions-{cfg.image_size}px-{cfg.train}-{cfg.val}-{cfg.test}-seed{cfg.seed}"
+    return root / (f"fmnist-captions-v{CAPTIONS_VERSION}-{cfg.image_size}px-{cfg.train}-{cfg.val}-{cfg.test}"
+                   f"-seed{cfg.seed}")
 
 
 def ensure_caption_scenes(root: Path, cfg: CaptionSceneConfig, fashion_root: Path | None = None) -> Path:

@@ -22,16 +22,22 @@ def plot_caption_grid(samples: list[tuple[np.ndarray, str, list[str]]], out: Pat
     if not samples:
         return
     rows = (len(samples) + columns - 1) // columns
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.6 * rows), squeeze=False)
+    # Each cell is an image row and a text row of its own, so wrapped captions never run into the next image.
+    fig, axes = plt.subplots(2 * rows, columns, figsize=(3.2 * columns, 4.4 * rows), squeeze=False,
+                             gridspec_kw={"height_ratios": [3.2, 1.2] * rows, "hspace": 0.05, "wspace": 0.08})
     for ax in axes.ravel():
         ax.axis("off")
-    for ax, (image, caption, refs) in zip(axes.ravel(), samples):
-        ax.imshow(np.clip(image.transpose(1, 2, 0), 0, 1), interpolation="nearest")
-        lines = textwrap.wrap(caption, 34)[:3]
-        ax.set_title("\n".join(lines), fontsize=8, color="#14532d", loc="left")
-        ref_text = "\n".join(textwrap.shorten(r, 40) for r in refs[:references])
-        ax.text(0, -0.02, ref_text, transform=ax.transAxes, fontsize=6.5, color="#555", va="top", ha="left")
-    fig.tight_layout()
+    for index, (image, caption, refs) in enumerate(samples):
+        row, column = divmod(index, columns)
+        image_ax, text_ax = axes[2 * row, column], axes[2 * row + 1, column]
+        image_ax.imshow(np.clip(image.transpose(1, 2, 0), 0, 1), interpolation="nearest")
+        generated = "\n".join(textwrap.wrap(caption, 38)[:3])
+        text_ax.text(0, 1, generated, transform=text_ax.transAxes, fontsize=8, color="#14532d", va="top",
+                     ha="left", fontweight="bold")
+        ref_text = "\n".join(textwrap.shorten(r, 48) for r in refs[:references])
+        text_ax.text(0, 0.42, ref_text, transform=text_ax.transAxes, fontsize=6.5, color="#555", va="top",
+                     ha="left")
+    fig.subplots_adjust(left=0.01, right=0.99, top=0.99, bottom=0.01)
     fig.savefig(out, dpi=80)
     plt.close(fig)
 

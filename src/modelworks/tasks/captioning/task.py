@@ -20,6 +20,7 @@ from ...data.captioning.words import normalise, train_caption_tokenizer
 from ...data.image_files import default_max_pixels
 from ...engine import distributed
 from ...errors import DataError
+from ...files import write_text_atomic
 from ...models.transformer import DecoderConfig
 from ..base import Graph, Splits, StepOutput, Task
 from .model import Captioner, DecodeGraph, EncodeGraph
@@ -178,7 +179,7 @@ class CaptioningTask(Task):
         """The run keeps its own copy of the tokenizer, readable without the data (the package ships another)."""
         run_dir = Path(self.cfg.output_dir) / self.cfg.task / self.cfg.name
         if self.cfg.name and run_dir.is_dir():
-            (run_dir / TOKENIZER_FILE).write_text(self.tokenizer.to_json())
+            write_text_atomic(run_dir / TOKENIZER_FILE, self.tokenizer.to_json())
 
     def prepare_batch(self, batch, augment: torch.Generator | None, progress: float = 0.0):
         """Images to [0, 1]; one reference per image (a random one in training, the first in evaluation) as

@@ -18,6 +18,7 @@ from torch import nn
 
 from ...data import text as text_data
 from ...errors import DataError
+from ...files import write_text_atomic
 from ...models.transformer import SIZES, Decoder, DecoderConfig
 from ..base import Graph, Splits, StepOutput, Task
 from .predictor import TOKENIZER_FILE, CompletionRequest, TextGenerator
@@ -163,13 +164,12 @@ class LanguageModelTask(Task):
             tokenizer = text_data.tokenizer_from_json(path.read_text())
         else:
             tokenizer = text_data.train_tokenizer(t.kind, documents, t.vocab_size)
-            if path is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text(tokenizer.to_json())
+            if path is not None:  # atomic: every rank of a run may write it while another already reads it
+                write_text_atomic(path, tokenizer.to_json())
         # The run keeps its own copy, readable without the cache or the data (the package ships another).
         run_dir = Path(self.cfg.output_dir) / self.cfg.task / self.cfg.name
         if self.cfg.name and run_dir.is_dir():
-            (run_dir / TOKENIZER_FILE).write_text(tokenizer.to_json())
+            write_text_atomic(run_dir / TOKENIZER_FILE, tokenizer.to_json())
         return tokenizer
 
     def encode_validation(self, cache_dir, val_docs):
