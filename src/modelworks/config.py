@@ -90,6 +90,8 @@ class TrainConfig:
     checkpoint_every_steps: int = 0  # extra `last` saves between evaluations; 0: only at evaluations
     log_every_steps: int = 50
     test_at_end: bool = True  # run `evaluate` (test split, report and plots) when training finishes
+    init_from: str = ""  # a run directory (its best weights, the EMA when kept) or a .pt checkpoint to start
+    # from: fine-tuning, with a fresh optimizer and schedule (e.g. captioning's self-critical stage); "": random
     ema: EMAConfig = field(default_factory=EMAConfig)
     early_stop: EarlyStopConfig = field(default_factory=EarlyStopConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)

@@ -278,6 +278,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     eval_every = t.eval_every_steps or steps_per_epoch
 
     model = prepare_model(task, device, cfg)
+    if t.init_from and not resume:  # a resumed run has its own weights in checkpoints/last.pt
+        splits.notes.append(f"weights from {initial_weights(model, t.init_from, device)} (train.init_from)")
     train_model = distributed.wrap_for_training(model, t.distributed.strategy, device)
     replica = evaluation_replica(task, model, device, cfg)
     if t.compile:
@@ -480,17 +482,34 @@ def checkpoint_path(run_dir: Path, which: str = "best") -> Path:
     return path
 
 
-def load_for_evaluation(task, run_dir: Path, device: torch.device, cfg: RunConfig, which: str = "best") -> nn.Module:
-    """The run's model with its best (or last) weights, the EMA weights when the run kept an average."""
-    path = checkpoint_path(run_dir, which)
-    state = checkpoint.load(path, device, keys=("model",))
-    model = prepare_model(task, device, cfg)
+def load_trained_weights(model: nn.Module, path: Path, device: torch.device, state: dict | None = None) -> None:
+    """A checkpoint's weights into `model`: the EMA weights when the run kept an average, else the model's."""
+    state = state if state is not None else checkpoint.load(path, device, keys=("model",))
     if state.get("ema") is None:
         checkpoint.load_model_weights(model, state["model"], path)
     else:
         ema = state["ema"]
         checkpoint.load_model_weights(model, ema.get("module") if isinstance(ema, dict) else ema, path, "ema.module")
+
+
+def load_for_evaluation(task, run_dir: Path, device: torch.device, cfg: RunConfig, which: str = "best") -> nn.Module:
+    """The run's model with its best (or last) weights, the EMA weights when the run kept an average."""
+    path = checkpoint_path(run_dir, which)
+    state = checkpoint.load(path, device, keys=("model",))  # a missing or unreadable file is named before building
+    model = prepare_model(task, device, cfg)
+    load_trained_weights(model, path, device, state)
     return model.eval()
+
+
+def initial_weights(model: nn.Module, source: str, device: torch.device) -> Path:
+    """train.init_from: start from another run's best weights (or a checkpoint file's) instead of random ones."""
+    given = Path(source).expanduser()
+    path = checkpoint_path(given) if given.is_dir() else given
+    if not path.is_file():
+        raise ConfigError(f"train.init_from: {source!r} is neither a run directory with checkpoints/best.pt or "
+                          "last.pt nor a checkpoint file; give the directory of a finished run")
+    load_trained_weights(model, path, device)
+    return path
 
 
 CALIBRATION_FILE = "calibration.json"  # in the run directory, beside checkpoints/

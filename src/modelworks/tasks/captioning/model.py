@@ -40,9 +40,13 @@ class Captioner(nn.Module):
         grid = self.encoder((images - PIXEL_MEAN) / PIXEL_STD)  # [B, C', S/8, S/8]
         return self.project(grid.flatten(2).transpose(1, 2)) + self.cell_embed  # [B, M, C]
 
-    def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """Teacher forcing: images [B, 3, S, S], tokens [B, T] (start token first) -> logits [B, T, V]."""
-        return self.decoder(tokens, memory=self.encode(images))
+    def forward(self, images: torch.Tensor, tokens: torch.Tensor, captions_per_image: int = 1) -> torch.Tensor:
+        """Teacher forcing: images [B, 3, S, S], tokens [B * captions_per_image, T] (start token first; an image's
+        captions next to each other) -> logits [B * captions_per_image, T, V]. Each image is encoded once."""
+        memory = self.encode(images)
+        if captions_per_image > 1:
+            memory = memory.repeat_interleave(captions_per_image, dim=0)
+        return self.decoder(tokens, memory=memory)
 
     def no_muon_parameters(self) -> list[nn.Parameter]:
         return self.decoder.no_muon_parameters()

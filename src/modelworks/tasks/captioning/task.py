@@ -19,7 +19,7 @@ from ...data.captioning.scenes import CaptionSceneConfig, ensure_caption_scenes
 from ...data.captioning.words import normalise, train_caption_tokenizer
 from ...data.image_files import default_max_pixels
 from ...engine import distributed
-from ...errors import DataError
+from ...errors import ConfigError, DataError
 from ...files import write_text_atomic
 from ...models.transformer import DecoderConfig
 from ..base import Graph, Splits, StepOutput, Task
@@ -41,6 +41,9 @@ class CaptionModelConfig:
     dropout: float = 0.1
     max_length: int = 24  # tokens per caption, the end token included; longer references are cut
     label_smoothing: float = 0.1  # Szegedy et al. 2016; as in the transformer captioners (e.g. Cornia et al.)
+    objective: Literal["xe", "scst"] = "xe"  # xe: cross-entropy (teacher forcing); scst: self-critical
+    # fine-tuning on CIDEr-D (needs train.init_from, a model trained with xe first): self_critical.py
+    scst_samples: int = 5  # captions drawn per image under scst; each one's baseline is the others' mean reward
     beam: int = 3  # the test report's and the package's default beam width
     length_penalty: float = 0.6  # GNMT's alpha for beam search (the package's default)
 
@@ -54,6 +57,9 @@ class CaptionModelConfig:
             raise ValueError(f"model.max_length: must be in [2, 512] (got {self.max_length})")
         if not 1 <= self.beam <= 8:
             raise ValueError(f"model.beam: must be in [1, 8] (got {self.beam})")
+        if not 2 <= self.scst_samples <= 32:
+            raise ValueError(f"model.scst_samples: must be in [2, 32] (got {self.scst_samples}): the baseline of "
+                             "each sample is the mean reward of the image's other samples")
 
 
 @dataclass
@@ -120,6 +126,8 @@ class CaptioningTask(Task):
 
     def __init__(self, cfg):
         super().__init__(cfg)
+        self.train_ids: list[int] = []
+        self.cider_corpus = None  # (document frequencies, log N) of the training references, for scst's reward
         self.tokenizer = None
         self.vocab_size = 0
         self.captions: dict[int, list[str]] = {}  # image id -> its references (all splits): what metrics score
@@ -145,6 +153,9 @@ class CaptioningTask(Task):
 
     def datasets(self, device: torch.device) -> Splits:
         data, m = self.cfg.data, self.cfg.model
+        if m.objective == "scst" and not self.cfg.train.init_from:  # (a recipe cannot name the user's run)
+            raise ConfigError("model.objective=scst fine-tunes a trained captioner: set train.init_from to the run "
+                              "directory of one trained with model.objective=xe (e.g. the fmnist-captions recipe)")
         splits, notes = self.read_splits()
         self.tokenizer = train_caption_tokenizer(
             data.tokenizer.kind, [c for im in splits["train"] for c in im.captions[:data.references]],
@@ -157,6 +168,8 @@ class CaptioningTask(Task):
             if not images:
                 continue
             ids = torch.arange(len(images)) + k * 10_000_000
+            if split == "train":
+                self.train_ids = ids.tolist()
             refs = torch.full((len(images), data.references, m.max_length), -1, dtype=torch.long)
             counts = torch.zeros(len(images), dtype=torch.long)
             for i, (image_id, image) in enumerate(zip(ids.tolist(), images)):
@@ -212,10 +225,37 @@ class CaptioningTask(Task):
         return Captioner(self.decoder_config(), self.cfg.data.image_size, m.widths, m.strided_stages)
 
     def step(self, model: nn.Module, batch) -> StepOutput:
+        if self.cfg.model.objective == "scst" and model.training:
+            return self.self_critical_step(model, batch)
         logits = model(batch["images"], batch["inputs"])
         loss = F.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten(), ignore_index=IGNORE,
                                label_smoothing=self.cfg.model.label_smoothing)
         return StepOutput(loss, {}, len(batch["ids"]))
+
+    def self_critical_step(self, model: nn.Module, batch) -> StepOutput:
+        """REINFORCE with CIDEr-D as the reward (self_critical.py): K sampled captions per image, each one's
+        advantage its reward over the mean of the image's other samples."""
+        from .self_critical import (CorpusCiderD, leave_one_out_advantage, sample_captions, sequence_log_probs,
+                                    teacher_inputs)
+
+        m, eot = self.cfg.model, self.tokenizer.eot_id
+        if self.cider_corpus is None:
+            self.cider_corpus = CorpusCiderD.corpus_statistics([[normalise(c) for c in self.captions[i]]
+                                                                for i in self.train_ids])
+        core = getattr(model, "module", model)  # DDP's wrapped module: sampling needs no gradient sync
+        core = getattr(core, "_orig_mod", core)  # torch.compile's original module
+        images, K = batch["images"], m.scst_samples
+        with torch.no_grad():
+            memory = core.encode(images).repeat_interleave(K, dim=0)
+            samples = sample_captions(core.decoder, memory, m.max_length, eot)
+        captions = [self.tokenizer.decode([t for t in row if t >= 0]) for row in samples.tolist()]
+        references = [[normalise(c) for c in self.captions[i]] for i in batch["ids"].tolist() for _ in range(K)]
+        rewards = torch.as_tensor(CorpusCiderD(*self.cider_corpus).scores(captions, references),
+                                  dtype=torch.float32, device=images.device).view(-1, K)
+        logits = model(images, teacher_inputs(samples, eot), captions_per_image=K)
+        advantage = leave_one_out_advantage(rewards).flatten()
+        loss = -(advantage * sequence_log_probs(logits, samples)).mean()
+        return StepOutput(loss, {"cider_reward": rewards.mean().detach()}, len(batch["ids"]))
 
     # ------------------------------------------------------------------------------------------ evaluation
 
