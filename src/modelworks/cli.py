@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -411,11 +412,11 @@ def run_serve(args: argparse.Namespace) -> int:
     models = [open_model(p, args.runtime, args.threads) for p in args.packages]
     loader = lambda path: open_model(path, args.runtime, args.threads)  # noqa: E731  the admin API's loads
     try:
-        run_server(models, weights, settings, loader, host=args.host, port=args.port, name=args.name,
-                   log_level=args.log_level)
+        stopped_by = run_server(models, weights, settings, loader, host=args.host, port=args.port, name=args.name,
+                                log_level=args.log_level)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught once the drain is done: the usual 130
         return 130
-    return 0
+    return 130 if stopped_by == signal.SIGINT else 0
 
 
 def parse_split(split: str | None, n: int) -> list[float]:

@@ -1010,9 +1010,19 @@ def install_openapi(app: FastAPI, groups: dict, documented: list[APIRoute]) -> N
 
 
 def run_server(models: list, weights: list[float], settings: ServeSettings, loader: Callable | None, host: str,
-               port: int, name: str | None = None, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM, then stop accepting, let in-flight requests finish (up to drain_s), exit."""
+               port: int, name: str | None = None, log_level: str = "info") -> int | None:
+    """Serve until SIGINT/SIGTERM, then stop accepting, let in-flight requests finish (up to drain_s), exit.
+    Returns the signal that stopped the server (None: it stopped by itself)."""
     import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn re-raises the signal it caught once the drain is done, but a Ctrl-C raised then reaches
+        asyncio's runner, which may let the finished serve() return normally: remember the first signal here."""
+        stopped_by: int | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            self.stopped_by = self.stopped_by or sig
+            super().handle_exit(sig, frame)
 
     configure_logging(log_level)
     # The event loop and the inference thread share the GIL. A thread that wants it back (the worker after a graph
@@ -1028,4 +1038,6 @@ def run_server(models: list, weights: list[float], settings: ServeSettings, load
     config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="on",
                             timeout_graceful_shutdown=settings.drain_s, log_level=log_level,
                             http=protocol or "h11", h11_max_incomplete_event_size=settings.max_header_bytes)
-    uvicorn.Server(config).run()
+    server = Server(config)
+    server.run()
+    return server.stopped_by
