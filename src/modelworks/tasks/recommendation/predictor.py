@@ -113,6 +113,12 @@ class RecommendationPredictor(Predictor):
     def unknown_items(self, items: list[str]) -> list[str]:
         return [item for item in items if item not in self.index]
 
+    def subject(self, request: RecommendationRequest) -> str | None:
+        return None if request.user is None else str(request.user)
+
+    def shown_items(self, response: RecommendationResponse) -> list[str]:
+        return [item.item for item in response.items]
+
     def request_from_query(self, route: str, query: RecommendQuery) -> RecommendationRequest:
         wanted = [part.strip() for part in query.exclude.split(",") if part.strip()]
         return RecommendationRequest(user=query.user, k=query.k, exclude=[i for i in wanted if i != "seen"],
