@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import random
+import resource
 import subprocess
 import sys
 import tempfile
@@ -83,6 +84,27 @@ async def send_all(port: int, requests: list[bytes], clients: int) -> dict:
     return {"seconds": time.perf_counter() - tic, "statuses": statuses}
 
 
+def run(coroutine):
+    """asyncio.run on uvloop when installed (it is, with uvicorn[standard]): the load generator shares the cores with
+    the server it measures, so it should cost as little as it can; both servers face the same generator."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def measure(port: int, requests: list[bytes], args) -> dict:
+    """closed_loop's figures, plus the load generator's own CPU time per answered request."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    row = run(closed_loop(port, requests, args.clients, args.duration_s, args.warmup_s))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    row["generator_cpu_us_per_request"] = cpu_s / max(1, row["requests"]) * 1e6 * args.duration_s / (
+        args.duration_s + args.warmup_s)
+    return row
+
+
 def read_ratings(folder: Path) -> list[tuple[str, str, float]]:
     return [(u, i, float(t)) for u, i, _, t in (line.split("\t") for line in (folder / "u.data").read_text().splitlines())]
 
@@ -117,7 +139,7 @@ def run_plain_server(data: Path, work: Path, users: list[str], rng: random.Rando
                     raise SystemExit("the plain server did not start")
                 time.sleep(0.2)
         requests = [get(f"/recommend?user={rng.choice(users)}&k=10") for _ in range(2000)]
-        return asyncio.run(closed_loop(port, requests, args.clients, args.duration_s, args.warmup_s))
+        return measure(port, requests, args)
     finally:
         plain.terminate()
         plain.wait(timeout=30)
@@ -154,11 +176,11 @@ def main() -> int:
         bodies = [json.dumps([{"event_id": f"r{n}", "user": u, "item": i, "type": "rating", "ts": t}
                               for n, (u, i, t) in enumerate(ratings[s:s + 100], start=s)]).encode()
                   for s in range(0, len(ratings), 100)]
-        batched = asyncio.run(send_all(ours.port, [post("/v1/events", b) for b in bodies], 8))
+        batched = run(send_all(ours.port, [post("/v1/events", b) for b in bodies], 8))
         singles = [post("/v1/events", json.dumps({"event_id": f"s{n}", "user": f"new{n % 50}", "item": "50",
                                                     "ts": 2e9 + n}).encode()) for n in range(4000)]
-        single = asyncio.run(send_all(ours.port, singles, args.clients))
-        again = asyncio.run(send_all(ours.port, [post("/v1/events", b) for b in bodies[:50]], 8))  # duplicates
+        single = run(send_all(ours.port, singles, args.clients))
+        again = run(send_all(ours.port, [post("/v1/events", b) for b in bodies[:50]], 8))  # duplicates
         from modelworks.events import EventStore
 
         store = EventStore(store_url)
@@ -175,7 +197,7 @@ def main() -> int:
               f"{results['ingestion']['single']['events_per_s']:.0f} events/s one per request; stored {stored} of "
               f"{len(ratings) + len(singles)} (no loss: {results['ingestion']['no_loss']})", flush=True)
         requests = [get(f"/v1/models/live/recommend?user={rng.choice(users)}&k=10&exclude=seen") for _ in range(2000)]
-        results["ours"] = asyncio.run(closed_loop(ours.port, requests, args.clients, args.duration_s, args.warmup_s))
+        results["ours"] = measure(ours.port, requests, args)
     finally:
         ours.stop()
 
@@ -183,12 +205,12 @@ def main() -> int:
         results["plain_als"] = run_plain_server(data, work, users, rng, args)
     ours_row, plain_row = results["ours"], results.get("plain_als")
     print(f"\n{cpu}, {os.cpu_count()} cores, {results['date']}; {args.clients} clients, {args.duration_s:.0f} s")
-    print(f"{'server':<44} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(f"{'server':<44} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'client us/req':>13}")
     for label, row in (("ours: SASRec, live history from SQLite", ours_row),
                        ("plain FastAPI + uvicorn, ALS from memory", plain_row)):
         if row is not None:
             print(f"{label:<44} {row['throughput_rps']:>8.1f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
-                  f"{row['errors']:>7}")
+                  f"{row['errors']:>7} {row['generator_cpu_us_per_request']:>13.0f}")
     if plain_row is not None:
         results["ratio_rps"] = ours_row["throughput_rps"] / plain_row["throughput_rps"]
         results["targets"] = {"events_per_s>=2000": results["ingestion"]["single"]["events_per_s"] >= 2000,
