@@ -7,7 +7,7 @@ Both backends hold the same schema, created and upgraded by the versioned MIGRAT
 table records the last applied; concurrent openers serialise on a lock, so two replicas starting together
 migrate once). Ingestion is idempotent by `event_id`: INSERT ... ON CONFLICT DO NOTHING, so a client that
 retries after a lost answer stores nothing twice, and the answer tells stored from duplicate. Reads of one
-user's latest events go through the index on (user_id, ts).
+user's latest events go through the covering index on (user_id, ts, seq, item).
 
 `EventStore` is synchronous and thread-safe: each thread keeps its own connection (sqlite3 and psycopg
 connections are not shared between threads). The server calls it through `AsyncEventStore`, never on its event
@@ -16,8 +16,8 @@ calls that arrive together are served together (`Gatherer`), each kind by one th
 - writes by group commit: the events of every POST waiting are stored in one transaction, and each request is
   answered once that transaction has committed (so an acknowledged event is durable, as before). One writer
   thread also means no two of this server's writes ever wait for each other's lock;
-- history reads by one query for every user waiting (`latest_many`), instead of one query, one thread hand-off
-  and one wake-up per request.
+- history reads for every user waiting in one call (`latest_many`: one query on PostgreSQL), instead of one
+  thread hand-off and one wake-up per request.
 """
 
 from __future__ import annotations
@@ -38,9 +38,6 @@ from .errors import ConfigError
 MAX_ID_CHARS = 256  # event, user and item ids; longer is not an id
 BUSY_TIMEOUT_MS = 30_000  # SQLite: how long a writer waits for another process's write lock before failing
 PG_LOCK_KEY = 0x6D6F64656C  # pg_advisory_xact_lock key of the migrations ("model")
-# Users per history query: SQLite's compound SELECT holds at most 500 terms (SQLITE_MAX_COMPOUND_SELECT), and
-# older builds 999 parameters.
-LATEST_MANY_CHUNK = 200
 
 # The schema, one migration per version, in order; never edit an applied one, append. `{serial}` is the
 # auto-increment primary key of each dialect: it orders events that share a timestamp by arrival.
@@ -48,6 +45,9 @@ MIGRATIONS = [
     ["CREATE TABLE events (seq {serial} PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL, "
      "item TEXT NOT NULL, type TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, received_at DOUBLE PRECISION NOT NULL)",
      "CREATE INDEX events_user_ts ON events (user_id, ts)"],
+    # A covering index for the latest-N read: the items come from the index itself, not from a table lookup per
+    # row (SQLite, 50 of a user's events among ml-100k's 100,000: 16 us instead of 90). It replaces the first.
+    ["CREATE INDEX events_user_recent ON events (user_id, ts, seq, item)", "DROP INDEX events_user_ts"],
 ]
 
 
@@ -245,37 +245,27 @@ class EventStore:
             cur.close()
 
     def latest_many(self, users: list[str], n: int) -> dict[str, list[str]]:
-        """Each user's `n` most recent items, oldest first, read by one query per LATEST_MANY_CHUNK users (a user
-        with no events maps to [])."""
+        """Each user's `n` most recent items, oldest first (a user with no events maps to [])."""
         users = list(dict.fromkeys(str(u) for u in users))
-        found: dict[str, list[tuple[float, int, str]]] = {user: [] for user in users}
         if n <= 0 or not users:
             return {user: [] for user in users}
+        if self.dialect is SQLITE:
+            # In-process: one indexed LIMIT scan per user costs no round trip, and beat one UNION ALL statement
+            # for all of them (16 vs 29 us a user: no sort in Python, no compound statement to step through).
+            return {user: self.latest(user, n) for user in users}
+        # PostgreSQL: one round trip for every user, the same index-ordered LIMIT scan for each, joined laterally.
+        found: dict[str, list[tuple[float, int, str]]] = {user: [] for user in users}
         cur = self.connection().cursor()
         try:
-            for start in range(0, len(users), LATEST_MANY_CHUNK):
-                chunk = users[start:start + LATEST_MANY_CHUNK]
-                cur.execute(self.latest_many_query(len(chunk), int(n)), self.latest_many_params(chunk, int(n)))
-                for user, item, ts, seq in cur.fetchall():
-                    found[user].append((ts, seq, item))
+            cur.execute("SELECT u.user_id, e.item, e.ts, e.seq FROM unnest(%s::text[]) AS u(user_id) CROSS JOIN "
+                        "LATERAL (SELECT item, ts, seq FROM events WHERE events.user_id = u.user_id "
+                        "ORDER BY ts DESC, seq DESC LIMIT %s) AS e", (users, int(n)))
+            for user, item, ts, seq in cur.fetchall():
+                found[user].append((ts, seq, item))
         finally:
             cur.close()
-        # Neither query promises an order across users; each user's rows are sorted here (at most n of them).
+        # The join promises no order; each user's rows (at most n) are sorted here.
         return {user: [item for _, _, item in sorted(rows)] for user, rows in found.items()}
-
-    def latest_many_query(self, users: int, n: int) -> str:
-        if self.dialect is POSTGRES:
-            # One index-ordered LIMIT scan per user, as latest() does, joined laterally in one statement.
-            return ("SELECT u.user_id, e.item, e.ts, e.seq FROM unnest(%s::text[]) AS u(user_id) CROSS JOIN LATERAL "
-                    "(SELECT item, ts, seq FROM events WHERE events.user_id = u.user_id ORDER BY ts DESC, seq DESC "
-                    "LIMIT %s) AS e")
-        # SQLite has no LATERAL: a UNION ALL of the per-user LIMIT scans (each on the (user_id, ts) index) reads n
-        # rows a user, where a ROW_NUMBER() window would read every event of every user in the batch.
-        one = f"SELECT * FROM (SELECT user_id, item, ts, seq FROM events WHERE user_id = ? ORDER BY ts DESC, seq DESC LIMIT {n})"
-        return " UNION ALL ".join([one] * users)
-
-    def latest_many_params(self, users: list[str], n: int) -> tuple:
-        return (users, n) if self.dialect is POSTGRES else tuple(users)
 
     def count(self) -> int:
         cur = self.connection().cursor()

@@ -43,13 +43,13 @@ def events(prefix: str, n: int, user: str = "u", start_ts: float = 0.0) -> list[
 
 def test_migrations_run_once_and_record_the_schema_version(store_url):
     first = EventStore(store_url)
-    assert first.schema_version() == len(MIGRATIONS) == 1
+    assert first.schema_version() == len(MIGRATIONS) == 2
     first.close()
     again = EventStore(store_url)  # a second open (a replica, a restart) applies nothing
-    assert again.schema_version() == 1
+    assert again.schema_version() == 2
     with again.transaction() as cur:
         cur.execute("SELECT COUNT(*) FROM schema_version")
-        assert cur.fetchone()[0] == 1
+        assert cur.fetchone()[0] == 2
     again.close()
 
 
@@ -100,13 +100,13 @@ def test_concurrent_writer_processes_lose_nothing_and_store_nothing_twice(store_
     store.close()
 
 
-def test_sqlite_store_is_in_wal_mode_with_the_user_ts_index(tmp_path):
+def test_sqlite_store_is_in_wal_mode_with_the_covering_user_index(tmp_path):
     EventStore(f"sqlite:{tmp_path / 'nested' / 'events.db'}").close()
     conn = sqlite3.connect(tmp_path / "nested" / "events.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     plan = " ".join(str(row) for row in conn.execute(
-        "EXPLAIN QUERY PLAN SELECT item FROM events WHERE user_id = 'u' ORDER BY ts DESC LIMIT 5"))
-    assert "events_user_ts" in plan
+        "EXPLAIN QUERY PLAN SELECT item FROM events WHERE user_id = 'u' ORDER BY ts DESC, seq DESC LIMIT 5"))
+    assert "COVERING INDEX events_user_recent" in plan
 
 
 @pytest.mark.parametrize("url", ["events.db", "sqlite:", "mysql://x/y", "postgresql:nohost"])
@@ -142,7 +142,7 @@ def test_latest_many_reads_every_users_history_in_one_query_as_latest_does(store
     assert many == {user: store.latest(user, 4) for user in users}
     assert many["u"] == ["2", "3", "4", "5"] and many["nobody"] == [] and many["tie"] == ["x", "y"]
     assert store.latest_many(users, 0) == {"u": [], "v": [], "nobody": [], "tie": []}
-    # More users than one statement holds: read in chunks, nothing lost.
+    # Many users in one round.
     crowd = [f"c{i}" for i in range(450)]
     store.add([Event(event_id=f"c-{i}", user=user, item=str(i), ts=float(i)) for i, user in enumerate(crowd)])
     assert store.latest_many(crowd, 3) == {user: [str(i)] for i, user in enumerate(crowd)}
@@ -184,3 +184,17 @@ def test_group_commit_serves_concurrent_writers_in_few_transactions_answering_af
         await store.close()
 
     asyncio.run(scenario())
+
+
+def test_a_store_of_schema_1_is_upgraded_on_open_keeping_its_events(store_url, monkeypatch):
+    import modelworks.events as events_module
+
+    monkeypatch.setattr(events_module, "MIGRATIONS", MIGRATIONS[:1])
+    old = EventStore(store_url)
+    old.add(events("a", 4))
+    assert old.schema_version() == 1
+    old.close()
+    monkeypatch.setattr(events_module, "MIGRATIONS", MIGRATIONS)
+    store = EventStore(store_url)  # migration 2: the covering index replaces (user_id, ts)
+    assert store.schema_version() == 2 and store.latest("u", 2) == ["2", "3"] and store.count() == 4
+    store.close()
