@@ -38,6 +38,7 @@ from .errors import ConfigError
 MAX_ID_CHARS = 256  # event, user and item ids; longer is not an id
 BUSY_TIMEOUT_MS = 30_000  # SQLite: how long a writer waits for another process's write lock before failing
 PG_LOCK_KEY = 0x6D6F64656C  # pg_advisory_xact_lock key of the migrations ("model")
+DEADLOCK_ATTEMPTS = 3  # PostgreSQL: a write transaction aborted as a deadlock is run again, up to this many times
 
 # The schema, one migration per version, in order; never edit an applied one, append. `{serial}` is the
 # auto-increment primary key of each dialect: it orders events that share a timestamp by arrival.
@@ -201,6 +202,18 @@ class EventStore:
     def add_groups(self, groups: list[list[Event]]) -> list[list[bool]]:
         """Store several requests' events in ONE transaction (group commit); for each event, whether it was new
         (False: its event_id was stored before, a retry). Nothing is stored if the transaction fails."""
+        attempt = 1
+        while True:
+            try:
+                return self._add_groups_once(groups)
+            except Exception as exc:
+                # PostgreSQL: writers inserting overlapping event_ids in different orders can wait on each other in
+                # a cycle; the server aborts one (40P01), and running it again is safe (idempotent, rolled back).
+                if getattr(exc, "sqlstate", None) != "40P01" or attempt >= DEADLOCK_ATTEMPTS:
+                    raise
+                attempt += 1
+
+    def _add_groups_once(self, groups: list[list[Event]]) -> list[list[bool]]:
         now = time.time()
         query = self.sql("INSERT INTO events (event_id, user_id, item, type, ts, received_at) VALUES (?, ?, ?, ?, ?, ?) "
                          "ON CONFLICT (event_id) DO NOTHING")
