@@ -24,10 +24,12 @@ import json
 import os
 import platform
 import random
+import resource
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -82,6 +84,27 @@ async def send_all(port: int, requests: list[bytes], clients: int) -> dict:
     return {"seconds": time.perf_counter() - tic, "statuses": statuses}
 
 
+def run(coroutine):
+    """asyncio.run on uvloop when installed (it is, with uvicorn[standard]): the load generator shares the cores with
+    the server it measures, so it should cost as little as it can; both servers face the same generator."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coroutine)
+    return uvloop.run(coroutine)
+
+
+def measure(port: int, requests: list[bytes], args) -> dict:
+    """closed_loop's figures, plus the load generator's own CPU time per answered request."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    row = run(closed_loop(port, requests, args.clients, args.duration_s, args.warmup_s))
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    row["generator_cpu_us_per_request"] = cpu_s / max(1, row["requests"]) * 1e6 * args.duration_s / (
+        args.duration_s + args.warmup_s)
+    return row
+
+
 def read_ratings(folder: Path) -> list[tuple[str, str, float]]:
     return [(u, i, float(t)) for u, i, _, t in (line.split("\t") for line in (folder / "u.data").read_text().splitlines())]
 
@@ -98,10 +121,37 @@ def train_package(data: Path, work: Path, train_s: float) -> Path:
     return package
 
 
+def run_plain_server(data: Path, work: Path, users: list[str], rng: random.Random, args) -> dict:
+    """The baseline under the same load: implicit's ALS (trained in the bench venv) served from memory."""
+    factors = work / "als.npz"
+    subprocess.run([str(BENCH_VENV / "bin" / "python"), "-c", ALS_SCRIPT, str(data), str(factors)], check=True)
+    port = free_port()
+    plain = subprocess.Popen([sys.executable, str(ROOT / "bench" / "recommendation_plain_server.py"), str(factors),
+                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/recommend?user=1&k=10", timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    raise SystemExit("the plain server did not start")
+                time.sleep(0.2)
+        requests = [get(f"/recommend?user={rng.choice(users)}&k=10") for _ in range(2000)]
+        return measure(port, requests, args)
+    finally:
+        plain.terminate()
+        plain.wait(timeout=30)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
     parser.add_argument("--train-s", type=float, default=20.0)
+    parser.add_argument("--package", help="serve this exported package instead of training one (its model must be "
+                        "named 'live', as the bench's training names it)")
+    parser.add_argument("--skip-plain", action="store_true", help="measure ours only (profiling; no ratio)")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration-s", type=float, default=15.0)
     parser.add_argument("--warmup-s", type=float, default=3.0)
@@ -118,7 +168,7 @@ def main() -> int:
     rng = random.Random(0)
     results: dict = {"cpu": cpu, "cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d"), "clients": args.clients}
 
-    package = train_package(data, work, args.train_s)
+    package = Path(args.package) if args.package else train_package(data, work, args.train_s)
     store_url = f"sqlite:{work / 'events.db'}"
     ours = Server(package, "onnx", 32, 2.0, 256, None, extra=["--events", store_url])
     try:
@@ -126,11 +176,11 @@ def main() -> int:
         bodies = [json.dumps([{"event_id": f"r{n}", "user": u, "item": i, "type": "rating", "ts": t}
                               for n, (u, i, t) in enumerate(ratings[s:s + 100], start=s)]).encode()
                   for s in range(0, len(ratings), 100)]
-        batched = asyncio.run(send_all(ours.port, [post("/v1/events", b) for b in bodies], 8))
+        batched = run(send_all(ours.port, [post("/v1/events", b) for b in bodies], 8))
         singles = [post("/v1/events", json.dumps({"event_id": f"s{n}", "user": f"new{n % 50}", "item": "50",
                                                     "ts": 2e9 + n}).encode()) for n in range(4000)]
-        single = asyncio.run(send_all(ours.port, singles, args.clients))
-        again = asyncio.run(send_all(ours.port, [post("/v1/events", b) for b in bodies[:50]], 8))  # duplicates
+        single = run(send_all(ours.port, singles, args.clients))
+        again = run(send_all(ours.port, [post("/v1/events", b) for b in bodies[:50]], 8))  # duplicates
         from modelworks.events import EventStore
 
         store = EventStore(store_url)
@@ -147,43 +197,25 @@ def main() -> int:
               f"{results['ingestion']['single']['events_per_s']:.0f} events/s one per request; stored {stored} of "
               f"{len(ratings) + len(singles)} (no loss: {results['ingestion']['no_loss']})", flush=True)
         requests = [get(f"/v1/models/live/recommend?user={rng.choice(users)}&k=10&exclude=seen") for _ in range(2000)]
-        results["ours"] = asyncio.run(closed_loop(ours.port, requests, args.clients, args.duration_s, args.warmup_s))
+        results["ours"] = measure(ours.port, requests, args)
     finally:
         ours.stop()
 
-    factors = work / "als.npz"
-    subprocess.run([str(BENCH_VENV / "bin" / "python"), "-c", ALS_SCRIPT, str(data), str(factors)], check=True)
-    port = free_port()
-    plain = subprocess.Popen([sys.executable, str(ROOT / "bench" / "recommendation_plain_server.py"), str(factors),
-                              "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                import urllib.request
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/recommend?user=1&k=10", timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    raise SystemExit("the plain server did not start")
-                time.sleep(0.2)
-        requests = [get(f"/recommend?user={rng.choice(users)}&k=10") for _ in range(2000)]
-        results["plain_als"] = asyncio.run(closed_loop(port, requests, args.clients, args.duration_s, args.warmup_s))
-    finally:
-        plain.terminate()
-        plain.wait(timeout=30)
-
-    ours_row, plain_row = results["ours"], results["plain_als"]
-    results["ratio_rps"] = ours_row["throughput_rps"] / plain_row["throughput_rps"]
-    results["targets"] = {"events_per_s>=2000": results["ingestion"]["single"]["events_per_s"] >= 2000,
-                          "rps>=1.2x_plain": results["ratio_rps"] >= 1.2, "p99<=15ms": ours_row["p99_ms"] <= 15}
+    if not args.skip_plain:
+        results["plain_als"] = run_plain_server(data, work, users, rng, args)
+    ours_row, plain_row = results["ours"], results.get("plain_als")
     print(f"\n{cpu}, {os.cpu_count()} cores, {results['date']}; {args.clients} clients, {args.duration_s:.0f} s")
-    print(f"{'server':<44} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7}")
+    print(f"{'server':<44} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'client us/req':>13}")
     for label, row in (("ours: SASRec, live history from SQLite", ours_row),
                        ("plain FastAPI + uvicorn, ALS from memory", plain_row)):
-        print(f"{label:<44} {row['throughput_rps']:>8.1f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
-              f"{row['errors']:>7}")
-    print(f"ratio {results['ratio_rps']:.2f}x; targets: {results['targets']}")
+        if row is not None:
+            print(f"{label:<44} {row['throughput_rps']:>8.1f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
+                  f"{row['errors']:>7} {row['generator_cpu_us_per_request']:>13.0f}")
+    if plain_row is not None:
+        results["ratio_rps"] = ours_row["throughput_rps"] / plain_row["throughput_rps"]
+        results["targets"] = {"events_per_s>=2000": results["ingestion"]["single"]["events_per_s"] >= 2000,
+                              "rps>=1.2x_plain": results["ratio_rps"] >= 1.2, "p99<=15ms": ours_row["p99_ms"] <= 15}
+        print(f"ratio {results['ratio_rps']:.2f}x; targets: {results['targets']}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -7,12 +7,17 @@ Both backends hold the same schema, created and upgraded by the versioned MIGRAT
 table records the last applied; concurrent openers serialise on a lock, so two replicas starting together
 migrate once). Ingestion is idempotent by `event_id`: INSERT ... ON CONFLICT DO NOTHING, so a client that
 retries after a lost answer stores nothing twice, and the answer tells stored from duplicate. Reads of one
-user's latest events go through the index on (user_id, ts).
+user's latest events go through the covering index on (user_id, ts, seq, item).
 
 `EventStore` is synchronous and thread-safe: each thread keeps its own connection (sqlite3 and psycopg
-connections are not shared between threads). The server calls it from a small thread pool of its own
-(`AsyncEventStore`), never on its event loop: a write that waits for SQLite's lock or PostgreSQL's network must
-not stall the other requests.
+connections are not shared between threads). The server calls it through `AsyncEventStore`, never on its event
+loop: a write that waits for SQLite's lock or PostgreSQL's network must not stall the other requests. There,
+calls that arrive together are served together (`Gatherer`), each kind by one thread of its own:
+- writes by group commit: the events of every POST waiting are stored in one transaction, and each request is
+  answered once that transaction has committed (so an acknowledged event is durable, as before). One writer
+  thread also means no two of this server's writes ever wait for each other's lock;
+- history reads for every user waiting in one call (`latest_many`: one query on PostgreSQL), instead of one
+  thread hand-off and one wake-up per request.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -33,6 +38,7 @@ from .errors import ConfigError
 MAX_ID_CHARS = 256  # event, user and item ids; longer is not an id
 BUSY_TIMEOUT_MS = 30_000  # SQLite: how long a writer waits for another process's write lock before failing
 PG_LOCK_KEY = 0x6D6F64656C  # pg_advisory_xact_lock key of the migrations ("model")
+DEADLOCK_ATTEMPTS = 3  # PostgreSQL: a write transaction aborted as a deadlock is run again, up to this many times
 
 # The schema, one migration per version, in order; never edit an applied one, append. `{serial}` is the
 # auto-increment primary key of each dialect: it orders events that share a timestamp by arrival.
@@ -40,6 +46,9 @@ MIGRATIONS = [
     ["CREATE TABLE events (seq {serial} PRIMARY KEY, event_id TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL, "
      "item TEXT NOT NULL, type TEXT NOT NULL, ts DOUBLE PRECISION NOT NULL, received_at DOUBLE PRECISION NOT NULL)",
      "CREATE INDEX events_user_ts ON events (user_id, ts)"],
+    # A covering index for the latest-N read: the items come from the index itself, not from a table lookup per
+    # row (SQLite, 50 of a user's events among ml-100k's 100,000: 16 us instead of 90). It replaces the first.
+    ["CREATE INDEX events_user_recent ON events (user_id, ts, seq, item)", "DROP INDEX events_user_ts"],
 ]
 
 
@@ -60,6 +69,14 @@ class Event(BaseModel):
         value = str(value)
         if not value or len(value) > MAX_ID_CHARS:
             raise ValueError(f"must be 1 to {MAX_ID_CHARS} characters")
+        return cls.no_nul(value)
+
+    @field_validator("event_id", "type")
+    @classmethod
+    def no_nul(cls, value: str) -> str:
+        # PostgreSQL's text cannot hold NUL: refused here on every backend, so both stores accept the same events.
+        if "\x00" in value:
+            raise ValueError("must not contain the NUL character (\\u0000)")
         return value
 
 
@@ -180,17 +197,53 @@ class EventStore:
 
     def add(self, events: list[Event]) -> int:
         """Store the events not stored before (by event_id), in one transaction; returns how many were new."""
-        if not events:
-            return 0
+        return sum(sum(flags) for flags in self.add_groups([events]))
+
+    def add_groups(self, groups: list[list[Event]]) -> list[list[bool]]:
+        """Store several requests' events in ONE transaction (group commit); for each event, whether it was new
+        (False: its event_id was stored before, a retry). Nothing is stored if the transaction fails."""
+        attempt = 1
+        while True:
+            try:
+                return self._add_groups_once(groups)
+            except Exception as exc:
+                # PostgreSQL: writers inserting overlapping event_ids in different orders can wait on each other in
+                # a cycle; the server aborts one (40P01), and running it again is safe (idempotent, rolled back).
+                if getattr(exc, "sqlstate", None) != "40P01" or attempt >= DEADLOCK_ATTEMPTS:
+                    raise
+                attempt += 1
+
+    def _add_groups_once(self, groups: list[list[Event]]) -> list[list[bool]]:
         now = time.time()
-        rows = [(e.event_id, str(e.user), str(e.item), e.type, e.ts if e.ts is not None else now, now)
-                for e in events]
         query = self.sql("INSERT INTO events (event_id, user_id, item, type, ts, received_at) VALUES (?, ?, ?, ?, ?, ?) "
                          "ON CONFLICT (event_id) DO NOTHING")
+        stored: list[list[bool]] = []
         with self.transaction() as cur:
-            cur.executemany(query, rows)
-            # Both drivers sum the rows each statement inserted; a conflicting event_id inserts none.
-            return cur.rowcount
+            for events in groups:
+                rows = [(e.event_id, str(e.user), str(e.item), e.type, e.ts if e.ts is not None else now, now)
+                        for e in events]
+                if not rows:
+                    stored.append([])
+                    continue
+                if len(rows) == 1:
+                    cur.execute(query, rows[0])
+                    stored.append([cur.rowcount == 1])
+                    continue
+                # Both drivers sum the rows of an executemany, which tells which events were new only when all or
+                # none were; a mix (a partial retry) is undone and inserted event by event.
+                cur.execute("SAVEPOINT mixed")
+                cur.executemany(query, rows)
+                if cur.rowcount in (0, len(rows)):
+                    stored.append([cur.rowcount == len(rows)] * len(rows))
+                else:
+                    cur.execute("ROLLBACK TO SAVEPOINT mixed")
+                    flags = []
+                    for row in rows:
+                        cur.execute(query, row)
+                        flags.append(cur.rowcount == 1)
+                    stored.append(flags)
+                cur.execute("RELEASE SAVEPOINT mixed")
+        return stored
 
     def latest(self, user: str, n: int) -> list[str]:
         """The user's `n` most recent items, oldest first."""
@@ -203,6 +256,29 @@ class EventStore:
             return [row[0] for row in reversed(cur.fetchall())]
         finally:
             cur.close()
+
+    def latest_many(self, users: list[str], n: int) -> dict[str, list[str]]:
+        """Each user's `n` most recent items, oldest first (a user with no events maps to [])."""
+        users = list(dict.fromkeys(str(u) for u in users))
+        if n <= 0 or not users:
+            return {user: [] for user in users}
+        if self.dialect is SQLITE:
+            # In-process: one indexed LIMIT scan per user costs no round trip, and beat one UNION ALL statement
+            # for all of them (16 vs 29 us a user: no sort in Python, no compound statement to step through).
+            return {user: self.latest(user, n) for user in users}
+        # PostgreSQL: one round trip for every user, the same index-ordered LIMIT scan for each, joined laterally.
+        found: dict[str, list[tuple[float, int, str]]] = {user: [] for user in users}
+        cur = self.connection().cursor()
+        try:
+            cur.execute("SELECT u.user_id, e.item, e.ts, e.seq FROM unnest(%s::text[]) AS u(user_id) CROSS JOIN "
+                        "LATERAL (SELECT item, ts, seq FROM events WHERE events.user_id = u.user_id "
+                        "ORDER BY ts DESC, seq DESC LIMIT %s) AS e", (users, int(n)))
+            for user, item, ts, seq in cur.fetchall():
+                found[user].append((ts, seq, item))
+        finally:
+            cur.close()
+        # The join promises no order; each user's rows (at most n) are sorted here.
+        return {user: [item for _, _, item in sorted(rows)] for user, rows in found.items()}
 
     def count(self) -> int:
         cur = self.connection().cursor()
@@ -249,29 +325,119 @@ def open_store(url: str) -> EventStore:
     return EventStore(url)
 
 
-class AsyncEventStore:
-    """An EventStore called from a server's event loop: every call runs in a small pool of threads (each with its
-    own connection), so a slow write or a lock wait never stalls the loop."""
+class Gatherer:
+    """Calls that arrive together, served by one call: a thread of its own takes every call waiting, passes their
+    arguments to `serve(list) -> list of results` (one each, in order) and answers each caller's future, in one
+    hand-off to the event loop per round. While it serves one round the next gathers: under load the rounds grow,
+    and a lone call is served at once (no timer: nothing waits for company)."""
 
-    def __init__(self, url: str, threads: int = 4):
+    def __init__(self, serve: Callable[[list], list], name: str):
+        self.serve = serve
+        self.name = name
+        self.waiting: list[tuple[object, asyncio.Future]] = []
+        self.ready = threading.Condition()
+        self.stopping = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.thread = threading.Thread(target=self._work, name=self.name, daemon=True)
+        self.thread.start()
+
+    def __call__(self, argument) -> asyncio.Future:
+        future = self.loop.create_future()
+        with self.ready:
+            self.waiting.append((argument, future))
+            self.ready.notify()
+        return future
+
+    def _work(self) -> None:
+        while True:
+            with self.ready:
+                while not self.waiting and not self.stopping:
+                    self.ready.wait()
+                if not self.waiting:
+                    return
+                round_, self.waiting = self.waiting, []
+            try:
+                results = self.serve([argument for argument, _ in round_])
+            except Exception as exc:  # answered to every caller of the round; the thread serves the next
+                results = [exc] * len(round_)
+            try:
+                self.loop.call_soon_threadsafe(self._answer, [future for _, future in round_], results)
+            except RuntimeError:  # the event loop is closed: nobody is left to answer
+                return
+
+    @staticmethod
+    def _answer(futures: list[asyncio.Future], results: list) -> None:
+        for future, result in zip(futures, results):
+            if future.done():  # the caller gave up (cancelled)
+                continue
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+    async def stop(self) -> None:
+        with self.ready:
+            self.stopping = True
+            self.ready.notify_all()
+        if self.thread is not None:
+            await asyncio.to_thread(self.thread.join)
+
+
+class AsyncEventStore:
+    """An EventStore called from a server's event loop, never blocking it: writes by group commit and history reads
+    by one query per round, each in a thread of its own (Gatherer); opening and closing in a small pool."""
+
+    def __init__(self, url: str, threads: int = 2):
         self.url = url
         self.threads = threads
         self.store: EventStore | None = None
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="events")
+        self.writer = Gatherer(self._write, "events-writer")
+        self.reader = Gatherer(self._read, "events-reader")
 
     async def open(self) -> None:
         self.store = await self.call(EventStore, self.url)
+        self.writer.start()
+        self.reader.start()
 
     async def call(self, function, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, function, *args)
 
-    async def add(self, events: list[Event]) -> int:
-        return await self.call(self.store.add, events)
+    async def add(self, events: list[Event]) -> list[bool]:
+        """Store the events not stored before; for each, whether it was new. Answered once committed."""
+        return await self.writer(events)
 
     async def latest(self, user: str, n: int) -> list[str]:
-        return await self.call(self.store.latest, user, n)
+        return await self.reader((str(user), n))
+
+    def _write(self, groups: list[list[Event]]) -> list:
+        try:
+            return self.store.add_groups(groups)
+        except Exception:
+            if len(groups) == 1:
+                raise
+        # One request's events can fail the transaction of all (something validation cannot see, such as a text the
+        # database refuses): each request is then stored alone, so the failure stays with the request causing it.
+        results = []
+        for events in groups:
+            try:
+                results.extend(self.store.add_groups([events]))
+            except Exception as exc:
+                results.append(exc)
+        return results
+
+    def _read(self, requests: list[tuple[str, int]]) -> list[list[str]]:
+        n = max(length for _, length in requests)
+        histories = self.store.latest_many([user for user, _ in requests], n)
+        return [histories[user][-length:] if length > 0 else [] for user, length in requests]
 
     async def close(self) -> None:
+        await self.writer.stop()
+        await self.reader.stop()
         if self.store is not None:
             await self.call(self.store.close)
         self.pool.shutdown(wait=True)

@@ -43,13 +43,13 @@ def events(prefix: str, n: int, user: str = "u", start_ts: float = 0.0) -> list[
 
 def test_migrations_run_once_and_record_the_schema_version(store_url):
     first = EventStore(store_url)
-    assert first.schema_version() == len(MIGRATIONS) == 1
+    assert first.schema_version() == len(MIGRATIONS) == 2
     first.close()
     again = EventStore(store_url)  # a second open (a replica, a restart) applies nothing
-    assert again.schema_version() == 1
+    assert again.schema_version() == 2
     with again.transaction() as cur:
         cur.execute("SELECT COUNT(*) FROM schema_version")
-        assert cur.fetchone()[0] == 1
+        assert cur.fetchone()[0] == 2
     again.close()
 
 
@@ -100,13 +100,13 @@ def test_concurrent_writer_processes_lose_nothing_and_store_nothing_twice(store_
     store.close()
 
 
-def test_sqlite_store_is_in_wal_mode_with_the_user_ts_index(tmp_path):
+def test_sqlite_store_is_in_wal_mode_with_the_covering_user_index(tmp_path):
     EventStore(f"sqlite:{tmp_path / 'nested' / 'events.db'}").close()
     conn = sqlite3.connect(tmp_path / "nested" / "events.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     plan = " ".join(str(row) for row in conn.execute(
-        "EXPLAIN QUERY PLAN SELECT item FROM events WHERE user_id = 'u' ORDER BY ts DESC LIMIT 5"))
-    assert "events_user_ts" in plan
+        "EXPLAIN QUERY PLAN SELECT item FROM events WHERE user_id = 'u' ORDER BY ts DESC, seq DESC LIMIT 5"))
+    assert "COVERING INDEX events_user_recent" in plan
 
 
 @pytest.mark.parametrize("url", ["events.db", "sqlite:", "mysql://x/y", "postgresql:nohost"])
@@ -124,9 +124,77 @@ def test_an_unreachable_postgresql_is_a_clear_error():
 @pytest.mark.parametrize("body, where", [
     ({"user": 1, "item": 2}, "event_id"), ({"event_id": "", "user": 1, "item": 2}, "event_id"),
     ({"event_id": "e", "user": "", "item": 2}, "user"), ({"event_id": "e", "user": 1, "item": 2, "ts": -1}, "ts"),
-    ({"event_id": "e", "user": 1, "item": 2, "colour": "red"}, "colour")])
+    ({"event_id": "e", "user": 1, "item": 2, "colour": "red"}, "colour"),
+    ({"event_id": "e", "user": "a\x00b", "item": 2}, "user"), ({"event_id": "e\x00", "user": 1, "item": 2}, "event_id")])
 def test_malformed_events_are_refused_naming_the_field(body, where):
     from pydantic import ValidationError
 
     with pytest.raises(ValidationError, match=where):
         Event.model_validate(body)
+
+
+def test_latest_many_reads_every_users_history_in_one_query_as_latest_does(store_url):
+    store = EventStore(store_url)
+    store.add(events("a", 6, user="u") + events("b", 3, user="v", start_ts=100.0)
+              + [Event(event_id="t-1", user="tie", item="x", ts=5.0), Event(event_id="t-2", user="tie", item="y", ts=5.0)])
+    users = ["u", "v", "nobody", "tie", "u"]  # a user twice in one round, and one with no events
+    many = store.latest_many(users, 4)
+    assert many == {user: store.latest(user, 4) for user in users}
+    assert many["u"] == ["2", "3", "4", "5"] and many["nobody"] == [] and many["tie"] == ["x", "y"]
+    assert store.latest_many(users, 0) == {"u": [], "v": [], "nobody": [], "tie": []}
+    # Many users in one round.
+    crowd = [f"c{i}" for i in range(450)]
+    store.add([Event(event_id=f"c-{i}", user=user, item=str(i), ts=float(i)) for i, user in enumerate(crowd)])
+    assert store.latest_many(crowd, 3) == {user: [str(i)] for i, user in enumerate(crowd)}
+    store.close()
+
+
+def test_add_groups_commits_several_requests_in_one_transaction_and_tells_new_from_retried(store_url):
+    store = EventStore(store_url)
+    store.add(events("old", 2))
+    # A new request, a partial retry (one stored before, one new) and a pure retry, in one transaction.
+    flags = store.add_groups([events("new", 3), events("old", 1) + [Event(event_id="old-9", user="u", item="9")],
+                              events("old", 2), [], [Event(event_id="one", user="w", item="1")]])
+    assert flags == [[True, True, True], [False, True], [False, False], [], [True]]
+    assert store.count() == 2 + 3 + 1 + 1
+    store.close()
+
+
+def test_group_commit_serves_concurrent_writers_in_few_transactions_answering_after_commit(store_url):
+    import asyncio
+
+    from modelworks.events import AsyncEventStore
+
+    async def scenario():
+        store = AsyncEventStore(store_url)
+        await store.open()
+        rounds = []
+        serve = store.writer.serve
+        store.writer.serve = lambda groups: rounds.append(len(groups)) or serve(groups)
+        single = [[Event(event_id=f"s{i}", user=f"u{i % 5}", item=str(i))] for i in range(60)]
+        answers = await asyncio.gather(*(store.add(group) for group in single), store.add(single[0]))
+        assert answers == [[True]] * 60 + [[False]]  # the retry of s0 in the same burst: stored once
+        assert sum(rounds) == 61 and len(rounds) < 61 / 2  # events that arrive together share a transaction
+        # Answered after the commit: another connection sees every acknowledged event.
+        other = EventStore(store_url)
+        assert other.count() == 60
+        assert await asyncio.gather(store.latest("u1", 2), store.latest("u2", 50), store.latest("nobody", 3)) == [
+            ["51", "56"], [str(i) for i in range(2, 60, 5)], []]
+        other.close()
+        await store.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_store_of_schema_1_is_upgraded_on_open_keeping_its_events(store_url, monkeypatch):
+    import modelworks.events as events_module
+
+    monkeypatch.setattr(events_module, "MIGRATIONS", MIGRATIONS[:1])
+    old = EventStore(store_url)
+    old.add(events("a", 4))
+    assert old.schema_version() == 1
+    old.close()
+    monkeypatch.setattr(events_module, "MIGRATIONS", MIGRATIONS)
+    store = EventStore(store_url)  # migration 2: the covering index replaces (user_id, ts)
+    assert store.schema_version() == 2 and store.latest("u", 2) == ["2", "3"] and store.count() == 4
+    store.close()

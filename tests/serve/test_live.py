@@ -174,3 +174,61 @@ def test_a_bad_store_url_fails_before_any_model_loads():
 
     with pytest.raises(ConfigError, match="--events: 'events.db' is not an event store URL"):
         ServeSettings(events="events.db")
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """{version: value} of one /metrics series of the model "ease"."""
+    values = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line[len(name) + 1:].rsplit("} ", 1)
+            fields = dict(part.split("=", 1) for part in labels.split(","))
+            if fields["model"] == '"ease"':
+                values[fields["version"].strip('"')] = float(value)
+    return values
+
+
+def test_ab_by_user_with_exact_online_hit_counts_per_arm(tiny_rec_package, tmp_path):
+    """Two versions split 50/50: each user stays on one (assigned by user id), what each answered is recorded, and
+    events for recommended items count as hits of the arm that recommended them, exactly."""
+    from helpers import copy_package_as_version
+
+    v2 = copy_package_as_version(tiny_rec_package, tmp_path / "v2", "2")
+    settings = ServeSettings(admin_token="", events=f"sqlite:{tmp_path / 'events.db'}", hit_window_s=60.0)
+    app = create_app([open_model(tiny_rec_package, "onnx"), open_model(v2, "onnx")], [50.0, 50.0], settings)
+    users = [f"user{i}" for i in range(12)]
+
+    async def body(client):
+        arm, shown = {}, {}
+        for user in users:
+            answers = [(await client.get("/v1/models/ease/recommend", params={"user": user, "k": 3})).json()
+                       for _ in range(2)]
+            assert answers[0]["version"] == answers[1]["version"]  # sticky by user, no X-Caller-Id needed
+            arm[user], shown[user] = answers[0]["version"], items_of(answers[0]["prediction"])
+        assert set(arm.values()) == {"1", "2"}  # both arms have users
+        now = __import__("time").time()
+        posted = []
+        for n, user in enumerate(users):
+            if n % 3 == 0:  # a hit, and the same item again (counted once) and a second shown item (one answer hit)
+                posted += [event(f"{user}-a", user, shown[user][0], now), event(f"{user}-b", user, shown[user][0], now),
+                           event(f"{user}-c", user, shown[user][1], now)]
+            elif n % 3 == 1:  # an item not recommended, and a recommended one long after the window: no hit
+                others = [str(i) for i in range(1, 21) if str(i) not in shown[user]]
+                posted += [event(f"{user}-d", user, others[0], now), event(f"{user}-e", user, shown[user][2], now + 600)]
+            # n % 3 == 2: no events
+        response = await client.post("/v1/events", json=posted)
+        assert response.json()["stored"] == len(posted)
+        again = await client.post("/v1/events", json=[e for e in posted if e["event_id"].endswith("-a")])
+        assert again.json()["stored"] == 0  # a retry: no hit counted twice
+        metrics = (await client.get("/metrics")).text
+        expected_answers = {v: 2.0 * sum(1 for u in users if arm[u] == v) for v in ("1", "2")}
+        hit_users = [u for n, u in enumerate(users) if n % 3 == 0]
+        expected_hit = {v: float(sum(1 for u in hit_users if arm[u] == v)) for v in ("1", "2")}
+        assert metric_values(metrics, "modelworks_online_answers_total") == expected_answers
+        # The newest answer of each user is credited: one answer hit, two distinct shown items, per hit user.
+        assert metric_values(metrics, "modelworks_online_answers_hit_total") == expected_hit
+        assert metric_values(metrics, "modelworks_online_item_hits_total") == {v: 2 * n for v, n in expected_hit.items()}
+        assert metric_values(metrics, "modelworks_online_hit_rate") == {
+            v: expected_hit[v] / expected_answers[v] for v in ("1", "2")}
+
+    asyncio.run(with_apps([app], body))

@@ -46,6 +46,16 @@ class Metrics:
                                     LABELS, registry=r)
         self.events = Counter("modelworks_events", "Events posted to /v1/events, by outcome: stored, or duplicate "
                               "(an event_id stored before: acknowledged, not stored again)", ["outcome"], registry=r)
+        # A/B online metrics from the events (serve/online.py): what each version showed a user, and what followed.
+        self.online_answers = Counter("modelworks_online_answers", "Answers that showed items to a known user "
+                                      "(Predictor.subject and shown_items)", LABELS, registry=r)
+        self.online_answers_hit = Counter("modelworks_online_answers_hit", "Answers followed, within the hit window, "
+                                          "by an event of that user for one of the items shown", LABELS, registry=r)
+        self.online_item_hits = Counter("modelworks_online_item_hits", "Events for an item a version showed that "
+                                        "user within the hit window (each shown item counts once)", LABELS,
+                                        registry=r)
+        self.online_hit_rate = Gauge("modelworks_online_hit_rate", "online_answers_hit / online_answers: the share "
+                                     "of answers the user acted on, per version (A/B)", LABELS, registry=r)
         # Unlabelled: one value per server. An alert reads readiness here rather than probing /readyz, and the
         # queue's bound here to turn modelworks_queue_depth into a saturation ratio.
         self.ready = Gauge("modelworks_ready", "1 while /readyz answers 200 (every model has a loaded, warmed-up "
@@ -58,7 +68,8 @@ class Metrics:
         (and through it the model and its runtime session): left registered, each unload leaked a model."""
         for metric in (self.requests, self.errors, self.latency, self.batch_size, self.inference, self.queue_depth,
                        self.confidence, self.traffic_weight, self.time_to_first_token, self.generated_tokens,
-                       self.running_sequences, self.waiting_sequences):
+                       self.running_sequences, self.waiting_sequences, self.online_answers, self.online_answers_hit,
+                       self.online_item_hits, self.online_hit_rate):
             # prometheus_client keeps a metric's children keyed by their label values and offers no public way to
             # list them; `_metrics` (under `_lock`) has been that dict since the labels API began.
             with metric._lock:

@@ -173,6 +173,18 @@ class Predictor:
         store holds only what a served model can read."""
         return []
 
+    # ---- A/B by user and online metrics (serve/online.py): who a request is for, and what its answer shows them.
+    def subject(self, request: BaseModel) -> str | None:
+        """The id of the user this request is for, or None. Without an X-Caller-Id header, A/B assignment is sticky
+        by it (a user stays on one version), and answers that show that user items are recorded for the online
+        hit rate."""
+        return None
+
+    def shown_items(self, response: BaseModel) -> list[str]:
+        """The item ids the answer shows its subject (recommendation: the list); an event of that user for one of
+        them soon after counts as a hit for the version that answered. []: nothing to count."""
+        return []
+
     # GET routes of the predictor's own, by name: GET /v1/models/{model}/{route}?... validates its query string
     # into the model given here and answers `request_from_query(route, query)` through the predict path (batching,
     # A/B, live history). E.g. recommendation's {"recommend": RecommendQuery}.

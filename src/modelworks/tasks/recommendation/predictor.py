@@ -113,6 +113,12 @@ class RecommendationPredictor(Predictor):
     def unknown_items(self, items: list[str]) -> list[str]:
         return [item for item in items if item not in self.index]
 
+    def subject(self, request: RecommendationRequest) -> str | None:
+        return None if request.user is None else str(request.user)
+
+    def shown_items(self, response: RecommendationResponse) -> list[str]:
+        return [item.item for item in response.items]
+
     def request_from_query(self, route: str, query: RecommendQuery) -> RecommendationRequest:
         wanted = [part.strip() for part in query.exclude.split(",") if part.strip()]
         return RecommendationRequest(user=query.user, k=query.k, exclude=[i for i in wanted if i != "seen"],
@@ -124,7 +130,11 @@ class RecommendationPredictor(Predictor):
         return RecommendationRequest(user="example", history=self.ids[:3], k=min(10, len(self.ids))), None
 
     def _indices(self, items: list, field: str) -> list[int]:
-        unknown = [str(i) for i in items if str(i) not in self.index]
+        # One lookup per item (this runs on the server's event loop for every live request).
+        found = [self.index.get(str(i)) for i in items]
+        if None not in found:
+            return found
+        unknown = [str(i) for i, index in zip(items, found) if index is None]
         if unknown:
             shown = ", ".join(map(repr, unknown[:10])) + (f" and {len(unknown) - 10} more" if len(unknown) > 10 else "")
             raise InputError(f"{field}: {len(unknown)} item{'s' if len(unknown) > 1 else ''} not in the model's "
