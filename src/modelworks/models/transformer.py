@@ -269,9 +269,12 @@ class Decoder(nn.Module):
         if mask is not None or past is not None:
             attn_mask = self.attention_mask(tokens, mask, past)
         keys, values = [], []
+        # [L * 2, B, H, S, D]: an exported graph then cuts the cache into keys and values in one Split (one copy),
+        # where indexing [L, 2, ...] by layer and then by key/value split it twice.
+        flat_past = past.flatten(0, 1) if past is not None else None
         for i, block in enumerate(self.blocks):
-            past_k = past[i, 0] if past is not None else None
-            past_v = past[i, 1] if past is not None else None
+            past_k = flat_past[2 * i] if past is not None else None
+            past_v = flat_past[2 * i + 1] if past is not None else None
             cross_kv = (memory_kv[i, 0], memory_kv[i, 1]) if memory_kv is not None else None
             x, k, v = block(x, rope, past_k, past_v, attn_mask, memory, cross_kv, fused_onnx)
             keys.append(k)
