@@ -124,7 +124,7 @@ def generation(tokens: int, repeats: int = 3) -> dict:
             write_torchscript(graph.module, graph.example_inputs, Path(tmp) / f"{name}.pt")
             ts[name] = TorchRunner(load_torchscript(Path(tmp) / f"{name}.pt"), graph.input_names)
             write_onnx(graph.module, graph.example_inputs, Path(tmp) / f"{name}.onnx", graph.input_names,
-                       graph.output_names, graph.dynamic_axes)
+                       graph.output_names, graph.dynamic_axes, graph.onnx_opset)
             onnx[name] = OnnxRunner(Path(tmp) / f"{name}.onnx")
             # one intra-op thread: a decode step's ops are too small to split, and waking a second thread per op
             # (the runner does not let idle threads spin) costs more than it saves

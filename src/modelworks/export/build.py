@@ -124,7 +124,7 @@ def write_formats(task, model: nn.Module, graphs: dict, staging: Path, options: 
                 runners[runtime][name] = TorchRunner(load_torchscript(path), graph.input_names)
             else:
                 formats.write_onnx(graph.module, graph.example_inputs, path, graph.input_names, graph.output_names,
-                                   graph.dynamic_axes)
+                                   graph.dynamic_axes, graph.onnx_opset)
                 runners[runtime][name] = OnnxRunner(path)
     return runners
 

@@ -46,9 +46,11 @@ def dynamic_shapes_for(example: tuple[torch.Tensor, ...], input_names: list[str]
 
 
 def write_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
-               output_names: list[str], dynamic_axes: dict[str, dict[int, str]] | None = None) -> None:
+               output_names: list[str], dynamic_axes: dict[str, dict[int, str]] | None = None,
+               opset: int | None = None) -> None:
     """The graph through torch.export (the current exporter; it needs onnxscript). Without `dynamic_axes`, every
-    input's first axis is dynamic so one file serves any batch size; with them, the named axes are."""
+    input's first axis is dynamic so one file serves any batch size; with them, the named axes are. `opset`:
+    the ONNX opset (None: the exporter's default)."""
     try:
         import onnxscript  # noqa: F401  the exporter's dependency: fail with the install hint, not deep inside
     except ImportError:
@@ -61,7 +63,8 @@ def write_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
             warnings.simplefilter("ignore")
             torch.onnx.export(module, example, str(path), input_names=input_names,
                               output_names=output_names, dynamic_shapes=dynamic_shapes, dynamo=True,
-                              external_data=False, verbose=False)
+                              external_data=False, verbose=False,
+                              **({"opset_version": opset} if opset else {}))
     except Exception as exc:  # the exporter raises many types; all mean the graph could not be expressed
         raise PackageError(f"ONNX export failed ({type(exc).__name__}: {str(exc).splitlines()[0][:300]}); the "
                            "task's export_module must be tensor-in, tensor-out without Python control flow "

@@ -59,6 +59,24 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).type_as(x)
 
 
+@dataclass
+class Rope:
+    """The rotary angles of one forward call: cos/sin [B, 1, T, D/2] for each position, or, while exporting with
+    fused ONNX operators, the whole tables [context, D/2] and the positions [B, T] that ONNX's RotaryEmbedding
+    (opset 23) gathers them by: one operator per rotation instead of eight (split, four products, two sums,
+    concat), the same arithmetic."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor | None = None
+
+    def __call__(self, x: torch.Tensor, num_heads: int = 0) -> torch.Tensor:
+        """x [B, H, T, D]; or, fused only, [B, T, H * D] with `num_heads`."""
+        if self.positions is not None:
+            return torch.onnx.ops.rotary_embedding(x, self.cos, self.sin, self.positions, num_heads=num_heads)
+        return rotate(x, self.cos, self.sin)
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: DecoderConfig, cross: bool = False):
         super().__init__()
@@ -80,13 +98,15 @@ class Attention(nn.Module):
         B, T, C = x.shape
         return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
 
-    def forward(self, x, rope, past_k=None, past_v=None, mask=None):
+    def forward(self, x, rope, past_k=None, past_v=None, mask=None, fused_onnx=False):
         """x: [B, T, C]. Returns the output and this call's own keys/values [B, H, T, D] (for the cache)."""
+        if fused_onnx and past_k is not None and not self.qk_norm and torch.onnx.is_in_onnx_export():
+            return self.forward_fused(x, rope, past_k, past_v, mask)
         q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
-            q, k = rotate(q, *rope), rotate(k, *rope)
+            q, k = rope(q), rope(k)
         new_k, new_v = k, v
         if past_k is not None:
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
@@ -97,6 +117,18 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         B, H, T, D = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D)), new_k, new_v
+
+    def forward_fused(self, x, rope, past_k, past_v, mask):
+        """`forward` with a cache, as ONNX opset 23 operators: the rotation and attention read [B, T, H * D]
+        directly (no reshape and transpose of q, k, v and of the output), and the attention appends the new keys/
+        values to the past itself (`present`), of which the new ones are the last T."""
+        T = x.shape[1]
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, T, C] each
+        if rope is not None:
+            q, k = rope(q, self.n_head), rope(k, self.n_head)
+        y, present_k, present_v, _ = torch.onnx.ops.attention(q, k, v, mask, past_k, past_v, q_num_heads=self.n_head,
+                                                              kv_num_heads=self.n_head)
+        return self.proj(y), present_k[:, :, -T:], present_v[:, :, -T:]
 
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys and values [B, H, S, D] of memory [B, S, C]: computed once per image when decoding
@@ -145,8 +177,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, past_k=None, past_v=None, mask=None, memory=None, memory_kv=None):
-        a, k, v = self.attn(self.norm1(x), rope, past_k, past_v, mask)
+    def forward(self, x, rope, past_k=None, past_v=None, mask=None, memory=None, memory_kv=None, fused_onnx=False):
+        a, k, v = self.attn(self.norm1(x), rope, past_k, past_v, mask, fused_onnx)
         x = x + self.drop(a)
         if self.cross is not None and (memory is not None or memory_kv is not None):
             x = x + self.drop(self.cross.attend_memory(self.norm_cross(x), memory, memory_kv))
@@ -170,6 +202,11 @@ class Decoder(nn.Module):
         head_dim = cfg.n_embd // cfg.n_head
         inv_freq = 1.0 / (cfg.rope_base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        # The angles of every position the model knows, for the fused ONNX rotation (`Rope`); computed as `rope`
+        # computes them, so both give the same numbers.
+        freqs = torch.arange(cfg.context, dtype=torch.float32).unsqueeze(-1) * inv_freq  # [context, D/2]
+        self.register_buffer("rope_cos", freqs.cos(), persistent=False)
+        self.register_buffer("rope_sin", freqs.sin(), persistent=False)
         self.init_weights()
         if cfg.tie_embeddings and self.head is not None:
             self.head.weight = self.embed.weight
@@ -200,21 +237,24 @@ class Decoder(nn.Module):
         """The output layer: optimised by AdamW under optim.name=muon, as in modded-nanoGPT."""
         return [self.head.weight] if self.head is not None else []
 
-    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def rope(self, positions: torch.Tensor, fused_onnx: bool = False) -> Rope | None:
         if self.pos_embed is not None:
             return None
+        if fused_onnx and torch.onnx.is_in_onnx_export():
+            return Rope(self.rope_cos, self.rope_sin, positions)
         freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [B, T, D/2]
-        return freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1)  # [B, 1, T, D/2]
+        return Rope(freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1))  # [B, 1, T, D/2]
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 past: torch.Tensor | None = None, memory: torch.Tensor | None = None, return_cache: bool = False,
-                memory_kv: torch.Tensor | None = None):
+                memory_kv: torch.Tensor | None = None, fused_onnx: bool = False):
         """tokens [B, T] -> logits [B, T, V]; with `return_cache`, also the new keys/values [L, 2, B, H, T, D].
 
         positions [B, T]: each token's position (default 0..T-1). past [L, 2, B, H, S, D]: cached keys/values.
         mask [B, S + T] bool: True for real keys, False for padding (None: no padding, plain causal).
         memory [B, M, C]: what cross-attention attends to; or memory_kv [L, 2, B, H, M, D], its keys/values from
-        `memory_cache` (computed once per image rather than at every decoding step)."""
+        `memory_cache` (computed once per image rather than at every decoding step). fused_onnx: while exporting to
+        ONNX, use opset 23's fused operators (export the graph with Graph.onnx_opset=23); no effect otherwise."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -224,16 +264,19 @@ class Decoder(nn.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
         x = self.drop(x)
-        rope = self.rope(positions)
+        rope = self.rope(positions, fused_onnx)
         attn_mask = None
         if mask is not None or past is not None:
             attn_mask = self.attention_mask(tokens, mask, past)
         keys, values = [], []
+        # [L * 2, B, H, S, D]: an exported graph then cuts the cache into keys and values in one Split (one copy),
+        # where indexing [L, 2, ...] by layer and then by key/value split it twice.
+        flat_past = past.flatten(0, 1) if past is not None else None
         for i, block in enumerate(self.blocks):
-            past_k = past[i, 0] if past is not None else None
-            past_v = past[i, 1] if past is not None else None
+            past_k = flat_past[2 * i] if past is not None else None
+            past_v = flat_past[2 * i + 1] if past is not None else None
             cross_kv = (memory_kv[i, 0], memory_kv[i, 1]) if memory_kv is not None else None
-            x, k, v = block(x, rope, past_k, past_v, attn_mask, memory, cross_kv)
+            x, k, v = block(x, rope, past_k, past_v, attn_mask, memory, cross_kv, fused_onnx)
             keys.append(k)
             values.append(v)
         logits = self.norm(x)

@@ -39,6 +39,10 @@ class Graph:
     input_names: list[str]
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    # ONNX opset to export at (None: the exporter's default). A graph that uses newer fused operators (opset 23's
+    # RMSNormalization, Attention, RotaryEmbedding: one ONNX Runtime kernel each instead of a handful of small
+    # ops) asks for the opset that has them.
+    onnx_opset: int | None = None
 
 
 @dataclass

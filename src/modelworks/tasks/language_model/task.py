@@ -89,7 +89,7 @@ class Prefill(nn.Module):
         self.model = model
 
     def forward(self, tokens, positions, mask):
-        logits, kv = self.model(tokens, positions, mask, return_cache=True)
+        logits, kv = self.model(tokens, positions, mask, return_cache=True, fused_onnx=True)
         return logits[:, -1].float(), kv
 
 
@@ -102,7 +102,7 @@ class Decode(nn.Module):
         self.model = model
 
     def forward(self, tokens, positions, mask, past):
-        logits, kv = self.model(tokens, positions, mask, past, return_cache=True)
+        logits, kv = self.model(tokens, positions, mask, past, return_cache=True, fused_onnx=True)
         return logits[:, -1].float(), kv
 
 
@@ -260,15 +260,17 @@ class LanguageModelTask(Task):
         mask = torch.ones(B, T, dtype=torch.bool)
         past = torch.zeros(cfg.n_layer, 2, B, H, S, D)
         batch, length, cache = "batch", "length", "cache"
+        # Opset 23 for its fused RMSNormalization, Attention and RotaryEmbedding (Decoder's fused_onnx): the decode
+        # graph of the 0.8M model falls from 318 nodes to ~140, and a decode step is bound by per-node overhead.
         return {
             "prefill": Graph(Prefill(model), (tokens, positions, mask), ["tokens", "positions", "mask"],
                              ["logits", "kv"], {"tokens": {0: batch, 1: length}, "positions": {0: batch, 1: length},
-                                               "mask": {0: batch, 1: length}}),
+                                               "mask": {0: batch, 1: length}}, onnx_opset=23),
             "decode": Graph(Decode(model), (tokens[:, :1], positions[:, :1] + S, torch.ones(B, S + 1, dtype=torch.bool),
                                             past),
                             ["tokens", "positions", "mask", "past"], ["logits", "kv"],
                             {"tokens": {0: batch}, "positions": {0: batch}, "mask": {0: batch, 1: "cache_plus_one"},
-                             "past": {2: batch, 4: cache}}),
+                             "past": {2: batch, 4: cache}}, onnx_opset=23),
         }
 
     def graph_batch_inputs(self, batch, graph: str, previous: dict) -> tuple[torch.Tensor, ...]:
