@@ -216,3 +216,26 @@ def image_file(pixels, format: str) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format=format, **({"lossless": True} if format == "WEBP" else {}))
     return buffer.getvalue()
+
+
+DDP_EVAL_WORKER = Path(__file__).parent / "engine" / "ddp_eval_worker.py"
+
+
+def evaluate_in_one_and_two_processes(raw_config: dict, folder: Path, steps: int) -> dict[str, dict]:
+    """Run tests/engine/ddp_eval_worker.py on `raw_config` once alone and once under torchrun with 2 gloo ranks:
+    {"one": metrics, "two": metrics}, each with the "world" it ran in. The data must exist before (each process
+    reads it)."""
+    (folder / "config.json").write_text(json.dumps(raw_config))
+    env = cli_env()
+    env["OMP_NUM_THREADS"] = "1"  # two ranks share the cores
+    runs = {"one": [PYTHON, str(DDP_EVAL_WORKER)],
+            "two": [TORCHRUN, "--standalone", "--nproc-per-node", "2", str(DDP_EVAL_WORKER)]}
+    results = {}
+    for name, command in runs.items():
+        out = folder / f"{name}.json"
+        proc = subprocess.run([*command, str(folder / "config.json"), str(out), str(steps)], capture_output=True,
+                              text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        results[name] = json.loads(out.read_text())
+    assert (results["one"]["world"], results["two"]["world"]) == (1, 2)
+    return results
