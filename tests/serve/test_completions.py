@@ -112,7 +112,9 @@ def test_the_openai_client_completes_streamed_and_not(server):
 
     chunks = list(api.completions.create(model="verse", prompt=WORDS_PROMPT, max_tokens=12, temperature=0.8, seed=3,
                                          stream=True, extra_body={"top_k": 10}))
-    assert len(chunks) >= 2  # streamed as it was generated, not in one piece
+    # Streamed, not in one piece: the first token is a chunk of its own; later tokens already waiting behind a
+    # chunk being written are joined into the next one, so their count depends on the machine's load
+    assert len(chunks) >= 2 and len(chunks[0].choices[0].text) == 1
     assert "".join(c.choices[0].text for c in chunks) == choice.text  # same seed, same text
     assert chunks[-1].choices[0].finish_reason == "length"
     assert all(c.choices[0].finish_reason is None for c in chunks[:-1])

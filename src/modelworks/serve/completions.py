@@ -299,7 +299,10 @@ class Generation:
             while True:
                 index, delta = event
                 try:
-                    text, finished, reason, held = self.merge_ready(index, delta)
+                    if event is first:  # the first token goes out alone, so the stream visibly starts with it
+                        text, finished, reason, held = delta.text, delta.finished, delta.finish_reason, None
+                    else:
+                        text, finished, reason, held = self.merge_ready(index, delta)
                 except CompletionError as exc:
                     yield encode_event(exc.body())
                     return
