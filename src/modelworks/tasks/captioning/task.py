@@ -249,7 +249,8 @@ class CaptioningTask(Task):
             memory = core.encode(images).repeat_interleave(K, dim=0)
             samples = sample_captions(core.decoder, memory, m.max_length, eot)
         captions = [self.tokenizer.decode([t for t in row if t >= 0]) for row in samples.tolist()]
-        references = [[normalise(c) for c in self.captions[i]] for i in batch["ids"].tolist() for _ in range(K)]
+        per_image = [[normalise(c) for c in self.captions[i]] for i in batch["ids"].tolist()]
+        references = [refs for refs in per_image for _ in range(K)]  # normalised once, shared by the K samples
         rewards = torch.as_tensor(CorpusCiderD(*self.cider_corpus).scores(captions, references),
                                   dtype=torch.float32, device=images.device).view(-1, K)
         logits = model(images, teacher_inputs(samples, eot), captions_per_image=K)
