@@ -63,10 +63,16 @@ def test_prometheus_scrapes_the_server_and_evaluates_every_rule(tiny_package, ti
                                        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
                                        f"--web.listen-address=127.0.0.1:{prometheus_port}"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # Prometheus answers 503 "Service Unavailable" to queries until its TSDB has started (slow under load).
+        wait_for(lambda: httpx.get(f"http://127.0.0.1:{prometheus_port}/-/ready", timeout=2).status_code == 200
+                 or prometheus.poll() is not None, 60, "prometheus ready")
+        assert prometheus.poll() is None, f"prometheus exited with {prometheus.returncode}"
         api = f"http://127.0.0.1:{prometheus_port}/api/v1"
 
         def query(expr: str) -> dict[tuple, float]:
-            result = httpx.get(f"{api}/query", params={"query": expr}, timeout=5).json()["data"]["result"]
+            answer = httpx.get(f"{api}/query", params={"query": expr}, timeout=5)
+            assert answer.status_code == 200, f"prometheus answered {answer.status_code} to {expr!r}: {answer.text[:300]}"
+            result = answer.json()["data"]["result"]
             return {tuple(sorted((k, v) for k, v in r["metric"].items() if k != "__name__")): float(r["value"][1])
                     for r in result}
 
