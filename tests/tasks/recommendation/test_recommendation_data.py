@@ -86,6 +86,20 @@ def test_no_held_out_item_reaches_a_training_input(tmp_path):
     assert torch.equal(test.history[:, -1], val.target)
 
 
+def test_every_window_makes_each_training_transition_a_target_exactly_once():
+    history = list(range(1, 24))  # 23 items: 22 transitions, windows of max_len + 1 = 6 items cut from the end
+    windows = rec_data.training_windows(history, max_len=5, every_window=True)
+    assert windows[0] == history[-6:] and windows[-1][0] == history[0]
+    transitions = [(w[i], w[i + 1]) for w in windows for i in range(len(w) - 1)]
+    assert sorted(transitions) == [(a, a + 1) for a in range(1, 23)]  # all 22, none twice
+    assert rec_data.training_windows(history, max_len=5, every_window=False) == [history[-6:]]
+    assert rec_data.training_windows([7], max_len=5, every_window=True) == []  # one item: nothing to predict
+    train = rec_data.NextItemSequences([history, [3, 4]], max_len=5, every_window=True)
+    assert len(train) == len(windows) + 1
+    assert train.inputs[0].tolist() == history[-6:-1] and train.targets[0].tolist() == history[-5:]
+    assert train.inputs[-1].tolist() == [0, 0, 0, 0, 3] and train.targets[-1].tolist() == [0, 0, 0, 0, 4]
+
+
 @pytest.mark.skipif(not (REAL / "ml-100k" / "u.data").is_file(), reason="../shared MovieLens data absent")
 def test_real_ml100k_reads_with_its_catalogue():
     data = rec_data.read_movielens(REAL / "ml-100k")

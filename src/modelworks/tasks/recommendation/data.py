@@ -192,11 +192,26 @@ def pad_left(sequence: list[int], length: int) -> list[int]:
     return [0] * (length - len(tail)) + tail
 
 
-class NextItemSequences(Dataset):
-    """Training: one sample per user, (input [L], target [L]): the history shifted by one, left-padded."""
+def training_windows(sequence: list[int], max_len: int, every_window: bool) -> list[list[int]]:
+    """Windows of at most max_len + 1 items, cut back from the end of `sequence`. Consecutive windows share one
+    item (the last input of one is the first of the next), so with `every_window` each transition of the
+    history is a target exactly once; without it, only the most recent window."""
+    windows = []
+    end = len(sequence)
+    while end >= 2:
+        windows.append(sequence[max(0, end - max_len - 1):end])
+        if not every_window:
+            break
+        end -= max_len
+    return windows
 
-    def __init__(self, sequences: list[list[int]], max_len: int):
-        kept = [s[-(max_len + 1):] for s in sequences if len(s) >= 2]
+
+class NextItemSequences(Dataset):
+    """Training: (input [L], target [L]) samples, the history shifted by one, left-padded: one per user (its
+    latest window), or with `every_window` one per window of the whole history."""
+
+    def __init__(self, sequences: list[list[int]], max_len: int, every_window: bool = False):
+        kept = [w for s in sequences for w in training_windows(s, max_len, every_window)]
         self.inputs = torch.tensor([pad_left(s[:-1], max_len) for s in kept], dtype=torch.long)
         self.targets = torch.tensor([pad_left(s[1:], max_len) for s in kept], dtype=torch.long)
 
