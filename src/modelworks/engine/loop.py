@@ -205,6 +205,26 @@ def probe_budget(task, model: nn.Module, train_model: nn.Module, replica: nn.Mod
     return distributed.broadcast_object(plan)
 
 
+def schedule_at(optimizer, cfg, total_steps: int, step: int):
+    """A learning-rate schedule for `total_steps`, advanced to `step` (the optimizer's rate set as at that step):
+    for a run whose length changed at `step`. A resumed run builds the same one and loads its state."""
+    scheduler = build_schedule(optimizer, cfg, total_steps)
+    scheduler.last_epoch = step - 1
+    scheduler.step()
+    return scheduler
+
+
+def replanned(plan: budget.BudgetPlan, step: int, started: float, loop_started: float, first_step: int,
+              evaluation_s: float, evaluations: int) -> budget.BudgetPlan:
+    """The budget re-planned at `step` from this run's own measurements (budget.py says why): the mean time of the
+    steps since the loop started, evaluations excluded, and the mean evaluation (the probe's until one has run);
+    rank 0's plan, shared by every rank."""
+    seconds_per_step = (time.perf_counter() - loop_started - evaluation_s) / (step - first_step)
+    seconds_per_evaluation = evaluation_s / evaluations if evaluations else plan.seconds_per_evaluation
+    new = budget.replan(plan, step, time.perf_counter() - started, seconds_per_step, seconds_per_evaluation)
+    return distributed.broadcast_object(new)
+
+
 def evaluation_replica(task, model: nn.Module, device: torch.device, cfg: RunConfig) -> nn.Module | None:
     """For a sharded model, a whole copy to evaluate with (None otherwise): a sharded forward is a collective,
     which would hang when the ranks' validation shards have different numbers of batches, or when rank 0 alone
@@ -391,6 +411,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
         last_checked_step = step
 
     status, last_metrics = "finished", {}
+    replan_at = budget.replan_step(plan) if plan is not None else None  # a resumed run keeps its saved length
+    loop_started, first_step, evaluation_s, evaluations = time.perf_counter(), step, 0.0, 0
     train_model.train()
     with StopRequest() as stop:
         while step < total_steps and status == "finished":
@@ -412,6 +434,15 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                 if ema is not None:
                     ema.update(model)
                 step += 1
+                if step == replan_at:
+                    plan = replanned(plan, step, started, loop_started, first_step, evaluation_s, evaluations)
+                    if plan.total_steps != total_steps:
+                        log.info(f"time budget re-planned at step {step}: {plan.total_steps} steps instead of "
+                                 f"{total_steps} ({1000 * plan.replanned['seconds_per_step']:.0f} ms/step measured, "
+                                 f"the probe said {1000 * plan.seconds_per_step:.0f})")
+                        total_steps = plan.total_steps
+                        log.set_total_steps(total_steps)
+                        scheduler = schedule_at(optimizer, cfg.optim, total_steps, step)
 
                 if logs_now:
                     check_finite()
@@ -430,6 +461,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                     samples_since_log, tic = 0, time.perf_counter()
 
                 if step % eval_every == 0 or step == total_steps:
+                    evaluation_tic = time.perf_counter()
                     check_finite()
                     eval_model = ema.module if ema is not None else evaluation_model(model, replica)
                     with activations.watch_evaluation(eval_model, step):
@@ -451,6 +483,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                         log.info(f"early stop: {monitor_key} has not improved by more than "
                                  f"{t.early_stop.min_delta} for {t.early_stop.patience} evaluations")
                         status = "early_stopped"
+                    evaluation_s, evaluations = evaluation_s + time.perf_counter() - evaluation_tic, evaluations + 1
                 elif t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                     check_finite()
                     save("last")
