@@ -34,7 +34,8 @@ def train(name: str, minutes: float, overrides: list[str]) -> None:
     print(json.dumps({"name": name, "steps": result.step, "best": result.best}))
 
 
-def score(name: str, grids: list[str], guidances: list[float], raw: bool, steps: int, samples: int) -> None:
+def score(name: str, grids: list[str], guidances: list[float], raw: bool, steps: int, samples: int,
+          use_inception: bool, combos: list[str]) -> None:
     from modelworks.engine import checkpoint
     from modelworks.engine.loop import load_for_evaluation
     from modelworks.tasks.diffusion import metrics as M
@@ -52,10 +53,12 @@ def score(name: str, grids: list[str], guidances: list[float], raw: bool, steps:
         models["raw"] = plain.eval()
     test = task.datasets(torch.device("cpu")).test
     reals = M.to_uint8(task.to_model_range(test.images[:1000]))
-    inception = M.InceptionFeatures()
+    inception = M.InceptionFeatures() if use_inception else None
     classifier = M.metric_classifier(task)
-    real_features = inception(reals)
-    mu, sigma = M.feature_statistics(real_features)
+    real_features = inception(reals) if use_inception else None
+    mu, sigma = M.feature_statistics(real_features) if use_inception else (None, None)
+    class_features, _ = M.classify(classifier, reals.float() / 127.5 - 1)
+    mu_c, sigma_c = M.feature_statistics(class_features)
     shape = (task.channels, task.image_size, task.image_size)
 
     def sample(net, labels, guidance, grid, seed):
@@ -66,24 +69,28 @@ def score(name: str, grids: list[str], guidances: list[float], raw: bool, steps:
         return M.to_uint8(torch.cat([r.x for r in runs]))
 
     def measure(images):
-        f = inception(images)
-        _, predicted = M.classify(classifier, images.float() / 127.5 - 1)
+        features, predicted = M.classify(classifier, images.float() / 127.5 - 1)
         histogram = np.bincount(predicted, minlength=task.num_classes) / len(predicted)
-        return {"fid": round(M.frechet_distance(*M.feature_statistics(f), mu, sigma), 1),
-                "kid": round(1000 * M.kernel_inception_distance(f, real_features)[0], 1),
-                "classes": int((histogram > 0).sum()), "max_share": round(float(histogram.max()), 3)}
+        out = {"fid_clf": round(M.frechet_distance(*M.feature_statistics(features), mu_c, sigma_c), 2),
+               "classes": int((histogram > 0).sum()), "max_share": round(float(histogram.max()), 3)}
+        if use_inception:
+            f = inception(images)
+            out["fid"] = round(M.frechet_distance(*M.feature_statistics(f), mu, sigma), 1)
+            out["kid"] = round(1000 * M.kernel_inception_distance(f, real_features)[0], 1)
+        return out
 
-    for which, net in models.items():
-        for grid in grids:
-            tic = time.perf_counter()
-            row = {"run": name, "weights": which, "grid": grid, "steps": steps,
-                   "unconditional": measure(sample(net, [None], 0.0, grid, 0))}
-            for g in guidances:
-                row[f"conditional_w{g:g}"] = measure(sample(net, list(range(task.num_classes)), g, grid, 10_000_000))
-            row["seconds"] = round(time.perf_counter() - tic)
-            print(json.dumps(row), flush=True)
-            with open(RUNS / "scores.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
+    pairs = [c.split(":") for c in combos] if combos else [(w, g) for w in models for g in grids]
+    for which, grid in pairs:
+        net = models[which]
+        tic = time.perf_counter()
+        row = {"run": name, "weights": which, "grid": grid, "steps": steps,
+               "unconditional": measure(sample(net, [None], 0.0, grid, 0))}
+        for g in guidances:
+            row[f"conditional_w{g:g}"] = measure(sample(net, list(range(task.num_classes)), g, grid, 10_000_000))
+        row["seconds"] = round(time.perf_counter() - tic)
+        print(json.dumps(row), flush=True)
+        with open(RUNS / "scores.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def main() -> None:
@@ -97,13 +104,15 @@ def main() -> None:
     parser.add_argument("--raw", action="store_true", help="also score the raw (not averaged) weights")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--inception", action="store_true", help="also Inception FID/KID (slow on a CPU)")
+    parser.add_argument("--combos", default="", help="WEIGHTS:GRID pairs, e.g. ema:time,raw:karras")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.what == "train":
         train(args.name, args.minutes, args.set)
     else:
         score(args.name, args.grid.split(","), [float(g) for g in args.guidance.split(",")], args.raw, args.steps,
-              args.samples)
+              args.samples, args.inception, [c for c in args.combos.split(",") if c])
 
 
 if __name__ == "__main__":
