@@ -214,12 +214,14 @@ def schedule_at(optimizer, cfg, total_steps: int, step: int):
     return scheduler
 
 
-def replanned(plan: budget.BudgetPlan, step: int, started: float, loop_started: float, first_step: int,
+def replanned(plan: budget.BudgetPlan, step: int, started: float, window: tuple[int, float, float],
               evaluation_s: float, evaluations: int) -> budget.BudgetPlan:
     """The budget re-planned at `step` from this run's own measurements (budget.py says why): the mean time of the
-    steps since the loop started, evaluations excluded, and the mean evaluation (the probe's until one has run);
-    rank 0's plan, shared by every rank."""
-    seconds_per_step = (time.perf_counter() - loop_started - evaluation_s) / (step - first_step)
+    steps since `window` (its step, clock and evaluation seconds then), evaluations excluded, and the mean
+    evaluation (the probe's until one has run); rank 0's plan, shared by every rank."""
+    window_step, window_tic, window_evaluation_s = window
+    seconds_per_step = ((time.perf_counter() - window_tic - (evaluation_s - window_evaluation_s))
+                        / (step - window_step))
     seconds_per_evaluation = evaluation_s / evaluations if evaluations else plan.seconds_per_evaluation
     new = budget.replan(plan, step, time.perf_counter() - started, seconds_per_step, seconds_per_evaluation)
     return distributed.broadcast_object(new)
@@ -320,7 +322,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_schedule(optimizer, cfg.optim, total_steps)
     scaler = precision.scaler()
-    ema = EMA(model, t.ema.decay, t.ema.warmup_steps) if t.ema.enabled else None
+    ema = EMA(model, t.ema.decay, t.ema.warmup_steps, t.ema.power) if t.ema.enabled else None
     monitor_key, monitor_mode = task.monitor
     stopper = EarlyStopper(monitor_mode, t.early_stop.patience, t.early_stop.min_delta)
     step, best_metrics = 0, {}
@@ -364,7 +366,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                  f"epochs; train.epochs is not used) from a probe of {1000 * plan.seconds_per_step:.0f} ms/step and "
                  f"{plan.seconds_per_evaluation:.2f} s per validation and checkpoint, after {plan.spent_s:.1f} s of "
                  "loading and probing")
-        if ema is not None and 1 / (1 - t.ema.decay) > total_steps / 2:
+        if ema is not None and not t.ema.power and 1 / (1 - t.ema.decay) > total_steps / 2:
             # Not changed for the user (decay is per step, not a fraction of the run), but worth knowing: an
             # average over more than half the run leans on early, poor weights.
             log.info(f"note: train.ema.decay={t.ema.decay:g} averages over ~{1 / (1 - t.ema.decay):.0f} steps, more "
@@ -412,7 +414,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
 
     status, last_metrics = "finished", {}
     replan_at = budget.replan_step(plan) if plan is not None else None  # a resumed run keeps its saved length
-    loop_started, first_step, evaluation_s, evaluations = time.perf_counter(), step, 0.0, 0
+    window_from, window, evaluation_s, evaluations = step + budget.REPLAN_SKIPPED_STEPS, None, 0.0, 0
     train_model.train()
     with StopRequest() as stop:
         while step < total_steps and status == "finished":
@@ -434,8 +436,10 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                 if ema is not None:
                     ema.update(model)
                 step += 1
+                if step == window_from:  # the re-plan times the steps from here
+                    window = (step, time.perf_counter(), evaluation_s)
                 if step == replan_at:
-                    plan = replanned(plan, step, started, loop_started, first_step, evaluation_s, evaluations)
+                    plan = replanned(plan, step, started, window, evaluation_s, evaluations)
                     if plan.total_steps != total_steps:
                         log.info(f"time budget re-planned at step {step}: {plan.total_steps} steps instead of "
                                  f"{total_steps} ({1000 * plan.replanned['seconds_per_step']:.0f} ms/step measured, "
