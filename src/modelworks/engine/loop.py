@@ -227,6 +227,16 @@ def replanned(plan: budget.BudgetPlan, step: int, started: float, window: tuple[
     return distributed.broadcast_object(new)
 
 
+def change_length(plan: budget.BudgetPlan, step: int, old_total: int, optimizer, cfg: RunConfig, log: Logger):
+    """A re-planned run's new length at `step`: said in the log, shown by the progress bar, and the learning-rate
+    schedule rebuilt for it (returned)."""
+    log.info(f"time budget re-planned at step {step}: {plan.total_steps} steps instead of {old_total} "
+             f"({1000 * plan.replanned['seconds_per_step']:.0f} ms/step measured, the probe said "
+             f"{1000 * plan.seconds_per_step:.0f})")
+    log.set_total_steps(plan.total_steps)
+    return schedule_at(optimizer, cfg.optim, plan.total_steps, step)
+
+
 def evaluation_replica(task, model: nn.Module, device: torch.device, cfg: RunConfig) -> nn.Module | None:
     """For a sharded model, a whole copy to evaluate with (None otherwise): a sharded forward is a collective,
     which would hang when the ranks' validation shards have different numbers of batches, or when rank 0 alone
@@ -441,12 +451,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                 if step == replan_at:
                     plan = replanned(plan, step, started, window, evaluation_s, evaluations)
                     if plan.total_steps != total_steps:
-                        log.info(f"time budget re-planned at step {step}: {plan.total_steps} steps instead of "
-                                 f"{total_steps} ({1000 * plan.replanned['seconds_per_step']:.0f} ms/step measured, "
-                                 f"the probe said {1000 * plan.seconds_per_step:.0f})")
+                        scheduler = change_length(plan, step, total_steps, optimizer, cfg, log)
                         total_steps = plan.total_steps
-                        log.set_total_steps(total_steps)
-                        scheduler = schedule_at(optimizer, cfg.optim, total_steps, step)
 
                 if logs_now:
                     check_finite()
