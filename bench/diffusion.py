@@ -13,8 +13,9 @@ bench's own folder, not the package's dependencies:
     .venv/bin/pip install --no-deps --target ~/.cache/modelworks-bench-diffusers diffusers
 
 (`--peer-path` names that folder; it goes on the peer worker's PYTHONPATH only.) Ours: the `fashion-mnist` recipe
-(xs UNet, v-prediction on the cosine schedule, bf16, EMA) under `train.time_budget_s`, sampled by DPM-Solver++(2M)
-in 20 steps. Both are scored by the same code (tasks/diffusion/metrics.py): Inception FID and KID of 500 samples
+(xs UNet, v-prediction on the cosine schedule, min-SNR loss weighting, bf16, power-function EMA) under
+`train.time_budget_s`, sampled by DPM-Solver++(2M) in 20 steps; the run's time budget (its probe, its re-plan and
+the seconds it trained) is recorded beside the figures. Both are scored by the same code (tasks/diffusion/metrics.py): Inception FID and KID of 500 samples
 against the first 1,000 test images, the floor of that measurement (500 other test images against the same 1,000),
 FID in the metric classifier's feature space, and the class histogram of unconditional samples.
 
@@ -134,7 +135,8 @@ def run_ours(recipe: str, minutes: float, samples: int, folder: Path, device: st
     figures = {"params": sum(p.numel() for p in model.parameters()), "fit_s": fit_s, "steps": result.step,
                "images_per_s": float(np.mean(rates[1:] if len(rates) > 1 else rates)), "sample_s": sample_s,
                "best_val_loss": result.best.get("val/loss"), "sampler": cfg.model.sampler,
-               "steps_per_sample": cfg.model.sample_steps, "guidance": cfg.model.guidance}
+               "steps_per_sample": cfg.model.sample_steps, "guidance": cfg.model.guidance,
+               "time_budget": json.loads((result.run_dir / "summary.json").read_text()).get("time_budget")}
     return figures, task, unconditional, conditional
 
 

@@ -177,3 +177,20 @@ def test_split_batch_cuts_nested_batches():
     assert parts[1][0].tolist() == [2, 3] and parts[1][1]["y"].tolist() == [4, 6]
     with pytest.raises(TypeError, match="cannot split a batch element of type str"):
         split_batch(("text", torch.arange(4)), 2)
+
+
+@pytest.mark.parametrize("steps", [100, 1000])
+def test_power_ema_averages_the_same_share_of_any_run_length(steps):
+    """Weights that rise linearly (theta_t = t): the power-function EMA's average is the mean of t weighted by
+    t^power, t (power + 1) / (power + 2), a fixed fraction of the run whatever its length; the first update copies
+    the weights (no trace of the initial ones)."""
+    power = 6.94
+    model = nn.Linear(1, 1)
+    ema = EMA(model, decay=0.999, warmup_steps=100, power=power)  # decay and warm-up are not used
+    for t in range(1, steps + 1):
+        with torch.no_grad():
+            model.weight.fill_(float(t))
+        ema.update(model)
+        if t == 1:
+            assert ema.module.weight.item() == 1.0
+    assert ema.module.weight.item() / steps == pytest.approx((power + 1) / (power + 2), rel=0.01)

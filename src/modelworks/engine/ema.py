@@ -14,17 +14,23 @@ class EMA:
     (batch counters) are copied. Averaging the statistics too, rather than copying the live model's, gave
     0.652 vs 0.649 val mAP on fmnist-scenes and a steadier curve mid-run (bench notes in the recipe)."""
 
-    def __init__(self, model: nn.Module, decay: float, warmup_steps: int):
+    def __init__(self, model: nn.Module, decay: float, warmup_steps: int, power: float = 0.0):
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.warmup_steps = warmup_steps
+        self.power = power
         self.updates = 0
+
+    def current_decay(self) -> float:
+        if self.power > 0:  # EDM2's power function: an average over a fixed share of the steps so far
+            return (1 - 1 / self.updates) ** (self.power + 1)
+        # Ramp the decay up over the warm-up so the average is not dominated by the random initial weights.
+        return self.decay * min(1.0, self.updates / self.warmup_steps) if self.warmup_steps else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         self.updates += 1
-        # Ramp the decay up over the warm-up so the average is not dominated by the random initial weights.
-        d = self.decay * min(1.0, self.updates / self.warmup_steps) if self.warmup_steps else self.decay
+        d = self.current_decay()
         ema_params = [p for p in self.module.parameters()]
         params = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_params, params, 1.0 - d)

@@ -39,6 +39,13 @@ class Logger:
 
             self.bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True, leave=True)
 
+    def set_total_steps(self, total_steps: int) -> None:
+        """The run's length changed (a time budget re-planned): the progress line and bar follow."""
+        self.total_steps = total_steps
+        if self.bar is not None:
+            self.bar.total = total_steps
+            self.bar.refresh()
+
     def info(self, message: str) -> None:
         if not self.enabled:
             return

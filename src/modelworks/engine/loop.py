@@ -205,6 +205,38 @@ def probe_budget(task, model: nn.Module, train_model: nn.Module, replica: nn.Mod
     return distributed.broadcast_object(plan)
 
 
+def schedule_at(optimizer, cfg, total_steps: int, step: int):
+    """A learning-rate schedule for `total_steps`, advanced to `step` (the optimizer's rate set as at that step):
+    for a run whose length changed at `step`. A resumed run builds the same one and loads its state."""
+    scheduler = build_schedule(optimizer, cfg, total_steps)
+    scheduler.last_epoch = step - 1
+    scheduler.step()
+    return scheduler
+
+
+def replanned(plan: budget.BudgetPlan, step: int, started: float, window: tuple[int, float, float],
+              evaluation_s: float, evaluations: int) -> budget.BudgetPlan:
+    """The budget re-planned at `step` from this run's own measurements (budget.py says why): the mean time of the
+    steps since `window` (its step, clock and evaluation seconds then), evaluations excluded, and the mean
+    evaluation (the probe's until one has run); rank 0's plan, shared by every rank."""
+    window_step, window_tic, window_evaluation_s = window
+    seconds_per_step = ((time.perf_counter() - window_tic - (evaluation_s - window_evaluation_s))
+                        / (step - window_step))
+    seconds_per_evaluation = evaluation_s / evaluations if evaluations else plan.seconds_per_evaluation
+    new = budget.replan(plan, step, time.perf_counter() - started, seconds_per_step, seconds_per_evaluation)
+    return distributed.broadcast_object(new)
+
+
+def change_length(plan: budget.BudgetPlan, step: int, old_total: int, optimizer, cfg: RunConfig, log: Logger):
+    """A re-planned run's new length at `step`: said in the log, shown by the progress bar, and the learning-rate
+    schedule rebuilt for it (returned)."""
+    log.info(f"time budget re-planned at step {step}: {plan.total_steps} steps instead of {old_total} "
+             f"({1000 * plan.replanned['seconds_per_step']:.0f} ms/step measured, the probe said "
+             f"{1000 * plan.seconds_per_step:.0f})")
+    log.set_total_steps(plan.total_steps)
+    return schedule_at(optimizer, cfg.optim, plan.total_steps, step)
+
+
 def evaluation_replica(task, model: nn.Module, device: torch.device, cfg: RunConfig) -> nn.Module | None:
     """For a sharded model, a whole copy to evaluate with (None otherwise): a sharded forward is a collective,
     which would hang when the ranks' validation shards have different numbers of batches, or when rank 0 alone
@@ -300,7 +332,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_schedule(optimizer, cfg.optim, total_steps)
     scaler = precision.scaler()
-    ema = EMA(model, t.ema.decay, t.ema.warmup_steps) if t.ema.enabled else None
+    ema = EMA(model, t.ema.decay, t.ema.warmup_steps, t.ema.power) if t.ema.enabled else None
     monitor_key, monitor_mode = task.monitor
     stopper = EarlyStopper(monitor_mode, t.early_stop.patience, t.early_stop.min_delta)
     step, best_metrics = 0, {}
@@ -344,7 +376,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                  f"epochs; train.epochs is not used) from a probe of {1000 * plan.seconds_per_step:.0f} ms/step and "
                  f"{plan.seconds_per_evaluation:.2f} s per validation and checkpoint, after {plan.spent_s:.1f} s of "
                  "loading and probing")
-        if ema is not None and 1 / (1 - t.ema.decay) > total_steps / 2:
+        if ema is not None and not t.ema.power and 1 / (1 - t.ema.decay) > total_steps / 2:
             # Not changed for the user (decay is per step, not a fraction of the run), but worth knowing: an
             # average over more than half the run leans on early, poor weights.
             log.info(f"note: train.ema.decay={t.ema.decay:g} averages over ~{1 / (1 - t.ema.decay):.0f} steps, more "
@@ -391,6 +423,8 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
         last_checked_step = step
 
     status, last_metrics = "finished", {}
+    replan_at = budget.replan_step(plan) if plan is not None else None  # a resumed run keeps its saved length
+    window_from, window, evaluation_s, evaluations = step + budget.REPLAN_SKIPPED_STEPS, None, 0.0, 0
     train_model.train()
     with StopRequest() as stop:
         while step < total_steps and status == "finished":
@@ -412,6 +446,13 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                 if ema is not None:
                     ema.update(model)
                 step += 1
+                if step == window_from:  # the re-plan times the steps from here
+                    window = (step, time.perf_counter(), evaluation_s)
+                if step == replan_at:
+                    plan = replanned(plan, step, started, window, evaluation_s, evaluations)
+                    if plan.total_steps != total_steps:
+                        scheduler = change_length(plan, step, total_steps, optimizer, cfg, log)
+                        total_steps = plan.total_steps
 
                 if logs_now:
                     check_finite()
@@ -430,6 +471,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                     samples_since_log, tic = 0, time.perf_counter()
 
                 if step % eval_every == 0 or step == total_steps:
+                    evaluation_tic = time.perf_counter()
                     check_finite()
                     eval_model = ema.module if ema is not None else evaluation_model(model, replica)
                     with activations.watch_evaluation(eval_model, step):
@@ -451,6 +493,7 @@ def fit(task, cfg: RunConfig, run_dir: Path, resume: bool = False) -> FitResult:
                         log.info(f"early stop: {monitor_key} has not improved by more than "
                                  f"{t.early_stop.min_delta} for {t.early_stop.patience} evaluations")
                         status = "early_stopped"
+                    evaluation_s, evaluations = evaluation_s + time.perf_counter() - evaluation_tic, evaluations + 1
                 elif t.checkpoint_every_steps and step % t.checkpoint_every_steps == 0:
                     check_finite()
                     save("last")

@@ -12,7 +12,7 @@ import torch
 from modelworks.tasks.diffusion.metrics import feature_statistics, frechet_distance, kernel_inception_distance
 from modelworks.tasks.diffusion.models import UNet
 from modelworks.tasks.diffusion.noise import LOG_SNR_LIMIT, NoiseProcess
-from modelworks.tasks.diffusion.samplers import SamplingRun, drive, torch_denoiser
+from modelworks.tasks.diffusion.samplers import SamplingRun, drive, time_grid, torch_denoiser
 
 SHAPE = (1, 4, 4)
 NULL = 3  # three classes, the fourth row is the null class
@@ -109,6 +109,51 @@ def test_fast_solver_at_20_steps_beats_ddim():
     ddim = run(process, "ddim", 20, n=64, denoise=denoise).x
     assert (dpm - reference).abs().mean() < 0.5 * (ddim - reference).abs().mean()
     assert (dpm - reference).abs().mean().item() < 0.015
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_log_snr_inverts_to_time(schedule):
+    process = NoiseProcess(schedule, "v")
+    t = torch.linspace(0.02, 0.98, 25, dtype=torch.float64)
+    assert torch.allclose(process.time_of_log_snr(process.log_snr(t)), t, atol=1e-9)
+
+
+@pytest.mark.parametrize("grid", ["log-snr", "karras"])
+def test_time_grids_run_from_noise_to_data_as_designed(grid):
+    """Both grids run from t = 1 to t = 0, strictly decreasing; log-snr's inner steps are evenly spaced in the
+    log-SNR, karras's in sigma^(1/7) (sigma = sigma_t / alpha_t), over sigma in [0.002, 80]."""
+    process = NoiseProcess("cosine", "v")
+    times = time_grid(10, process, grid)
+    assert times[0] == 1.0 and times[-1] == 0.0 and bool((times.diff() < 0).all())
+    lam = process.log_snr(times[1:-1])
+    if grid == "log-snr":
+        assert torch.allclose(lam.diff(), lam.diff()[:1].expand(8), atol=1e-6)
+        assert lam.diff()[0].item() == pytest.approx((-2 * math.log(0.002) + 2 * math.log(80)) / 10, rel=1e-6)
+    else:
+        root = torch.exp(-lam / 2) ** (1 / 7)
+        assert torch.allclose(root.diff(), root.diff()[:1].expand(8), atol=1e-6)
+    with pytest.raises(ValueError, match="grid: 'uniform' is not a time grid"):
+        time_grid(10, process, "uniform")
+
+
+@pytest.mark.parametrize("grid", ["log-snr", "karras"])
+def test_the_fast_solver_reaches_the_exact_flow_on_every_grid(grid):
+    process = NoiseProcess("cosine", "v")
+    denoise = gaussian_denoiser(process, 0.1, 0.25)
+    reference = run(process, "dpm-solver", 200, n=64, denoise=denoise).x
+    r = SamplingRun(process, SHAPE, 64, None, NULL, "dpm-solver", 20, seed=0, grid=grid)
+    drive([r], denoise)
+    assert (r.x - reference).abs().mean().item() < 0.015
+
+
+def test_min_snr_weight_caps_the_x0_weight_at_gamma():
+    """min(SNR, gamma) on the x_0 error: SNR times the eps error, SNR + 1 times the v error."""
+    t = torch.tensor([0.05, 0.5, 0.95], dtype=torch.float64)
+    for parametrisation, scale in (("eps", lambda snr: snr), ("v", lambda snr: snr + 1)):
+        process = NoiseProcess("cosine", parametrisation)
+        snr = torch.exp(process.log_snr(t))
+        assert torch.allclose(process.min_snr_weight(t, 5.0) * scale(snr), snr.clamp(max=5.0))
+    assert snr[0] > 5 > snr[-1]  # both sides of the cap are covered
 
 
 def test_ddpm_samples_have_the_data_distribution():

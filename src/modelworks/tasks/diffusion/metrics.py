@@ -216,7 +216,7 @@ def sample_model(task, model: nn.Module, n: int, labels: list[int | None], guida
     m = task.cfg.model
     shape = (task.channels, task.image_size, task.image_size)
     runs = [SamplingRun(task.process, shape, 1, labels[i % len(labels)], task.num_classes, m.sampler,
-                        m.sample_steps, guidance, seed=seed + i) for i in range(n)]
+                        m.sample_steps, guidance, seed=seed + i, grid=m.sample_grid) for i in range(n)]
     drive(runs, torch_denoiser(model, batch_rows))
     return torch.cat([r.x for r in runs]).clamp(-1, 1)
 

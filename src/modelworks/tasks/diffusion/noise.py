@@ -45,6 +45,17 @@ class NoiseProcess:
         ab = self.alpha_bar(t)
         return (torch.log(ab) - torch.log1p(-ab)).clamp(-LOG_SNR_LIMIT, LOG_SNR_LIMIT)
 
+    def time_of_log_snr(self, lam: torch.Tensor, iterations: int = 60) -> torch.Tensor:
+        """The t in [0, 1] where log_snr(t) = lam (float64), by bisection: log_snr falls monotonically with t for
+        every schedule, so one inverse serves them all (60 halvings: below float64's resolution of [0, 1])."""
+        lam = lam.double()
+        low, high = torch.zeros_like(lam), torch.ones_like(lam)
+        for _ in range(iterations):
+            mid = (low + high) / 2
+            above = self.log_snr(mid) > lam  # still too little noise: the answer is later
+            low, high = torch.where(above, mid, low), torch.where(above, high, mid)
+        return (low + high) / 2
+
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(alpha_t, sigma_t) in float64, from the clipped log-SNR: alpha^2 = sigmoid(lambda)."""
         lam = self.log_snr(t)
@@ -61,6 +72,12 @@ class NoiseProcess:
             return eps
         alpha, sigma = (v.to(x0.dtype).view(-1, *[1] * (x0.ndim - 1)) for v in self.alpha_sigma(t))
         return alpha * eps - sigma * x0
+
+    def min_snr_weight(self, t: torch.Tensor, gamma: float) -> torch.Tensor:
+        """Min-SNR-gamma (Hang et al. 2023) as a weight on this parametrisation's loss: min(SNR, gamma) on the
+        x_0 error, which is SNR times the eps error and (SNR + 1) times the v error."""
+        snr = torch.exp(self.log_snr(t))
+        return snr.clamp(max=gamma) / (snr if self.parametrisation == "eps" else snr + 1)
 
     def predict_x0_eps(self, x_t: torch.Tensor, t: torch.Tensor, output: torch.Tensor
                        ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -136,7 +136,8 @@ class ImageGenerator(Predictor):
 
     def start_run(self, item: Generation) -> SamplingRun:
         return SamplingRun(self.process, (self.channels, self.size, self.size), item.n, item.index,
-                           len(self.labels), item.sampler, item.steps, item.guidance, item.eta, item.seed)
+                           len(self.labels), item.sampler, item.steps, item.guidance, item.eta, item.seed,
+                           grid=self.defaults.get("grid", "time"))  # packages exported before the grid: time
 
     def generate_images(self, items: list[Generation], run: GraphRunner,
                         on_step: Callable[[], None] | None = None) -> list[torch.Tensor]:

@@ -17,6 +17,7 @@ is batched with.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, Sequence
 
 import torch
@@ -24,14 +25,36 @@ import torch
 from .noise import NoiseProcess
 
 SAMPLERS = ("ddpm", "ddim", "dpm-solver")
+GRIDS = ("time", "log-snr", "karras")
+KARRAS_RHO = 7.0  # Karras et al. 2022's spacing of the noise levels
+KARRAS_SIGMAS = (0.002, 80.0)  # their range of noise levels sigma / alpha (the process's own ends where narrower)
 
 # (x_t [N, C, H, W] float32, t [N] float32, y [N] int64) -> the network's output [N, C, H, W]
 Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def time_grid(steps: int) -> torch.Tensor:
-    """steps + 1 times from 1 (pure noise) down to 0, evenly spaced."""
-    return torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+def time_grid(steps: int, process: NoiseProcess | None = None, grid: str = "time") -> torch.Tensor:
+    """steps + 1 times from 1 (pure noise) down to 0. `time`: evenly spaced in t. `log-snr`: evenly spaced in the
+    log-SNR (DPM-Solver's choice for small images), from lambda(1) (or -log(KARRAS_SIGMA_MAX^2) where that is
+    higher: lower levels are all noise to the eye) to lambda(0). `karras`: the noise levels sigma/alpha spaced as
+    Karras et al. (rho 7) over the same range, denser at low noise. The ends are always t = 1 and t = 0."""
+    if grid not in GRIDS:
+        raise ValueError(f"grid: {grid!r} is not a time grid; use one of {', '.join(GRIDS)}")
+    uniform = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    if grid == "time":
+        return uniform
+    ends = process.log_snr(torch.tensor([1.0, 0.0], dtype=torch.float64))
+    sigma_min, sigma_max = KARRAS_SIGMAS
+    low, high = max(float(ends[0]), -2 * math.log(sigma_max)), min(float(ends[1]), -2 * math.log(sigma_min))
+    if grid == "log-snr":
+        lam = low + (high - low) * (1 - uniform)
+    else:  # sigma = exp(-lambda / 2), spaced evenly in sigma^(1/rho)
+        s_max, s_min = math.exp(-low / 2) ** (1 / KARRAS_RHO), math.exp(-high / 2) ** (1 / KARRAS_RHO)
+        sigma = (s_max + (1 - uniform) * (s_min - s_max)) ** KARRAS_RHO
+        lam = -2 * torch.log(sigma)
+    times = process.time_of_log_snr(lam)
+    times[0], times[-1] = 1.0, 0.0
+    return times
 
 
 class SamplingRun:
@@ -39,7 +62,7 @@ class SamplingRun:
 
     def __init__(self, process: NoiseProcess, shape: Sequence[int], n: int, label: int | None, null_label: int,
                  sampler: str = "dpm-solver", steps: int = 20, guidance: float = 0.0, eta: float = 0.0,
-                 seed: int = 0):
+                 seed: int = 0, grid: str = "time"):
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: {sampler!r} is not a sampler; use one of {', '.join(SAMPLERS)}")
         self.process, self.sampler, self.steps = process, sampler, steps
@@ -51,7 +74,7 @@ class SamplingRun:
         self.y = torch.cat([labels, torch.full((n,), null_label, dtype=torch.int64)]) if self.guided else labels
         self.generator = torch.Generator().manual_seed(int(seed))
         self.x = torch.randn((n, *shape), generator=self.generator, dtype=torch.float32)
-        self.times = time_grid(steps)
+        self.times = time_grid(steps, process, grid)
         self.alphas, self.sigmas = process.alpha_sigma(self.times)
         self.log_snrs = process.log_snr(self.times)
         self.i = 0

@@ -33,9 +33,14 @@ class DiffusionModelConfig:
     dropout: float = 0.0
     schedule: Literal["linear", "cosine"] = "cosine"
     parametrisation: Literal["eps", "v"] = "v"
+    # Loss weighting over noise levels: `min-snr` (Hang et al. 2023) caps the weight of the low-noise levels at
+    # min_snr_gamma, so the many easy, nearly clean steps do not pull against the mid and high noise ones.
+    loss_weighting: Literal["none", "min-snr"] = "none"
+    min_snr_gamma: float = 5.0
     label_dropout: float = 0.1  # training labels replaced by the null class: the unconditional model for guidance
     sampler: Literal["ddpm", "ddim", "dpm-solver"] = "dpm-solver"  # evaluation's and the predictor's default
     sample_steps: int = 20  # network evaluations per sample
+    sample_grid: Literal["time", "log-snr", "karras"] = "time"  # samplers.time_grid: where the steps fall
     guidance: float = 1.0  # classifier-free guidance weight w: (1 + w) conditional - w unconditional; 0: none
     eval_samples: int = 500  # samples for FID/KID in the final report; 0: no generative evaluation
     eval_reference: int = 1000  # real images of the evaluated split the samples are compared with
@@ -47,6 +52,8 @@ class DiffusionModelConfig:
             raise ValueError(f"model.label_dropout: must be in [0, 1) (got {self.label_dropout})")
         if not 1 <= self.sample_steps <= 1000:
             raise ValueError(f"model.sample_steps: must be in 1..1000 (got {self.sample_steps})")
+        if self.min_snr_gamma <= 0:
+            raise ValueError(f"model.min_snr_gamma: must be > 0 (got {self.min_snr_gamma})")
         if self.guidance < 0:
             raise ValueError(f"model.guidance: must be >= 0 (got {self.guidance})")
         if self.eval_samples < 0 or self.eval_reference < 2:
@@ -168,8 +175,10 @@ class DiffusionTask(Task):
 
     def step(self, model: nn.Module, batch) -> StepOutput:
         _, y, x_t, t, target = batch
-        loss = F.mse_loss(model(x_t, t, y).float(), target.float())
-        return StepOutput(loss, {}, len(y))
+        per_sample = (model(x_t, t, y).float() - target.float()).pow(2).flatten(1).mean(1)
+        if self.cfg.model.loss_weighting == "min-snr":
+            per_sample = per_sample * self.process.min_snr_weight(t, self.cfg.model.min_snr_gamma).float()
+        return StepOutput(per_sample.mean(), {}, len(y))
 
     # ------------------------------------------------------------------------------------------ evaluation
 
@@ -224,7 +233,8 @@ class DiffusionTask(Task):
         pad = (self.image_size - self.source_size) // 2
         return ImageGenerator(ImageGenerator.build_spec(
             self.channels, self.image_size, labels, self.process.spec(), crop=pad,
-            defaults={"sampler": m.sampler, "steps": m.sample_steps, "guidance": m.guidance}))
+            defaults={"sampler": m.sampler, "steps": m.sample_steps, "guidance": m.guidance,
+                      "grid": m.sample_grid}))
 
     def adopt_spec(self, spec: dict) -> None:
         self.classes = list(spec["labels"])
