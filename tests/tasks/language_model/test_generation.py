@@ -231,37 +231,29 @@ def test_a_row_samples_the_same_token_alone_and_in_a_mixed_batch():
 
 
 def test_the_fused_onnx_graphs_generate_what_eager_pytorch_generates(tmp_path):
-    """The exported prefill and decode graphs (opset 23: RMSNormalization, RotaryEmbedding, Attention with the
-    past appended by the operator) against the same model in PyTorch: prompts of different lengths in one batch
-    (left padding, masked keys) and a generation past the context (the window restarts), greedy, token for token."""
+    """The exported prefill and decode graphs (opset 23: RMSNormalization, RotaryEmbedding, Attention; the decode
+    graph's attention is GroupQueryAttention writing into the bound cache in place) against the same model in
+    PyTorch: prompts of different lengths in one batch (left padding, masked keys) and a generation past the
+    context (the window restarts), greedy, token for token."""
     pytest.importorskip("onnxruntime")
     import onnx
     from modelworks.export.formats import write_onnx
     from modelworks.export.runtime import GraphSet, OnnxRunner
-    from modelworks.tasks.language_model.task import Decode, Prefill
-    from modelworks.tasks.base import Graph
+    from modelworks.tasks.language_model.task import decoder_graphs
 
     model = random_decoder(qk_norm=False)
     gen = generator()
-    B, H, D, S = 2, 2, 16, 3
-    tokens, positions, mask = torch.zeros(B, 4, dtype=torch.long), torch.arange(4).expand(B, 4), torch.ones(B, 4).bool()
-    graphs = {  # as LanguageModelTask.export_graphs builds them
-        "prefill": Graph(Prefill(model), (tokens, positions.contiguous(), mask), ["tokens", "positions", "mask"],
-                         ["logits", "kv"], {n: {0: "batch", 1: "length"} for n in ("tokens", "positions", "mask")},
-                         onnx_opset=23),
-        "decode": Graph(Decode(model), (tokens[:, :1], positions[:, :1] + S, torch.ones(B, S + 1).bool(),
-                                        torch.zeros(2, 2, B, H, S, D)), ["tokens", "positions", "mask", "past"],
-                        ["logits", "kv"], {"tokens": {0: "batch"}, "positions": {0: "batch"},
-                                           "mask": {0: "batch", 1: "cache+1"}, "past": {2: "batch", 4: "cache"}},
-                        onnx_opset=23)}
     runners = {}
-    for name, graph in graphs.items():
+    for name, graph in decoder_graphs(model).items():  # as the package holds them
         path = tmp_path / f"{name}.onnx"
         write_onnx(graph.module, graph.example_inputs, path, graph.input_names, graph.output_names,
                    graph.dynamic_axes, graph.onnx_opset)
         runners[name] = OnnxRunner(path, threads=1)
-    ops = {node.op_type for node in onnx.load(str(tmp_path / "decode.onnx")).graph.node}
-    assert {"RMSNormalization", "RotaryEmbedding", "Attention"} <= ops and "Transpose" not in ops
+    nodes = onnx.load(str(tmp_path / "decode.onnx")).graph.node
+    ops = {node.op_type for node in nodes}
+    assert {"RMSNormalization", "RotaryEmbedding", "GroupQueryAttention"} <= ops and "Transpose" not in ops
+    readers = {node.op_type for node in nodes for name in node.input if name.startswith("past_")}
+    assert readers == {"GroupQueryAttention"}  # the cache goes to the attention whole: nothing copies it
     prompts = ["the king", "a", "night and day and night."]
     items = lambda: [gen.parse(CompletionRequest(prompt=p, max_tokens=60, temperature=0.0)) for p in prompts]  # noqa
     with torch.no_grad():
