@@ -70,6 +70,27 @@ def test_sequences_join_and_leave_the_batch_at_any_step():
     assert gen.respond(late).text == alone
 
 
+def test_a_sequence_moved_down_into_a_freed_slot_keeps_its_text():
+    """A decode step hands the graph slots 0..n-1: when a sequence in a low slot ends, the one in the highest slot
+    moves into it (its keys/values copied), and its text is the text it gets alone."""
+    model = random_decoder()
+    gen = generator()
+    run = eager_runner(model)
+    request = lambda p, n: gen.parse(CompletionRequest(prompt=p, max_tokens=n, temperature=0.9, seed=3))  # noqa
+    with torch.no_grad():
+        alone = gen.predict([request("night", 25)], run)[0].text
+        short, middle, last = gen.start(request("a", 3)), gen.start(request("the king", 40)), gen.start(
+            request("night", 25))
+        active = [short, middle, last]
+        gen.step(active, run)
+        assert (short.slot, middle.slot, last.slot) == (0, 1, 2)
+        while not last.finished:
+            gen.step(active, run)
+            active = [s for s in active if not s.finished]
+        assert short.finished and last.slot == 0  # moved down when the short one left
+    assert gen.respond(last).text == alone
+
+
 def test_seeded_sampling_is_deterministic_and_seeds_differ():
     model = random_decoder()
     gen = generator()
@@ -243,8 +264,8 @@ def test_the_fused_onnx_graphs_generate_what_eager_pytorch_generates(tmp_path):
 
     model = random_decoder(qk_norm=False)
     gen = generator()
-    runners = {}
-    for name, graph in decoder_graphs(model).items():  # as the package holds them
+    runners, graphs = {}, decoder_graphs(model)
+    for name, graph in graphs.items():  # as the package holds them
         path = tmp_path / f"{name}.onnx"
         write_onnx(graph.module, graph.example_inputs, path, graph.input_names, graph.output_names,
                    graph.dynamic_axes, graph.onnx_opset)
@@ -259,4 +280,18 @@ def test_the_fused_onnx_graphs_generate_what_eager_pytorch_generates(tmp_path):
     with torch.no_grad():
         expected = [r.text for r in gen.predict(items(), eager_runner(model))]
     assert [r.text for r in gen.predict(items(), GraphSet(runners))] == expected
+    # One decode step with the caches bound by address: each row's new key lands at its position in place, and
+    # nothing else in the cache moves.
+    caches = [np.random.default_rng(i).normal(size=(3, 2, 48, 16)).astype(np.float32) for i in range(4)]
+    before = [c.copy() for c in caches]
+    positions = np.array([[5], [0], [47]])
+    inputs = {"tokens": np.array([[1], [2], [3]]), "positions": positions,
+              **{name: c for name, c in zip(graphs["decode"].input_names[2:], caches)}}
+    logits, *presents = runners["decode"](inputs, out=[None, *caches])
+    want_logits, *want = eager_runner(model).runners["decode"]({k: v.copy() for k, v in inputs.items()})
+    assert all(p is c for p, c in zip(presents, caches)) and np.allclose(logits, want_logits, atol=1e-4)
+    for cache, old, expected in zip(caches, before, want):
+        for row, at in enumerate(positions[:, 0]):
+            assert np.allclose(cache[row, :, at], expected[row, :, at], atol=1e-5)
+            assert np.array_equal(np.delete(cache[row], at, axis=1), np.delete(old[row], at, axis=1))
     assert len(set(expected)) == 3 and all(len(text) == 60 for text in expected)

@@ -10,10 +10,10 @@ step (continuous batching):
 
 `predict(items, run)` is that loop for one fixed batch. Keys and values live in one preallocated array per
 stepping thread (`KVSlots`, [L, 2, slots, H, context, D]): a sequence owns a slot from its prefill to its end, the
-prefill writes the slot, and a decode step gathers the active slots up to the longest length in one array
-operation, masks each row past its own length, and writes the new keys/values back with one scatter. Sampling runs
-over the whole batch at once (sampling.choose_tokens). Nothing in a step costs Python work proportional to a
-sequence's length.
+prefill writes the slot, and a decode step hands the decode graph each layer's slots 0..n-1 by address; its
+attention (ONNX Runtime's GroupQueryAttention) reads each row up to its own length and writes the new key/value
+into the slot in place, so no step copies the cache. Sampling runs over the whole batch at once
+(sampling.choose_tokens). Nothing in a step costs Python work proportional to a sequence's length.
 """
 
 from __future__ import annotations
