@@ -91,6 +91,36 @@ def test_a_sequence_moved_down_into_a_freed_slot_keeps_its_text():
     assert gen.respond(last).text == alone
 
 
+def test_a_package_with_the_earlier_decode_graph_still_generates():
+    """Packages exported before the in-place decode graph take the past gathered [L, 2, B, H, S, D] and a mask;
+    the predictor still drives them (their spec names the input `past`), to the same greedy text."""
+    from modelworks.export.runtime import GraphSet, TorchRunner
+
+    class GatheredDecode(torch.nn.Module):  # that graph, as it was exported
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens, positions, mask, past):
+            logits, kv = self.model(tokens, positions, mask, past, return_cache=True)
+            return logits[:, -1].float(), kv
+
+    model = random_decoder()
+    tokenizer = CharTokenizer(list(VOCAB), end_of_text=False)
+    names = ["tokens", "positions", "mask", "past"]
+    graphs = {"prefill": {"inputs": [], "outputs": []},
+              "decode": {"inputs": [{"name": n} for n in names], "outputs": ["logits", "kv"]}}
+    old = TextGenerator(TextGenerator.build_spec(tokenizer, 48, graphs), tokenizer)
+    run = GraphSet({"prefill": eager_runner(model).runners["prefill"],
+                    "decode": TorchRunner(GatheredDecode(model), names)})
+    items = lambda gen: [gen.parse(CompletionRequest(prompt=p, max_tokens=60, temperature=0.0))  # noqa: E731
+                         for p in ("the king", "a")]
+    with torch.no_grad():
+        assert old.gathered_decode and not generator().gathered_decode
+        texts = [r.text for r in old.predict(items(old), run)]
+        assert texts == [r.text for r in generator().predict(items(generator()), eager_runner(model))]
+
+
 def test_seeded_sampling_is_deterministic_and_seeds_differ():
     model = random_decoder()
     gen = generator()
