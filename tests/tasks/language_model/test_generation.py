@@ -320,8 +320,8 @@ def test_the_fused_onnx_graphs_generate_what_eager_pytorch_generates(tmp_path):
     logits, *presents = runners["decode"](inputs, out=[None, *caches])
     want_logits, *want = eager_runner(model).runners["decode"]({k: v.copy() for k, v in inputs.items()})
     assert all(p is c for p, c in zip(presents, caches)) and np.allclose(logits, want_logits, atol=1e-4)
-    for cache, old, expected in zip(caches, before, want):
+    for cache, old, eager_cache in zip(caches, before, want):
         for row, at in enumerate(positions[:, 0]):
-            assert np.allclose(cache[row, :, at], expected[row, :, at], atol=1e-5)
+            assert np.allclose(cache[row, :, at], eager_cache[row, :, at], atol=1e-5)
             assert np.array_equal(np.delete(cache[row], at, axis=1), np.delete(old[row], at, axis=1))
     assert len(set(expected)) == 3 and all(len(text) == 60 for text in expected)
