@@ -90,7 +90,9 @@ class KVSlots:
         self.context = context
         self.cache: np.ndarray | None = None
         self.free: list[int] = []  # a heap of the slots not owned by a sequence
-        self.lock = threading.Lock()  # `release` may run on another thread (a dropped sequence's finalizer)
+        # `release` may run on another thread (a dropped sequence's finalizer), or on this one, inside `allocate` or
+        # `compact`, when a garbage collection they trigger frees a dropped sequence: re-entrant.
+        self.lock = threading.RLock()
 
     def allocate(self, kv: np.ndarray) -> int:
         """The lowest free slot, for keys/values shaped like the prefill output `kv` [L, 2, B, H, T, D]."""
@@ -104,7 +106,8 @@ class KVSlots:
                 grown = np.zeros((*self.cache.shape[:2], 2 * n, *self.cache.shape[3:]), self.cache.dtype)
                 grown[:, :, :n] = self.cache
                 self.cache = grown
-                self.free = list(range(n, 2 * n))  # sorted: a heap
+                for slot in range(n, 2 * n):  # merged: a slot freed meanwhile (re-entrant release) stays free
+                    heapq.heappush(self.free, slot)
             return heapq.heappop(self.free)
 
     def release(self, slot: int) -> None:
