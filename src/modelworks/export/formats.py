@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
 
@@ -45,6 +46,16 @@ def dynamic_shapes_for(example: tuple[torch.Tensor, ...], input_names: list[str]
                  for input_name in input_names)
 
 
+def grouped_like_signature(module: nn.Module, shapes: tuple) -> tuple:
+    """torch.export groups the inputs of a `forward(a, b, *rest)` as (a, b, rest): so must the shapes be (a graph
+    with one input per layer, e.g. a decoder's per-layer caches, takes them as *rest)."""
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    for at, parameter in enumerate(parameters):
+        if parameter.kind is inspect.Parameter.VAR_POSITIONAL:
+            return (*shapes[:at], tuple(shapes[at:]))
+    return shapes
+
+
 def write_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path, input_names: list[str],
                output_names: list[str], dynamic_axes: dict[str, dict[int, str]] | None = None,
                opset: int | None = None) -> None:
@@ -55,7 +66,7 @@ def write_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], path: Path,
         import onnxscript  # noqa: F401  the exporter's dependency: fail with the install hint, not deep inside
     except ImportError:
         raise PackageError("ONNX export needs onnx and onnxscript; `pip install 'modelworks[export]'`") from None
-    dynamic_shapes = dynamic_shapes_for(example, input_names, dynamic_axes)
+    dynamic_shapes = grouped_like_signature(module, dynamic_shapes_for(example, input_names, dynamic_axes))
     if not dynamic_axes:
         example = batch_of_two(example)
     try:

@@ -45,9 +45,34 @@ class OnnxRunner:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
 
-    def __call__(self, inputs: dict[str, np.ndarray]) -> Sequence[np.ndarray]:
-        return self.session.run(None, inputs)
+    def __call__(self, inputs: dict[str, np.ndarray],
+                 out: Sequence[np.ndarray | None] | None = None) -> Sequence[np.ndarray]:
+        """The graph's outputs. `out`: arrays to write outputs into, by position (None: a new array), bound by
+        address through an IOBinding, so nothing is copied; an operator that updates a buffer in place when its
+        output shares the input's memory (GroupQueryAttention's cache) then writes only what changed."""
+        if out is None:
+            return self.session.run(None, inputs)
+        out = [*out, *[None] * (len(self.output_names) - len(out))]
+        binding = self.session.io_binding()
+        for name, array in inputs.items():
+            binding.bind_input(name, "cpu", 0, array.dtype.type, list(array.shape), contiguous(array, name))
+        for name, target in zip(self.output_names, out):
+            if target is None:
+                binding.bind_output(name)
+            else:
+                binding.bind_output(name, "cpu", 0, target.dtype.type, list(target.shape), contiguous(target, name))
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()  # in binding order: the graph's
+        return [value.numpy() if target is None else target for value, target in zip(values, out)]
+
+
+def contiguous(array: np.ndarray, name: str) -> int:
+    """The address of an array bound to a graph by address (it must be one C-ordered block)."""
+    if not array.flags.c_contiguous:
+        raise ValueError(f"{name}: an array bound by address must be C-contiguous")
+    return array.ctypes.data
 
 
 class TorchRunner:
@@ -57,11 +82,18 @@ class TorchRunner:
         self.module = module.eval()
         self.input_names = input_names
 
-    def __call__(self, inputs: dict[str, np.ndarray]) -> Sequence[np.ndarray]:
+    def __call__(self, inputs: dict[str, np.ndarray],
+                 out: Sequence[np.ndarray | None] | None = None) -> Sequence[np.ndarray]:
+        """The module's outputs; `out` as OnnxRunner's (here each given output is copied into its array)."""
         with torch.inference_mode():
-            out = self.module(*[torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names])
-        outputs = out if isinstance(out, (tuple, list)) else (out,)
-        return [o.detach().float().numpy() if o.is_floating_point() else o.numpy() for o in outputs]
+            result = self.module(*[torch.from_numpy(np.ascontiguousarray(inputs[n])) for n in self.input_names])
+        outputs = result if isinstance(result, (tuple, list)) else (result,)
+        arrays = [o.detach().float().numpy() if o.is_floating_point() else o.numpy() for o in outputs]
+        for i, target in enumerate(out or []):
+            if target is not None:
+                np.copyto(target, arrays[i])
+                arrays[i] = target
+        return arrays
 
 
 class GraphSet:
@@ -72,12 +104,14 @@ class GraphSet:
         self.runners = runners
         self.default = next(iter(runners))
 
-    def __call__(self, inputs: dict[str, np.ndarray], graph: str | None = None) -> Sequence[np.ndarray]:
+    def __call__(self, inputs: dict[str, np.ndarray], graph: str | None = None,
+                 out: Sequence[np.ndarray | None] | None = None) -> Sequence[np.ndarray]:
+        """`out`: arrays the outputs are written into, by position (see OnnxRunner)."""
         try:
             runner = self.runners[graph or self.default]
         except KeyError:
             raise PackageError(f"graph {graph!r}: not in this package; it has {', '.join(self.runners)}") from None
-        return runner(inputs)
+        return runner(inputs) if out is None else runner(inputs, out=out)
 
 
 def open_runner(package: Package, runtime: str, input_names: list[str] | Callable[[str], list[str]],

@@ -130,6 +130,39 @@ class Attention(nn.Module):
                                                               kv_num_heads=self.n_head)
         return self.proj(y), present_k[:, :, -T:], present_v[:, :, -T:]
 
+    def forward_step(self, x, rope, past_k, past_v, positions):
+        """One new token per row into a cache of fixed capacity. x [B, 1, C]; past_k/past_v [B, H, capacity, D],
+        row b's keys/values in its first positions[b] entries; positions [B, 1]. Returns the output and present_k/
+        present_v: the past with the new key/value at index positions[b] and zeros after it.
+
+        Exported to ONNX (head size a multiple of 8), the attention is ONNX Runtime's GroupQueryAttention
+        (com.microsoft): given `present` bound to the past's own buffer, it writes the one new entry in place and
+        reads each row only up to its own length, so a decode step copies nothing of the cache (opset 23's
+        Attention appends into a new `present`, and the past must first be gathered and split: three copies)."""
+        B, H, D = x.shape[0], self.n_head, self.head_dim
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, 1, H * D] each
+        if self.qk_norm:
+            q, k = (norm(t.view(B, 1, H, D)).view(B, 1, H * D) for norm, t in ((self.q_norm, q), (self.k_norm, k)))
+        if rope is not None and rope.positions is not None:  # exporting: the fused rotation reads [B, 1, H * D]
+            q, k = rope(q, H), rope(k, H)
+        elif rope is not None:
+            q, k = (rope(self.split_heads(t)).transpose(1, 2).reshape(B, 1, H * D) for t in (q, k))
+        if torch.onnx.is_in_onnx_export() and D % 8 == 0:  # GroupQueryAttention's CPU kernel needs D % 8 == 0
+            y, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
+                "com.microsoft::GroupQueryAttention",
+                [q, k, v, past_k, past_v, positions[:, 0].to(torch.int32), (positions.max() + 1).to(torch.int32)],
+                {"num_heads": H, "kv_num_heads": H}, dtypes=[x.dtype] * 3, shapes=[q.shape, past_k.shape,
+                                                                                    past_v.shape], version=1)
+            return self.proj(y), present_k, present_v
+        index = torch.arange(past_k.shape[2], device=x.device)
+        here = (index == positions).view(B, 1, -1, 1)  # [B, 1, capacity, 1]
+        kept = (index < positions).view(B, 1, -1, 1)
+        present_k = torch.where(here, self.split_heads(k), torch.where(kept, past_k, 0.0))
+        present_v = torch.where(here, self.split_heads(v), torch.where(kept, past_v, 0.0))
+        y = F.scaled_dot_product_attention(self.split_heads(q), present_k, present_v,
+                                           attn_mask=(index <= positions).view(B, 1, 1, -1))
+        return self.proj(y.transpose(1, 2).reshape(B, 1, H * D)), present_k, present_v
+
     def memory_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention keys and values [B, H, S, D] of memory [B, S, C]: computed once per image when decoding
         step by step (`Decoder.memory_cache`)."""
@@ -184,6 +217,13 @@ class Block(nn.Module):
             x = x + self.drop(self.cross.attend_memory(self.norm_cross(x), memory, memory_kv))
         x = x + self.drop(self.mlp(self.norm2(x)))
         return x, k, v
+
+
+    def forward_step(self, x, rope, past_k, past_v, positions):
+        """`forward` for one token per row into a fixed-capacity cache (Attention.forward_step); no memory."""
+        a, k, v = self.attn.forward_step(self.norm1(x), rope, past_k, past_v, positions)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), k, v
 
 
 class Decoder(nn.Module):
@@ -287,6 +327,30 @@ class Decoder(nn.Module):
         if not return_cache:
             return logits
         return logits, torch.stack([torch.stack(keys), torch.stack(values)], dim=1)  # [L, 2, B, H, T, D]
+
+    def forward_step(self, tokens: torch.Tensor, positions: torch.Tensor, caches: list[torch.Tensor]):
+        """One decoding step into caches of fixed capacity (inference, no cross-attention): tokens/positions
+        [B, 1] (positions[b]: row b's keys/values so far, where its new one goes); caches: each layer's keys then
+        values, [B, H, capacity, D]. Returns logits [B, V] and the caches with the new entries (see
+        Attention.forward_step; in ONNX Runtime they are written in place when bound to the same buffers)."""
+        if any(block.cross is not None for block in self.blocks):
+            raise ValueError("forward_step: a decoder with cross-attention decodes through forward(memory_kv=...)")
+        x = self.embed(tokens)
+        if self.cfg.embed_scale:
+            x = x * self.cfg.n_embd ** 0.5
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        rope = self.rope(positions, fused_onnx=True)
+        presents = []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block.forward_step(x, rope, caches[2 * i], caches[2 * i + 1], positions)
+            presents += [k, v]
+        logits = self.norm(x)
+        if self.head is not None:
+            logits = self.head(logits)
+        if self.head is not None and self.cfg.logit_softcap > 0:
+            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        return logits[:, -1].float(), presents
 
     def memory_cache(self, memory: torch.Tensor) -> torch.Tensor:
         """Every block's cross-attention keys/values of memory [B, M, C]: [L, 2, B, H, M, D]."""

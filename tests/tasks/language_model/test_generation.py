@@ -70,6 +70,57 @@ def test_sequences_join_and_leave_the_batch_at_any_step():
     assert gen.respond(late).text == alone
 
 
+def test_a_sequence_moved_down_into_a_freed_slot_keeps_its_text():
+    """A decode step hands the graph slots 0..n-1: when a sequence in a low slot ends, the one in the highest slot
+    moves into it (its keys/values copied), and its text is the text it gets alone."""
+    model = random_decoder()
+    gen = generator()
+    run = eager_runner(model)
+    request = lambda p, n: gen.parse(CompletionRequest(prompt=p, max_tokens=n, temperature=0.9, seed=3))  # noqa
+    with torch.no_grad():
+        alone = gen.predict([request("night", 25)], run)[0].text
+        short, middle, last = gen.start(request("a", 3)), gen.start(request("the king", 40)), gen.start(
+            request("night", 25))
+        active = [short, middle, last]
+        gen.step(active, run)
+        assert (short.slot, middle.slot, last.slot) == (0, 1, 2)
+        while not last.finished:
+            gen.step(active, run)
+            active = [s for s in active if not s.finished]
+        assert short.finished and last.slot == 0  # moved down when the short one left
+    assert gen.respond(last).text == alone
+
+
+def test_a_package_with_the_earlier_decode_graph_still_generates():
+    """Packages exported before the in-place decode graph take the past gathered [L, 2, B, H, S, D] and a mask;
+    the predictor still drives them (their spec names the input `past`), to the same greedy text."""
+    from modelworks.export.runtime import GraphSet, TorchRunner
+
+    class GatheredDecode(torch.nn.Module):  # that graph, as it was exported
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, tokens, positions, mask, past):
+            logits, kv = self.model(tokens, positions, mask, past, return_cache=True)
+            return logits[:, -1].float(), kv
+
+    model = random_decoder()
+    tokenizer = CharTokenizer(list(VOCAB), end_of_text=False)
+    names = ["tokens", "positions", "mask", "past"]
+    graphs = {"prefill": {"inputs": [], "outputs": []},
+              "decode": {"inputs": [{"name": n} for n in names], "outputs": ["logits", "kv"]}}
+    old = TextGenerator(TextGenerator.build_spec(tokenizer, 48, graphs), tokenizer)
+    run = GraphSet({"prefill": eager_runner(model).runners["prefill"],
+                    "decode": TorchRunner(GatheredDecode(model), names)})
+    items = lambda gen: [gen.parse(CompletionRequest(prompt=p, max_tokens=60, temperature=0.0))  # noqa: E731
+                         for p in ("the king", "a")]
+    with torch.no_grad():
+        assert old.gathered_decode and not generator().gathered_decode
+        texts = [r.text for r in old.predict(items(old), run)]
+        assert texts == [r.text for r in generator().predict(items(generator()), eager_runner(model))]
+
+
 def test_seeded_sampling_is_deterministic_and_seeds_differ():
     model = random_decoder()
     gen = generator()
@@ -231,40 +282,46 @@ def test_a_row_samples_the_same_token_alone_and_in_a_mixed_batch():
 
 
 def test_the_fused_onnx_graphs_generate_what_eager_pytorch_generates(tmp_path):
-    """The exported prefill and decode graphs (opset 23: RMSNormalization, RotaryEmbedding, Attention with the
-    past appended by the operator) against the same model in PyTorch: prompts of different lengths in one batch
-    (left padding, masked keys) and a generation past the context (the window restarts), greedy, token for token."""
+    """The exported prefill and decode graphs (opset 23: RMSNormalization, RotaryEmbedding, Attention; the decode
+    graph's attention is GroupQueryAttention writing into the bound cache in place) against the same model in
+    PyTorch: prompts of different lengths in one batch (left padding, masked keys) and a generation past the
+    context (the window restarts), greedy, token for token."""
     pytest.importorskip("onnxruntime")
     import onnx
     from modelworks.export.formats import write_onnx
     from modelworks.export.runtime import GraphSet, OnnxRunner
-    from modelworks.tasks.language_model.task import Decode, Prefill
-    from modelworks.tasks.base import Graph
+    from modelworks.tasks.language_model.task import decoder_graphs
 
     model = random_decoder(qk_norm=False)
     gen = generator()
-    B, H, D, S = 2, 2, 16, 3
-    tokens, positions, mask = torch.zeros(B, 4, dtype=torch.long), torch.arange(4).expand(B, 4), torch.ones(B, 4).bool()
-    graphs = {  # as LanguageModelTask.export_graphs builds them
-        "prefill": Graph(Prefill(model), (tokens, positions.contiguous(), mask), ["tokens", "positions", "mask"],
-                         ["logits", "kv"], {n: {0: "batch", 1: "length"} for n in ("tokens", "positions", "mask")},
-                         onnx_opset=23),
-        "decode": Graph(Decode(model), (tokens[:, :1], positions[:, :1] + S, torch.ones(B, S + 1).bool(),
-                                        torch.zeros(2, 2, B, H, S, D)), ["tokens", "positions", "mask", "past"],
-                        ["logits", "kv"], {"tokens": {0: "batch"}, "positions": {0: "batch"},
-                                           "mask": {0: "batch", 1: "cache+1"}, "past": {2: "batch", 4: "cache"}},
-                        onnx_opset=23)}
-    runners = {}
-    for name, graph in graphs.items():
+    runners, graphs = {}, decoder_graphs(model)
+    for name, graph in graphs.items():  # as the package holds them
         path = tmp_path / f"{name}.onnx"
         write_onnx(graph.module, graph.example_inputs, path, graph.input_names, graph.output_names,
                    graph.dynamic_axes, graph.onnx_opset)
         runners[name] = OnnxRunner(path, threads=1)
-    ops = {node.op_type for node in onnx.load(str(tmp_path / "decode.onnx")).graph.node}
-    assert {"RMSNormalization", "RotaryEmbedding", "Attention"} <= ops and "Transpose" not in ops
+    nodes = onnx.load(str(tmp_path / "decode.onnx")).graph.node
+    ops = {node.op_type for node in nodes}
+    assert {"RMSNormalization", "RotaryEmbedding", "GroupQueryAttention"} <= ops and "Transpose" not in ops
+    readers = {node.op_type for node in nodes for name in node.input if name.startswith("past_")}
+    assert readers == {"GroupQueryAttention"}  # the cache goes to the attention whole: nothing copies it
     prompts = ["the king", "a", "night and day and night."]
     items = lambda: [gen.parse(CompletionRequest(prompt=p, max_tokens=60, temperature=0.0)) for p in prompts]  # noqa
     with torch.no_grad():
         expected = [r.text for r in gen.predict(items(), eager_runner(model))]
     assert [r.text for r in gen.predict(items(), GraphSet(runners))] == expected
+    # One decode step with the caches bound by address: each row's new key lands at its position in place, and
+    # nothing else in the cache moves.
+    caches = [np.random.default_rng(i).normal(size=(3, 2, 48, 16)).astype(np.float32) for i in range(4)]
+    before = [c.copy() for c in caches]
+    positions = np.array([[5], [0], [47]])
+    inputs = {"tokens": np.array([[1], [2], [3]]), "positions": positions,
+              **{name: c for name, c in zip(graphs["decode"].input_names[2:], caches)}}
+    logits, *presents = runners["decode"](inputs, out=[None, *caches])
+    want_logits, *want = eager_runner(model).runners["decode"]({k: v.copy() for k, v in inputs.items()})
+    assert all(p is c for p, c in zip(presents, caches)) and np.allclose(logits, want_logits, atol=1e-4)
+    for cache, old, eager_cache in zip(caches, before, want):
+        for row, at in enumerate(positions[:, 0]):
+            assert np.allclose(cache[row, :, at], eager_cache[row, :, at], atol=1e-5)
+            assert np.array_equal(np.delete(cache[row], at, axis=1), np.delete(old[row], at, axis=1))
     assert len(set(expected)) == 3 and all(len(text) == 60 for text in expected)

@@ -10,14 +10,15 @@ step (continuous batching):
 
 `predict(items, run)` is that loop for one fixed batch. Keys and values live in one preallocated array per
 stepping thread (`KVSlots`, [L, 2, slots, H, context, D]): a sequence owns a slot from its prefill to its end, the
-prefill writes the slot, and a decode step gathers the active slots up to the longest length in one array
-operation, masks each row past its own length, and writes the new keys/values back with one scatter. Sampling runs
-over the whole batch at once (sampling.choose_tokens). Nothing in a step costs Python work proportional to a
-sequence's length.
+prefill writes the slot, and a decode step hands the decode graph each layer's slots 0..n-1 by address; its
+attention (ONNX Runtime's GroupQueryAttention) reads each row up to its own length and writes the new key/value
+into the slot in place, so no step copies the cache. Sampling runs over the whole batch at once
+(sampling.choose_tokens). Nothing in a step costs Python work proportional to a sequence's length.
 """
 
 from __future__ import annotations
 
+import heapq
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -73,19 +74,28 @@ class Delta:
     finish_reason: str | None
 
 
+def cache_names(n_layer: int, prefix: str) -> list[str]:
+    """The decode graph's per-layer cache inputs (prefix "past") or outputs ("present"): keys, then values."""
+    return [f"{prefix}_{kind}_{i}" for i in range(n_layer) for kind in ("key", "value")]
+
+
 class KVSlots:
     """Keys and values of the sequences one thread steps: one array [L, 2, slots, H, context, D], allocated at the
     first prefill (the graph's output gives L, H, D and the dtype) and doubled when every slot is taken. A slot's
-    entries 0..length-1 are its sequence's window; the rest is stale and masked."""
+    entries 0..length-1 are its sequence's window; the rest is stale and masked. Each cache[l, k/v, :n] is one
+    block [n, H, context, D]: a decode step hands the graph slots 0..n-1 of each layer by address, so the lowest
+    free slot is taken first and `compact` moves sequences down into freed ones."""
 
     def __init__(self, context: int):
         self.context = context
         self.cache: np.ndarray | None = None
-        self.free: list[int] = []  # slots not owned by a sequence, popped from the end (lowest first)
-        self.lock = threading.Lock()  # `release` may run on another thread (a dropped sequence's finalizer)
+        self.free: list[int] = []  # a heap of the slots not owned by a sequence
+        # `release` may run on another thread (a dropped sequence's finalizer), or on this one, inside `allocate` or
+        # `compact`, when a garbage collection they trigger frees a dropped sequence: re-entrant.
+        self.lock = threading.RLock()
 
     def allocate(self, kv: np.ndarray) -> int:
-        """A free slot, for keys/values shaped like the prefill output `kv` [L, 2, B, H, T, D]."""
+        """The lowest free slot, for keys/values shaped like the prefill output `kv` [L, 2, B, H, T, D]."""
         with self.lock:
             if self.cache is None:
                 L, two, _, H, _, D = kv.shape
@@ -96,12 +106,27 @@ class KVSlots:
                 grown = np.zeros((*self.cache.shape[:2], 2 * n, *self.cache.shape[3:]), self.cache.dtype)
                 grown[:, :, :n] = self.cache
                 self.cache = grown
-                self.free = list(range(2 * n - 1, n - 1, -1))
-            return self.free.pop()
+                for slot in range(n, 2 * n):  # merged: a slot freed meanwhile (re-entrant release) stays free
+                    heapq.heappush(self.free, slot)
+            return heapq.heappop(self.free)
 
     def release(self, slot: int) -> None:
         with self.lock:
-            self.free.append(slot)
+            heapq.heappush(self.free, slot)
+
+    def compact(self, sequences: list["Sequence"]) -> None:
+        """Move the sequences in the highest slots into lower free ones (one slot's copy each, once per sequence
+        that left below them), so that a step over slots 0..highest carries few slots it does not step."""
+        with self.lock:
+            for sequence in sorted(sequences, key=lambda s: s.slot, reverse=True):
+                if not self.free or self.free[0] > sequence.slot:
+                    break
+                slot = heapq.heappop(self.free)
+                self.cache[:, :, slot, :, :sequence.length] = self.cache[:, :, sequence.slot, :, :sequence.length]
+                heapq.heappush(self.free, sequence.slot)
+                sequence.release.detach()
+                sequence.slot = slot
+                sequence.release = weakref.finalize(sequence, self.release, slot)
 
 
 @dataclass
@@ -140,6 +165,9 @@ class TextGenerator(Predictor):
         self.max_tokens_limit = int(spec.get("max_tokens_limit", 4096))
         self.vocab_size = int(spec["vocab_size"])
         self.local = threading.local()  # each stepping thread's KVSlots
+        # Packages exported before the in-place decode graph take the gathered past and a mask instead.
+        decode_inputs = [i["name"] for i in spec.get("graphs", {}).get("decode", {}).get("inputs", [])]
+        self.gathered_decode = "past" in decode_inputs
 
     @staticmethod
     def build_spec(tokenizer, context: int, graphs: dict) -> dict:
@@ -252,7 +280,32 @@ class TextGenerator(Predictor):
         return np.asarray(logits)
 
     def decode(self, sequences: list[Sequence], run) -> np.ndarray:
-        """One token for each of `sequences` (all in one KVSlots): the slots' first S entries (S: the longest
+        """One token for each of `sequences` (all in one KVSlots), logits [B, V] in their order. The graph gets
+        slots 0..n-1 of each layer's keys and values by address (n: the highest slot stepped, plus one) and writes
+        each row's new entry into them in place (Decode in task.py). A row whose slot is not stepped here (a
+        sequence prefilled in this step, or dropped and not yet freed) writes into its slot's last entry, which is
+        stale for every sequence that will decode again: one that decodes has length <= context - 1."""
+        if self.gathered_decode:
+            return self.decode_gathered(sequences, run)
+        slots = sequences[0].slots
+        slots.compact(sequences)
+        cache = slots.cache
+        rows = max(s.slot for s in sequences) + 1
+        index = np.array([s.slot for s in sequences])
+        tokens = np.zeros((rows, 1), np.int64)
+        positions = np.full((rows, 1), self.context - 1, np.int64)
+        tokens[index, 0] = [s.tokens[-1] for s in sequences]
+        positions[index, 0] = [s.length for s in sequences]
+        caches = [cache[layer, kind, :rows] for layer in range(cache.shape[0]) for kind in (0, 1)]
+        inputs = {"tokens": tokens, "positions": positions,
+                  **dict(zip(cache_names(cache.shape[0], "past"), caches))}
+        logits = run(inputs, graph="decode", out=[None, *caches])[0]
+        for sequence in sequences:
+            sequence.length += 1
+        return np.asarray(logits)[index]
+
+    def decode_gathered(self, sequences: list[Sequence], run) -> np.ndarray:
+        """`decode` for packages whose decode graph takes the past gathered: the slots' first S entries (S: the longest
         length) as `past`, each row masked past its own length, the new token's key/value at index S."""
         cache = sequences[0].slots.cache
         index = np.array([s.slot for s in sequences])

@@ -21,7 +21,7 @@ from ...errors import DataError
 from ...files import write_text_atomic
 from ...models.transformer import SIZES, Decoder, DecoderConfig
 from ..base import Graph, Splits, StepOutput, Task
-from .predictor import TOKENIZER_FILE, CompletionRequest, TextGenerator
+from .predictor import TOKENIZER_FILE, CompletionRequest, TextGenerator, cache_names
 
 DEFAULT_SOURCE = "text:../shared/data/tinyshakespeare/input.txt"
 
@@ -94,16 +94,19 @@ class Prefill(nn.Module):
 
 
 class Decode(nn.Module):
-    """One token per sequence: tokens/positions [B, 1], mask [B, S + 1], past [L, 2, B, H, S, D] -> logits [B, V],
-    the new keys/values [L, 2, B, H, 1, D]."""
+    """One token per sequence into a cache of fixed capacity: tokens/positions [B, 1] (positions[b]: the row's
+    keys/values so far), then each layer's past keys and values [B, H, capacity, D] -> logits [B, V], then each
+    layer's present keys and values (the past with the new entry at positions[b]). The exported graph's attention
+    is ONNX Runtime's GroupQueryAttention: the predictor binds each present to its past's buffer (its own per-slot
+    cache), and the step writes one entry per row in place instead of copying the cache three times."""
 
     def __init__(self, model: Decoder):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens, positions, mask, past):
-        logits, kv = self.model(tokens, positions, mask, past, return_cache=True, fused_onnx=True)
-        return logits[:, -1].float(), kv
+    def forward(self, tokens, positions, *caches):
+        logits, presents = self.model.forward_step(tokens, positions, list(caches))
+        return (logits, *presents)
 
 
 class LanguageModelTask(Task):
@@ -251,27 +254,7 @@ class LanguageModelTask(Task):
         return (torch.zeros(2, min(8, self.cfg.model.context), dtype=torch.long),)
 
     def export_graphs(self, model: nn.Module) -> dict[str, Graph]:
-        model = model.eval()
-        cfg = model.cfg
-        H, D = cfg.n_head, cfg.n_embd // cfg.n_head
-        B, T, S = 2, min(4, cfg.context), 3
-        tokens = torch.zeros(B, T, dtype=torch.long)
-        positions = torch.arange(T).expand(B, T).contiguous()
-        mask = torch.ones(B, T, dtype=torch.bool)
-        past = torch.zeros(cfg.n_layer, 2, B, H, S, D)
-        batch, length, cache = "batch", "length", "cache"
-        # Opset 23 for its fused RMSNormalization, Attention and RotaryEmbedding (Decoder's fused_onnx): the decode
-        # graph of the 0.8M model falls from 318 nodes to ~140, and a decode step is bound by per-node overhead.
-        return {
-            "prefill": Graph(Prefill(model), (tokens, positions, mask), ["tokens", "positions", "mask"],
-                             ["logits", "kv"], {"tokens": {0: batch, 1: length}, "positions": {0: batch, 1: length},
-                                               "mask": {0: batch, 1: length}}, onnx_opset=23),
-            "decode": Graph(Decode(model), (tokens[:, :1], positions[:, :1] + S, torch.ones(B, S + 1, dtype=torch.bool),
-                                            past),
-                            ["tokens", "positions", "mask", "past"], ["logits", "kv"],
-                            {"tokens": {0: batch}, "positions": {0: batch}, "mask": {0: batch, 1: "cache_plus_one"},
-                             "past": {2: batch, 4: cache}}, onnx_opset=23),
-        }
+        return decoder_graphs(model)
 
     def graph_batch_inputs(self, batch, graph: str, previous: dict) -> tuple[torch.Tensor, ...]:
         """Validation windows: the prefill graph reads all but the last token; decode continues each window by
@@ -282,9 +265,10 @@ class LanguageModelTask(Task):
             prompt = x[:, :-1] if T > 1 else x
             return prompt, torch.arange(prompt.shape[1]).expand_as(prompt).contiguous(), torch.ones_like(prompt,
                                                                                                         dtype=torch.bool)
-        past = previous["prefill"][1]
+        past = previous["prefill"][1]  # [L, 2, B, H, S, D]; each layer's keys and values, with room for one more
         S = past.shape[4]
-        return (x[:, -1:], torch.full((B, 1), S, dtype=torch.long), torch.ones(B, S + 1, dtype=torch.bool), past)
+        caches = F.pad(past, (0, 0, 0, 1)).flatten(0, 1)
+        return (x[:, -1:], torch.full((B, 1), S, dtype=torch.long), *caches)
 
     def score_graph_outputs(self, graph: str, outputs, reference, batch) -> dict[str, torch.Tensor]:
         """agreement: the same next token (argmax) as eager; nll: the true next token's loss (decode graph)."""
@@ -302,8 +286,9 @@ class LanguageModelTask(Task):
         graphs = {"prefill": {"inputs": [{"name": "tokens", "dtype": "int64"}, {"name": "positions", "dtype": "int64"},
                                          {"name": "mask", "dtype": "bool"}], "outputs": ["logits", "kv"]},
                   "decode": {"inputs": [{"name": "tokens", "dtype": "int64"}, {"name": "positions", "dtype": "int64"},
-                                        {"name": "mask", "dtype": "bool"}, {"name": "past", "dtype": "float32"}],
-                             "outputs": ["logits", "kv"]}}
+                                        *[{"name": name, "dtype": "float32"}
+                                          for name in cache_names(self.cfg.model.shape()[0], "past")]],
+                             "outputs": ["logits", *cache_names(self.cfg.model.shape()[0], "present")]}}
         return TextGenerator(TextGenerator.build_spec(self.tokenizer, self.cfg.model.context, graphs), self.tokenizer)
 
     @classmethod
@@ -327,12 +312,41 @@ class LanguageModelTask(Task):
                 "train": {"epochs": 0.05, "batch_size": 32, "eval_batch_size": 64, "log_every_steps": 5}}
 
 
+def decoder_graphs(model: Decoder) -> dict[str, Graph]:
+    """The package's prefill and decode graphs of `model`."""
+    model = model.eval()
+    cfg = model.cfg
+    H, D = cfg.n_head, cfg.n_embd // cfg.n_head
+    B, T, S = 2, min(4, cfg.context), 3
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.arange(T).expand(B, T).contiguous()
+    mask = torch.ones(B, T, dtype=torch.bool)
+    batch, length, cache = "batch", "length", "cache"
+    # Opset 23 for its fused RMSNormalization, Attention and RotaryEmbedding (Decoder's fused_onnx): the decode
+    # graph of the 0.8M model falls from 318 nodes to ~140, and a decode step is bound by per-node overhead. The
+    # decode graph's attention is ONNX Runtime's GroupQueryAttention instead (Decode), which updates the cache in
+    # place; its caches have room for S + 1 entries at export (any capacity at run time).
+    return {
+        "prefill": Graph(Prefill(model), (tokens, positions, mask), ["tokens", "positions", "mask"],
+                         ["logits", "kv"], {"tokens": {0: batch, 1: length}, "positions": {0: batch, 1: length},
+                                           "mask": {0: batch, 1: length}}, onnx_opset=23),
+        "decode": Graph(Decode(model), (tokens[:, :1], positions[:, :1] + S,
+                                        *[torch.zeros(B, H, S + 1, D) for _ in range(2 * cfg.n_layer)]),
+                        ["tokens", "positions", *cache_names(cfg.n_layer, "past")],
+                        ["logits", *cache_names(cfg.n_layer, "present")],
+                        {"tokens": {0: batch}, "positions": {0: batch},
+                         **{name: {0: batch, 2: cache} for name in cache_names(cfg.n_layer, "past")}},
+                        onnx_opset=23),
+    }
+
+
 def eager_runner(model: nn.Module):
     """The prefill and decode graphs of `model` in eager PyTorch, called as a predictor calls a package's graphs."""
     from ...export.runtime import GraphSet, TorchRunner
 
     return GraphSet({"prefill": TorchRunner(Prefill(model), ["tokens", "positions", "mask"]),
-                     "decode": TorchRunner(Decode(model), ["tokens", "positions", "mask", "past"])})
+                     "decode": TorchRunner(Decode(model), ["tokens", "positions",
+                                                           *cache_names(model.cfg.n_layer, "past")])})
 
 
 @torch.no_grad()
