@@ -152,6 +152,8 @@ def main() -> int:
     parser.add_argument("--package", help="serve this exported package instead of training one (its model must be "
                         "named 'live', as the bench's training names it)")
     parser.add_argument("--skip-plain", action="store_true", help="measure ours only (profiling; no ratio)")
+    parser.add_argument("--full-stack", action="store_true", help="also measure ours with --no-hot-routes (the "
+                        "query route through the framework's whole middleware stack), same store, same run")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration-s", type=float, default=15.0)
     parser.add_argument("--warmup-s", type=float, default=3.0)
@@ -200,6 +202,12 @@ def main() -> int:
         results["ours"] = measure(ours.port, requests, args)
     finally:
         ours.stop()
+    if args.full_stack:
+        full = Server(package, "onnx", 32, 2.0, 256, None, extra=["--events", store_url, "--no-hot-routes"])
+        try:
+            results["ours_full_stack"] = measure(full.port, requests, args)
+        finally:
+            full.stop()
 
     if not args.skip_plain:
         results["plain_als"] = run_plain_server(data, work, users, rng, args)
@@ -207,6 +215,7 @@ def main() -> int:
     print(f"\n{cpu}, {os.cpu_count()} cores, {results['date']}; {args.clients} clients, {args.duration_s:.0f} s")
     print(f"{'server':<44} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'client us/req':>13}")
     for label, row in (("ours: SASRec, live history from SQLite", ours_row),
+                       ("ours, through the whole middleware stack", results.get("ours_full_stack")),
                        ("plain FastAPI + uvicorn, ALS from memory", plain_row)):
         if row is not None:
             print(f"{label:<44} {row['throughput_rps']:>8.1f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "

@@ -95,15 +95,15 @@ def test_hot_requests_skip_the_stack_and_are_counted_and_logged(tiny_rec_package
     reached_stack: list[str] = []
 
     async def body(client):
-        await client.get("/healthz")  # builds the middleware stack
-        assert isinstance(app.middleware_stack, HotRoutes)
-        inner = app.middleware_stack.app
+        await client.get("/healthz")  # the first call sets the entry
+        assert isinstance(app.entry, HotRoutes)
+        inner = app.entry.app
 
         async def counting(scope, receive, send):
             reached_stack.append(f"{scope.get('method')} {scope.get('path')}")
             await inner(scope, receive, send)
 
-        app.middleware_stack.app = counting
+        app.entry.app = counting
         with captured_log() as records:
             for _ in range(3):
                 assert (await client.get(PATH, params={"user": "erin", "k": 2})).status_code == 200

@@ -657,8 +657,9 @@ def record_request(server: ModelServer, scope, state: dict, status: int, seconds
         named = path.split("/")[3]
         model = named if named in server.routes else "(unknown)"
     if model is not None:
-        metrics.requests.labels(model, version, str(status)).inc()
-        metrics.latency.labels(model, version).observe(seconds)
+        requests, latency = metrics.request_series(model, version, status)
+        requests.inc()
+        latency.observe(seconds)
         if status >= 400:
             metrics.errors.labels(model, version, state.get("error", str(status))).inc()
     level = logging.DEBUG if scope["path"] in QUIET_PATHS and status < 400 else logging.INFO
@@ -740,17 +741,21 @@ def group_models(models: list, weights: list[float] | None, name: str | None) ->
 
 
 class ModelApp(FastAPI):
-    """FastAPI, with the predictors' GET query routes answered in front of its whole middleware stack (serve/hot.py)
-    when the serve settings allow."""
+    """FastAPI, with the predictors' GET query routes answered in front of all of it (serve/hot.py) when the serve
+    settings allow: before its middleware stack, and before its own per-request work (FastAPI's __call__ checks
+    whether OpenTelemetry is configured, reading the environment, for every request)."""
 
-    def build_middleware_stack(self):
-        stack = super().build_middleware_stack()
-        server: ModelServer = self.state.server
-        if not (server.settings.hot_routes and server.hot_routes):
-            return stack
-        from .hot import HotRoutes  # hot.py builds on this module's request state, records and errors
+    entry: Callable | None = None  # set on the first call, once every route is registered
 
-        return HotRoutes(stack, server)
+    async def __call__(self, scope, receive, send):
+        if self.entry is None:
+            server: ModelServer = self.state.server
+            self.entry = super().__call__
+            if server.settings.hot_routes and server.hot_routes:
+                from .hot import HotRoutes  # hot.py builds on this module's request state, records and errors
+
+                self.entry = HotRoutes(super().__call__, server)
+        await self.entry(scope, receive, send)
 
 
 def create_app(models: list, weights: list[float] | None = None, settings: ServeSettings | None = None,
