@@ -69,7 +69,8 @@ def test_the_hot_path_answers_as_the_full_stack_does(tiny_rec_package, tmp_path)
         events = [{"event_id": f"d{i}", "user": "dora", "item": str(i), "type": "view", "ts": float(i)} for i in (2, 3)]
         assert (await hot.post("/v1/events", json=events)).json()["stored"] == 2
         for params in QUERIES:
-            answers = [await client.get(PATH, params=params, headers={"x-request-id": "mine-1"}) for client in (hot, full)]
+            answers = [await client.get(PATH, params=params, headers={"x-request-id": "mine-1"})
+                       for client in (hot, full)]
             assert [a.status_code for a in answers] == [200, 200]
             assert without_ids(answers[0].json()) == without_ids(answers[1].json())
             assert answers[0].json()["request_id"] == "mine-1" == answers[0].headers["x-request-id"]
