@@ -94,14 +94,21 @@ def run(coroutine):
     return uvloop.run(coroutine)
 
 
-def measure(port: int, requests: list[bytes], args) -> dict:
-    """closed_loop's figures, plus the load generator's own CPU time per answered request."""
-    before = resource.getrusage(resource.RUSAGE_SELF)
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, all its threads (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def measure(port: int, requests: list[bytes], args, pid: int) -> dict:
+    """closed_loop's figures, plus the load generator's and the server's CPU time per answered request."""
+    before, server_before = resource.getrusage(resource.RUSAGE_SELF), process_cpu_s(pid)
     row = run(closed_loop(port, requests, args.clients, args.duration_s, args.warmup_s))
-    after = resource.getrusage(resource.RUSAGE_SELF)
+    after, server_after = resource.getrusage(resource.RUSAGE_SELF), process_cpu_s(pid)
     cpu_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    row["generator_cpu_us_per_request"] = cpu_s / max(1, row["requests"]) * 1e6 * args.duration_s / (
-        args.duration_s + args.warmup_s)
+    counted = max(1, row["requests"]) * (args.duration_s + args.warmup_s) / args.duration_s  # warm-up included
+    row["generator_cpu_us_per_request"] = cpu_s / counted * 1e6
+    row["server_cpu_us_per_request"] = (server_after - server_before) / counted * 1e6
     return row
 
 
@@ -139,7 +146,7 @@ def run_plain_server(data: Path, work: Path, users: list[str], rng: random.Rando
                     raise SystemExit("the plain server did not start")
                 time.sleep(0.2)
         requests = [get(f"/recommend?user={rng.choice(users)}&k=10") for _ in range(2000)]
-        return measure(port, requests, args)
+        return measure(port, requests, args, plain.pid)
     finally:
         plain.terminate()
         plain.wait(timeout=30)
@@ -152,6 +159,8 @@ def main() -> int:
     parser.add_argument("--package", help="serve this exported package instead of training one (its model must be "
                         "named 'live', as the bench's training names it)")
     parser.add_argument("--skip-plain", action="store_true", help="measure ours only (profiling; no ratio)")
+    parser.add_argument("--full-stack", action="store_true", help="also measure ours with --no-hot-routes (the "
+                        "query route through the framework's whole middleware stack), same store, same run")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--duration-s", type=float, default=15.0)
     parser.add_argument("--warmup-s", type=float, default=3.0)
@@ -197,20 +206,29 @@ def main() -> int:
               f"{results['ingestion']['single']['events_per_s']:.0f} events/s one per request; stored {stored} of "
               f"{len(ratings) + len(singles)} (no loss: {results['ingestion']['no_loss']})", flush=True)
         requests = [get(f"/v1/models/live/recommend?user={rng.choice(users)}&k=10&exclude=seen") for _ in range(2000)]
-        results["ours"] = measure(ours.port, requests, args)
+        results["ours"] = measure(ours.port, requests, args, ours.process.pid)
     finally:
         ours.stop()
+    if args.full_stack:
+        full = Server(package, "onnx", 32, 2.0, 256, None, extra=["--events", store_url, "--no-hot-routes"])
+        try:
+            results["ours_full_stack"] = measure(full.port, requests, args, full.process.pid)
+        finally:
+            full.stop()
 
     if not args.skip_plain:
         results["plain_als"] = run_plain_server(data, work, users, rng, args)
     ours_row, plain_row = results["ours"], results.get("plain_als")
     print(f"\n{cpu}, {os.cpu_count()} cores, {results['date']}; {args.clients} clients, {args.duration_s:.0f} s")
-    print(f"{'server':<44} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'client us/req':>13}")
+    print(f"{'server':<44} {'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} {'client us/req':>13} "
+          f"{'server us/req':>13}")
     for label, row in (("ours: SASRec, live history from SQLite", ours_row),
+                       ("ours, through the whole middleware stack", results.get("ours_full_stack")),
                        ("plain FastAPI + uvicorn, ALS from memory", plain_row)):
         if row is not None:
             print(f"{label:<44} {row['throughput_rps']:>8.1f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
-                  f"{row['errors']:>7} {row['generator_cpu_us_per_request']:>13.0f}")
+                  f"{row['errors']:>7} {row['generator_cpu_us_per_request']:>13.0f} "
+                  f"{row['server_cpu_us_per_request']:>13.0f}")
     if plain_row is not None:
         results["ratio_rps"] = ours_row["throughput_rps"] / plain_row["throughput_rps"]
         results["targets"] = {"events_per_s>=2000": results["ingestion"]["single"]["events_per_s"] >= 2000,

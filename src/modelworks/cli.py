@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--hit-window-s", type=float, default=1800.0,
                        help="A/B online metrics: an event for an item a version showed that user at most this long "
                             "before is a hit for that version (modelworks_online_hit_rate in /metrics)")
+    serve.add_argument("--no-hot-routes", dest="hot_routes", action="store_false",
+                       help="answer GET query routes (e.g. /recommend) through the framework's whole middleware "
+                            "stack, not the fast path in front of it (same answers; for comparison)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
     debug = verbs.add_parser(
@@ -411,7 +414,7 @@ def run_serve(args: argparse.Namespace) -> int:
                              max_queue=args.max_queue, timeout_s=args.timeout_s, max_body_bytes=args.max_body_bytes,
                              max_header_bytes=args.max_header_bytes, max_image_pixels=args.max_image_pixels,
                              decode_threads=args.decode_threads, drain_s=args.drain_s, max_running=args.max_running,
-                             events=args.events, hit_window_s=args.hit_window_s)
+                             events=args.events, hit_window_s=args.hit_window_s, hot_routes=args.hot_routes)
     models = [open_model(p, args.runtime, args.threads) for p in args.packages]
     loader = lambda path: open_model(path, args.runtime, args.threads)  # noqa: E731  the admin API's loads
     try:

@@ -16,6 +16,7 @@ posted to one replica changes the next answer of every other.
 from __future__ import annotations
 
 import logging
+from urllib.parse import parse_qsl
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -25,6 +26,7 @@ from starlette.routing import Route
 
 from ..events import Event
 from .app import ApiError, ModelServer, describe_validation_error, documented_errors, response_envelope
+from .hot import HotRoute
 from .logs import log
 
 MAX_EVENTS_PER_REQUEST = 10_000  # one transaction; a bulk load sends several requests
@@ -74,6 +76,15 @@ def add_event_routes(app: FastAPI, server: ModelServer, documented: list[APIRout
                                    422: "Invalid event, or an item no served model knows (named)",
                                    503: "The event store is unavailable"})))
     app.router.routes.append(Route("/v1/events", post_events, methods=["POST"]))
+
+
+def query_values(query_string: bytes) -> dict[str, str]:
+    """A URL query as {key: value}, as Starlette's QueryParams reads it (blank values kept, latin-1); a repeated
+    parameter (exclude=1&exclude=2) reads as its comma-joined values."""
+    values: dict[str, str] = {}
+    for key, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        values[key] = f"{values[key]},{value}" if key in values else value
+    return values
 
 
 def parse_events(body: bytes) -> list[Event]:
@@ -139,22 +150,24 @@ def register_query_route(app: FastAPI, server: ModelServer, name: str, route_nam
                          predictor_class: type, documented: list[APIRoute]) -> None:
     fields = list(query_model.model_fields)
 
-    async def answer(request: Request):
-        def read_query():
-            params = request.query_params
-            # A repeated parameter (exclude=1&exclude=2) reads as its comma-joined values.
-            values = {key: ",".join(params.getlist(key)) for key in params.keys()}
-            try:
-                query = query_model.model_validate(values)
-            except ValidationError as exc:
-                message, field = describe_validation_error(exc, fields)
-                raise ApiError(422, "invalid_input", message, field) from None
-            predictor = next(iter(server.routes[name].versions.values())).model.predictor
-            return predictor.request_from_query(route_name, query), None
+    def read_query(query_string: bytes):
+        """(the predictor's typed request, None) from the URL's query string."""
+        try:
+            query = query_model.model_validate(query_values(query_string))
+        except ValidationError as exc:
+            message, field = describe_validation_error(exc, fields)
+            raise ApiError(422, "invalid_input", message, field) from None
+        predictor = next(iter(server.routes[name].versions.values())).model.predictor
+        return predictor.request_from_query(route_name, query), None
 
-        return await server.predict(name, request, read_query)
+    async def answer(request: Request):
+        return await server.predict(name, request, lambda: read_query(request.scope["query_string"]))
 
     path = f"/v1/models/{name}/{route_name}"
+    # Answered in front of the framework's middleware (serve/hot.py) unless serve settings turn that off; the
+    # Starlette route below stays: it serves HEAD, GETs carrying a body, and the whole route when the fast path
+    # is off.
+    server.hot_routes[path] = HotRoute(name, read_query)
     schema = query_model.model_json_schema()
     parameters = [{"name": key, "in": "query", "required": key in schema.get("required", []),
                    "description": prop.get("description", ""),

@@ -60,12 +60,25 @@ class Metrics:
         # queue's bound here to turn modelworks_queue_depth into a saturation ratio.
         self.ready = Gauge("modelworks_ready", "1 while /readyz answers 200 (every model has a loaded, warmed-up "
                            "version with traffic); 0 while starting or draining", registry=r)
+        self._request_series: dict[tuple[str, str, int], tuple] = {}
         self.queue_capacity = Gauge("modelworks_queue_capacity", "Requests one version's queue holds before it "
                                     "answers 503 overloaded (max_queue)", registry=r)
+
+    def request_series(self, model: str, version: str, status: int):
+        """(requests counter, latency histogram) of one model, version and status: looked up once, then kept (a
+        labels() call validates and locks; every request records these two)."""
+        key = (model, version, status)
+        series = self._request_series.get(key)
+        if series is None:
+            series = self._request_series[key] = (self.requests.labels(model, version, str(status)),
+                                                  self.latency.labels(model, version))
+        return series
 
     def forget_version(self, model: str, version: str) -> None:
         """Remove every series of an unloaded version. The queue-depth gauge's callback holds the version's batcher
         (and through it the model and its runtime session): left registered, each unload leaked a model."""
+        self._request_series = {key: series for key, series in self._request_series.items()
+                                if key[:2] != (model, version)}
         for metric in (self.requests, self.errors, self.latency, self.batch_size, self.inference, self.queue_depth,
                        self.confidence, self.traffic_weight, self.time_to_first_token, self.generated_tokens,
                        self.running_sequences, self.waiting_sequences, self.online_answers, self.online_answers_hit,

@@ -76,6 +76,9 @@ class RecommendationPredictor(Predictor):
         popularity = np.asarray(catalogue["popularity"], dtype=np.float64)
         self.by_popularity = np.argsort(-popularity, kind="stable")  # 0-based item columns, most popular first
         self.popularity = popularity
+        titles, genres = catalogue.get("titles", {}), catalogue.get("genres", {})
+        # Per item column, what an answer shows of it besides the score.
+        self.shown = [{"item": raw, "title": titles.get(raw, ""), "genres": genres.get(raw, [])} for raw in self.ids]
 
     @staticmethod
     def build_spec(n_items: int, max_len: int, model: str) -> dict:
@@ -168,28 +171,43 @@ class RecommendationPredictor(Predictor):
 
     def predict(self, items: list[dict], run) -> list[RecommendationResponse]:
         warm = [i for i, item in enumerate(items) if item["used"]]
-        scores = {}
+        ranked = {}
         if warm:  # a batch of cold users needs no graph call
             (outputs,) = run(self.collate([items[i] for i in warm]))[:1]
-            scores = dict(zip(warm, np.asarray(outputs, dtype=np.float64)))
-        return [self._answer(item, scores.get(i)) for i, item in enumerate(items)]
+            ranked = dict(zip(warm, self._top_k([items[i] for i in warm], outputs)))
+        return [self._answer(item, *(ranked[i] if i in ranked else self._popular(item)))
+                for i, item in enumerate(items)]
 
     def postprocess(self, outputs: Sequence[np.ndarray], items: list) -> list[RecommendationResponse]:
-        return [self._answer(item, row) for item, row in zip(items, np.asarray(outputs[0], dtype=np.float64))]
+        return [self._answer(item, *ranked) for item, ranked in zip(items, self._top_k(items, outputs[0]))]
 
-    def _answer(self, item: dict, row: np.ndarray | None) -> RecommendationResponse:
+    def _top_k(self, items: list[dict], scores) -> list[tuple[np.ndarray, np.ndarray, None]]:
+        """(item columns, scores, None) of each row's top k, hidden items masked: one masking and one partial sort for
+        the whole batch (this runs in the inference thread, holding the GIL, for every request)."""
+        scores = np.array(scores, dtype=np.float64)  # a copy: the runtime's buffer is not ours to mask
+        rows = np.repeat(np.arange(len(items)), [len(item["hide"]) for item in items])
+        if len(rows):
+            scores[rows, np.concatenate([item["hide"] for item in items]).astype(np.int64) - 1] = -np.inf
+        k = min(max(item["k"] for item in items), scores.shape[1])
+        top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        top_scores = np.take_along_axis(scores, top, axis=1)
+        order = np.argsort(-top_scores, axis=1, kind="stable")
+        top, top_scores = np.take_along_axis(top, order, axis=1), np.take_along_axis(top_scores, order, axis=1)
+        ranked = []
+        for item, columns, values in zip(items, top, top_scores):
+            keep = min(item["k"], int(np.isfinite(values).sum()))  # fewer when all but a few items are hidden
+            ranked.append((columns[:keep], values[:keep], None))
+        return ranked
+
+    def _popular(self, item: dict) -> tuple[np.ndarray, np.ndarray, str]:
         hide = np.asarray(item["hide"], dtype=np.int64) - 1
-        if row is None:
-            order = self.by_popularity[~np.isin(self.by_popularity, hide)][:item["k"]]
-            values, fallback = self.popularity[order], "popularity"
-        else:
-            row = row.copy()
-            row[hide] = -np.inf
-            k = min(item["k"], int(np.isfinite(row).sum()))
-            top = np.argpartition(-row, k - 1)[:k] if k else np.zeros(0, np.int64)
-            order = top[np.argsort(-row[top], kind="stable")]
-            values, fallback = row[order], None
-        titles, genres = self.catalogue.get("titles", {}), self.catalogue.get("genres", {})
-        answer = [RecommendedItem(item=self.ids[j], title=titles.get(self.ids[j], ""),
-                                  genres=genres.get(self.ids[j], []), score=float(v)) for j, v in zip(order, values)]
-        return RecommendationResponse(user=item["user"], items=answer, fallback=fallback, history_used=item["used"])
+        order = self.by_popularity[~np.isin(self.by_popularity, hide)][:item["k"]]
+        return order, self.popularity[order], "popularity"
+
+    def _answer(self, item: dict, order: np.ndarray, values: np.ndarray, fallback: str | None
+                ) -> RecommendationResponse:
+        # One validation of the whole answer (in pydantic's core) rather than one model per item.
+        shown = self.shown
+        return RecommendationResponse.model_validate({
+            "user": item["user"], "fallback": fallback, "history_used": item["used"],
+            "items": [{**shown[j], "score": v} for j, v in zip(order.tolist(), values.tolist())]})

@@ -51,16 +51,19 @@ class TwoTowerPredictor(RecommendationPredictor):
 
     def predict(self, items: list[dict], run) -> list:
         warm = [i for i, item in enumerate(items) if item["used"]]
-        users = {}
+        ranked = {}
         if warm:
             (outputs,) = run(self.collate([items[i] for i in warm]))[:1]
-            users = dict(zip(warm, np.asarray(outputs, dtype=np.float32)))
-        return [self._answer(item, self.candidate_scores(users[i], item) if i in users else None)
+            ranked = dict(zip(warm, self._rank([items[i] for i in warm], outputs)))
+        return [self._answer(item, *(ranked[i] if i in ranked else self._popular(item)))
                 for i, item in enumerate(items)]
 
     def postprocess(self, outputs, items: list) -> list:
-        return [self._answer(item, self.candidate_scores(u, item))
-                for item, u in zip(items, np.asarray(outputs[0], dtype=np.float32))]
+        return [self._answer(item, *ranked) for item, ranked in zip(items, self._rank(items, outputs[0]))]
+
+    def _rank(self, items: list[dict], user_vectors) -> list:
+        users = np.asarray(user_vectors, dtype=np.float32)
+        return self._top_k(items, np.stack([self.candidate_scores(u, item) for item, u in zip(items, users)]))
 
     def candidate_scores(self, user: np.ndarray, item: dict) -> np.ndarray:
         """A row over every item: the exact score of each retrieved candidate, -inf elsewhere (so the base
