@@ -5,6 +5,7 @@ Importable from any test module because pytest puts tests/ on sys.path (it holds
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -239,3 +240,17 @@ def evaluate_in_one_and_two_processes(raw_config: dict, folder: Path, steps: int
         results[name] = json.loads(out.read_text())
     assert (results["one"]["world"], results["two"]["world"]) == (1, 2)
     return results
+
+
+async def with_apps(apps, body):
+    """Run `body(*clients)` against each ASGI app with its lifespan (what opens at startup opens, and closes
+    after), through httpx's in-process transport."""
+    import httpx
+
+    async with contextlib.AsyncExitStack() as stack:
+        clients = []
+        for app in apps:
+            await stack.enter_async_context(app.router.lifespan_context(app))
+            clients.append(await stack.enter_async_context(httpx.AsyncClient(
+                transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30)))
+        return await body(*clients)

@@ -8,8 +8,8 @@ import asyncio
 import contextlib
 import logging
 
-import httpx
 
+from helpers import with_apps
 from modelworks.inference import open_model
 from modelworks.serve.app import ServeSettings, create_app
 from modelworks.serve.hot import HotRoutes
@@ -23,14 +23,6 @@ def app_on(package, store: str, hot: bool):
                                                                             hot_routes=hot))
 
 
-async def with_clients(apps, body):
-    async with contextlib.AsyncExitStack() as stack:
-        clients = []
-        for app in apps:
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            clients.append(await stack.enter_async_context(httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30)))
-        return await body(*clients)
 
 
 @contextlib.contextmanager
@@ -88,7 +80,7 @@ def test_the_hot_path_answers_as_the_full_stack_does(tiny_rec_package, tmp_path)
         assert refused[0].json()["error"]["message"] == refused[1].json()["error"]["message"]
         assert (await hot.get(PATH, params=QUERIES[0])).status_code == 200  # still serving
 
-    asyncio.run(with_clients([hot_app, full_app], body))
+    asyncio.run(with_apps([hot_app, full_app], body))
 
 
 def test_hot_requests_skip_the_stack_and_are_counted_and_logged(tiny_rec_package, tmp_path):
@@ -127,7 +119,7 @@ def test_hot_requests_skip_the_stack_and_are_counted_and_logged(tiny_rec_package
         assert 'modelworks_request_seconds_count{model="ease",version="1"} 4.0' in metrics
         assert 'modelworks_request_seconds_count{model="ease",version=""} 1.0' in metrics
 
-    asyncio.run(with_clients([app], body))
+    asyncio.run(with_apps([app], body))
 
 
 def test_an_unexpected_failure_on_the_hot_path_is_a_logged_500_and_serving_goes_on(tiny_rec_package, tmp_path,
@@ -155,4 +147,4 @@ def test_an_unexpected_failure_on_the_hot_path_is_a_logged_500_and_serving_goes_
         assert 'modelworks_errors_total{kind="internal_error",model="ease",version=""} 1.0' in (
             await client.get("/metrics")).text
 
-    asyncio.run(with_clients([app], body))
+    asyncio.run(with_apps([app], body))

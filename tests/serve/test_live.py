@@ -5,13 +5,12 @@ and every bad input (unknown item, malformed or duplicate events, k out of range
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 
-import httpx
 import pytest
 
+from helpers import with_apps
 from modelworks.inference import open_model
 from modelworks.serve.app import ServeSettings, create_app
 
@@ -23,15 +22,6 @@ def live_app(package, events: str | None, **overrides):
     return create_app([open_model(package, "onnx")], settings=settings)
 
 
-async def with_apps(apps, body):
-    """Run `body(*clients)` against each app with its lifespan (the store opens and closes with it)."""
-    async with contextlib.AsyncExitStack() as stack:
-        clients = []
-        for app in apps:
-            await stack.enter_async_context(app.router.lifespan_context(app))
-            clients.append(await stack.enter_async_context(httpx.AsyncClient(
-                transport=httpx.ASGITransport(app=app), base_url="http://test", timeout=30)))
-        return await body(*clients)
 
 
 def event(event_id, user, item, ts, kind="view") -> dict:
