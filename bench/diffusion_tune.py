@@ -2,8 +2,8 @@
 sampling variants of it (time grid, guidance, EMA or raw weights) with the bench's measurement (Inception FID and
 KID x1000 of 500 samples against the first 1,000 test images, the class histogram of unconditional samples).
 
-    python bench/diffusion_tune.py train NAME --minutes 2 [--set KEY=VALUE ...]
-    python bench/diffusion_tune.py score NAME [--grid time,log-snr] [--guidance 1,2] [--raw]
+    python bench/diffusion_tune.py train NAME --minutes 2 [--set KEY=VALUE ...] [--runs FOLDER]
+    python bench/diffusion_tune.py score NAME [--grid time,log-snr] [--guidance 1,2] [--raw] [--runs FOLDER]
 
 Run both under `flock LOCKFILE`. Figures are for comparing variants in the same session, not the headline (the
 headline is `bench/diffusion.py`).
@@ -21,29 +21,29 @@ import torch
 
 import diffusion as bench  # bench/diffusion.py
 
-RUNS = Path("/tmp/modelworks-diffusion-tune")
+RUNS = Path(__file__).resolve().parents[1] / "runs" / "diffusion-tune"  # --runs; the repo's runs/ is git-ignored
 
 
-def train(name: str, minutes: float, overrides: list[str]) -> None:
+def train(runs: Path, name: str, minutes: float, overrides: list[str]) -> None:
     from modelworks.engine.loop import fit
 
-    task, cfg = bench.load_task("fashion-mnist", [f"train.time_budget_s={minutes * 60}", f"output_dir={RUNS}",
+    task, cfg = bench.load_task("fashion-mnist", [f"train.time_budget_s={minutes * 60}", f"output_dir={runs}",
                                                   f"name={name}", "train.test_at_end=false", *overrides])
-    result = fit(task, cfg, RUNS / "diffusion" / name)
-    (RUNS / "diffusion" / name / "overrides.json").write_text(json.dumps(overrides))
+    result = fit(task, cfg, runs / "diffusion" / name)
+    (runs / "diffusion" / name / "overrides.json").write_text(json.dumps(overrides))
     print(json.dumps({"name": name, "steps": result.step, "best": result.best}))
 
 
-def score(name: str, grids: list[str], guidances: list[float], raw: bool, steps: int, samples: int,
+def score(runs: Path, name: str, grids: list[str], guidances: list[float], raw: bool, steps: int, samples: int,
           use_inception: bool, combos: list[str]) -> None:
     from modelworks.engine import checkpoint
     from modelworks.engine.loop import load_for_evaluation
     from modelworks.tasks.diffusion import metrics as M
     from modelworks.tasks.diffusion.samplers import SamplingRun, drive, torch_denoiser
 
-    run_dir = RUNS / "diffusion" / name
+    run_dir = runs / "diffusion" / name
     overrides = json.loads((run_dir / "overrides.json").read_text())
-    task, cfg = bench.load_task("fashion-mnist", [f"output_dir={RUNS}", f"name={name}", *overrides])
+    task, cfg = bench.load_task("fashion-mnist", [f"output_dir={runs}", f"name={name}", *overrides])
     model = load_for_evaluation(task, run_dir, torch.device("cpu"), cfg, "last")
     models = {"ema": model}
     if raw:
@@ -62,11 +62,11 @@ def score(name: str, grids: list[str], guidances: list[float], raw: bool, steps:
     shape = (task.channels, task.image_size, task.image_size)
 
     def sample(net, labels, guidance, grid, seed):
-        runs = [SamplingRun(task.process, shape, 1, labels[i % len(labels)], task.num_classes, "dpm-solver", steps,
+        samplings = [SamplingRun(task.process, shape, 1, labels[i % len(labels)], task.num_classes, "dpm-solver", steps,
                             guidance, seed=seed + i, grid=grid) for i in range(samples)]
         with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
-            drive(runs, torch_denoiser(net, 512))
-        return M.to_uint8(torch.cat([r.x for r in runs]))
+            drive(samplings, torch_denoiser(net, 512))
+        return M.to_uint8(torch.cat([r.x for r in samplings]))
 
     def measure(images):
         features, predicted = M.classify(classifier, images.float() / 127.5 - 1)
@@ -89,7 +89,7 @@ def score(name: str, grids: list[str], guidances: list[float], raw: bool, steps:
             row[f"conditional_w{g:g}"] = measure(sample(net, list(range(task.num_classes)), g, grid, 10_000_000))
         row["seconds"] = round(time.perf_counter() - tic)
         print(json.dumps(row), flush=True)
-        with open(RUNS / "scores.jsonl", "a") as f:
+        with open(runs / "scores.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
 
 
@@ -106,13 +106,14 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--inception", action="store_true", help="also Inception FID/KID (slow on a CPU)")
     parser.add_argument("--combos", default="", help="WEIGHTS:GRID pairs, e.g. ema:time,raw:karras")
+    parser.add_argument("--runs", type=Path, default=RUNS, help=f"where the variants are kept (default {RUNS})")
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.what == "train":
-        train(args.name, args.minutes, args.set)
+        train(args.runs, args.name, args.minutes, args.set)
     else:
-        score(args.name, args.grid.split(","), [float(g) for g in args.guidance.split(",")], args.raw, args.steps,
-              args.samples, args.inception, [c for c in args.combos.split(",") if c])
+        score(args.runs, args.name, args.grid.split(","), [float(g) for g in args.guidance.split(",")], args.raw,
+              args.steps, args.samples, args.inception, [c for c in args.combos.split(",") if c])
 
 
 if __name__ == "__main__":
