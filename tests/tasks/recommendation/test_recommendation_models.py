@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from helpers import run_cli
 from modelworks.models.transformer import Decoder
 from modelworks.tasks.recommendation import data as rec_data
-from modelworks.tasks.recommendation.models import SASRec
+from modelworks.tasks.recommendation.models import SASRec, sampled_cross_entropy
 from modelworks.tasks.recommendation.two_tower import sampled_softmax_loss
 
 faiss = pytest.importorskip("faiss")
@@ -42,6 +42,44 @@ def test_sasrec_is_the_shared_decoder_and_left_padding_changes_nothing():
         optimizer.zero_grad(), loss.backward(), optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_sampled_cross_entropy_estimates_the_full_softmax_and_masks_the_target():
+    torch.manual_seed(0)
+    h, items = torch.randn(6, 8), torch.randn(40, 8)
+    target = torch.tensor([0, 5, 5, 17, 39, 2])
+    full = F.cross_entropy(h @ items.T, target)
+    # Many draws: the corrected normaliser converges to the full one (a k-way softmax without the n / k
+    # correction would be far lower).
+    torch.manual_seed(1)
+    many = sampled_cross_entropy(h, items, target, 200_000)
+    assert many.item() == pytest.approx(full.item(), rel=0.02)
+    # A drawn copy of a row's target is masked, never a negative against itself: the loss is the full softmax
+    # over the other drawn items, here exactly {target, one other item}.
+    torch.manual_seed(2)
+    drawn = torch.randint(0, 40, (2,))
+    torch.manual_seed(2)
+    row_h, row_target = h[:1], drawn[:1].clone()
+    got = sampled_cross_entropy(row_h, items, row_target, 2)
+    other = drawn[1]
+    logits = torch.stack([row_h[0] @ items[row_target[0]], row_h[0] @ items[other] + math.log(40 / 2)])
+    if other == row_target[0]:
+        expected = torch.tensor(0.0)
+    else:
+        expected = -F.log_softmax(logits, 0)[0]
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
+    # Through the model: `negatives` switches the training loss, and a few steps lower it.
+    model = SASRec(n_items=40, max_len=8, dim=16, layers=1, heads=2, dropout=0.0, negatives=8)
+    history = torch.tensor([[0, 0, 3, 7, 1, 12, 9, 4]])
+    targets = torch.tensor([[0, 3, 7, 1, 12, 9, 4, 30]])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.02)
+    losses = []
+    for step in range(30):
+        torch.manual_seed(step)
+        loss = model(history, targets)
+        optimizer.zero_grad(), loss.backward(), optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) < sum(losses[:5])
 
 
 def test_logq_correction_on_a_hand_case():

@@ -37,6 +37,9 @@ class RecommendationModelConfig:
     dim: int = 64  # SASRec and two-tower: embedding width
     layers: int = 2  # SASRec: transformer blocks
     heads: int = 2  # SASRec: attention heads
+    # SASRec: 0 = full-softmax cross-entropy over every item; k > 0 = a sampled softmax over k uniformly drawn
+    # items per step (models.sampled_cross_entropy), for catalogues where the full one dominates a step
+    negatives: int = 0
     dropout: float = 0.2  # SASRec: on embeddings, attention and block outputs; two-tower: on history embeddings
     temperature: float = 0.05  # two-tower: cosine scores are divided by it (unit vectors need a sharp softmax)
     index: str = "auto"  # two-tower serving: the faiss index over item vectors (retrieval.py: auto|flat|ivf|hnsw)
@@ -46,6 +49,8 @@ class RecommendationModelConfig:
             raise ValueError(f"model.max_len: must be >= 1 (got {self.max_len})")
         if self.dim % self.heads:
             raise ValueError(f"model.dim: must be divisible by model.heads={self.heads} (got {self.dim})")
+        if self.negatives < 0:
+            raise ValueError(f"model.negatives: must be >= 0 (0: the full softmax; got {self.negatives})")
         if self.l2 < 0:
             raise ValueError(f"model.l2: must be >= 0 (got {self.l2})")
         if not self.temperature > 0:
@@ -163,7 +168,7 @@ class RecommendationTask(Task):
         if m.name == "two-tower":
             popularity = torch.tensor(self.catalogue["popularity"], dtype=torch.float64)
             return TwoTower(self.n_items, self.genre_matrix(), popularity, m.dim, m.dropout, m.temperature)
-        return SASRec(self.n_items, m.max_len, m.dim, m.layers, m.heads, m.dropout)
+        return SASRec(self.n_items, m.max_len, m.dim, m.layers, m.heads, m.dropout, m.negatives)
 
     def genre_matrix(self) -> torch.Tensor:
         """[n, G] multi-hot genres of each item (G >= 1: a catalogue without genres gets one empty column)."""
