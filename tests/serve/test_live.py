@@ -22,8 +22,6 @@ def live_app(package, events: str | None, **overrides):
     return create_app([open_model(package, "onnx")], settings=settings)
 
 
-
-
 def event(event_id, user, item, ts, kind="view") -> dict:
     return {"event_id": event_id, "user": user, "item": item, "type": kind, "ts": ts}
 

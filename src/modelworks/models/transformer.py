@@ -285,6 +285,25 @@ class Decoder(nn.Module):
         freqs = positions.float().unsqueeze(-1) * self.inv_freq  # [B, T, D/2]
         return Rope(freqs.cos().unsqueeze(1), freqs.sin().unsqueeze(1))  # [B, 1, T, D/2]
 
+    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, C] (scaled when cfg.embed_scale), plus learned positions if the model has them."""
+        x = self.embed(tokens)
+        if self.cfg.embed_scale:
+            x = x * self.cfg.n_embd ** 0.5
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        return x
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """The final norm, then the LM head (soft-capped when cfg.logit_softcap) if the model has one."""
+        x = self.norm(x)
+        if self.head is None:
+            return x
+        x = self.head(x)
+        if self.cfg.logit_softcap > 0:
+            x = self.cfg.logit_softcap * torch.tanh(x / self.cfg.logit_softcap)
+        return x
+
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 past: torch.Tensor | None = None, memory: torch.Tensor | None = None, return_cache: bool = False,
                 memory_kv: torch.Tensor | None = None, fused_onnx: bool = False):
@@ -298,12 +317,7 @@ class Decoder(nn.Module):
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
-        x = self.embed(tokens)
-        if self.cfg.embed_scale:
-            x = x * self.cfg.n_embd ** 0.5
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
-        x = self.drop(x)
+        x = self.drop(self.embed_tokens(tokens, positions))
         rope = self.rope(positions, fused_onnx)
         attn_mask = None
         if mask is not None or past is not None:
@@ -319,11 +333,7 @@ class Decoder(nn.Module):
             x, k, v = block(x, rope, past_k, past_v, attn_mask, memory, cross_kv, fused_onnx)
             keys.append(k)
             values.append(v)
-        logits = self.norm(x)
-        if self.head is not None:
-            logits = self.head(logits)
-        if self.head is not None and self.cfg.logit_softcap > 0:
-            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
+        logits = self.output(x)
         if not return_cache:
             return logits
         return logits, torch.stack([torch.stack(keys), torch.stack(values)], dim=1)  # [L, 2, B, H, T, D]
@@ -335,22 +345,13 @@ class Decoder(nn.Module):
         Attention.forward_step; in ONNX Runtime they are written in place when bound to the same buffers)."""
         if any(block.cross is not None for block in self.blocks):
             raise ValueError("forward_step: a decoder with cross-attention decodes through forward(memory_kv=...)")
-        x = self.embed(tokens)
-        if self.cfg.embed_scale:
-            x = x * self.cfg.n_embd ** 0.5
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
+        x = self.embed_tokens(tokens, positions)
         rope = self.rope(positions, fused_onnx=True)
         presents = []
         for i, block in enumerate(self.blocks):
             x, k, v = block.forward_step(x, rope, caches[2 * i], caches[2 * i + 1], positions)
             presents += [k, v]
-        logits = self.norm(x)
-        if self.head is not None:
-            logits = self.head(logits)
-        if self.head is not None and self.cfg.logit_softcap > 0:
-            logits = self.cfg.logit_softcap * torch.tanh(logits / self.cfg.logit_softcap)
-        return logits[:, -1].float(), presents
+        return self.output(x)[:, -1].float(), presents
 
     def memory_cache(self, memory: torch.Tensor) -> torch.Tensor:
         """Every block's cross-attention keys/values of memory [B, M, C]: [L, 2, B, H, M, D]."""

@@ -58,7 +58,7 @@ from ..export.package import NAME_PATTERN  # model names, versions and request i
 from ..events import AsyncEventStore, parse_url
 from .batching import Batcher, Draining, InferenceFailed, Overloaded
 from .completions import complete, openai_error_body
-from .error_formats import ErrorFormats
+from .error_formats import ErrorFormats, error_body
 from .http import httptools_protocol
 from .logs import configure_logging, log
 from .metrics import Metrics
@@ -148,8 +148,14 @@ def error_response(request: Request, status: int, code: str, message: str, field
         # Answered before the body was read (a file refused from its header): close the connection rather than
         # read and discard the rest of a body that may be megabytes long.
         headers = {**(headers or {}), "Connection": "close"}
-    return JSONResponse({"error": {"code": code, "message": message, "field": field},
-                         "request_id": state.get("request_id")}, status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message, field, state.get("request_id")), status_code=status,
+                        headers=headers)
+
+
+def unexpected_error(exc: Exception, request_id: str | None) -> ApiError:
+    """An exception no handler expected: logged with the request id, and answered as a 500 that names it."""
+    log("unhandled error", logging.ERROR, request_id=request_id, error=f"{type(exc).__name__}: {exc}")
+    return ApiError(500, "internal_error", f"unexpected {type(exc).__name__}; see the server log for this request id")
 
 
 def describe_validation_error(exc: ValidationError | RequestValidationError, fields: list[str] | None = None
@@ -845,10 +851,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception):
-        log("unhandled error", logging.ERROR, request_id=request.scope.get("state", {}).get("request_id"),
-            error=f"{type(exc).__name__}: {exc}")
-        return error_response(request, 500, "internal_error", f"unexpected {type(exc).__name__}; see the server "
-                              "log for this request id")
+        error = unexpected_error(exc, request.scope.get("state", {}).get("request_id"))
+        return error_response(request, error.status, error.code, error.message)
 
 
 def add_probe_routes(app: FastAPI, server: ModelServer) -> None:

@@ -14,8 +14,13 @@ from typing import Callable
 Formatter = Callable[[int, str, str, "str | None"], dict]  # (status, code, message, request_id) -> body
 
 
+def error_body(code: str, message: str, field: str | None, request_id: str | None) -> dict:
+    """The house error shape, answered by routes and middleware alike."""
+    return {"error": {"code": code, "message": message, "field": field}, "request_id": request_id}
+
+
 def house_error_body(status: int, code: str, message: str, request_id: str | None) -> dict:
-    return {"error": {"code": code, "message": message, "field": None}, "request_id": request_id}
+    return error_body(code, message, None, request_id)
 
 
 class ErrorFormats:

@@ -21,13 +21,13 @@ app reads it within its limits). `modelworks serve --no-hot-routes` (ServeSettin
 from __future__ import annotations
 
 import json
-import logging
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .app import CALLER_HEADER, CALLER_HEADER_BYTES, MAX_CALLER_ID, ApiError, ModelServer, open_request, record_request
-from .logs import log
+from .app import (CALLER_HEADER, CALLER_HEADER_BYTES, MAX_CALLER_ID, ApiError, ModelServer, open_request,
+                  record_request, unexpected_error)
+from .error_formats import error_body
 
 
 @dataclass(frozen=True)
@@ -87,17 +87,12 @@ class HotRoutes:
             return 200, body, [(b"content-type", content_type(media_type)),
                                (b"content-length", b"%d" % len(body)), (b"x-model-version", version.encode())]
         except ApiError as exc:
-            state["error"] = exc.code
-            body = json_bytes({"error": {"code": exc.code, "message": exc.message, "field": exc.field},
-                               "request_id": state["request_id"]})
-            extra = [(key.lower().encode("latin-1"), str(value).encode("latin-1"))
-                     for key, value in (exc.headers or {}).items()]
-            return exc.status, body, [(b"content-type", b"application/json"),
-                                      (b"content-length", b"%d" % len(body)), *extra]
+            error = exc
         except Exception as exc:  # as the app's handler of unexpected errors: logged, answered 500, still serving
-            log("unhandled error", logging.ERROR, request_id=state["request_id"], error=f"{type(exc).__name__}: {exc}")
-            state["error"] = "internal_error"
-            body = json_bytes({"error": {"code": "internal_error", "message": f"unexpected {type(exc).__name__}; "
-                                         "see the server log for this request id", "field": None},
-                               "request_id": state["request_id"]})
-            return 500, body, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+            error = unexpected_error(exc, state["request_id"])
+        state["error"] = error.code
+        body = json_bytes(error_body(error.code, error.message, error.field, state["request_id"]))
+        extra = [(key.lower().encode("latin-1"), str(value).encode("latin-1"))
+                 for key, value in (error.headers or {}).items()]
+        return error.status, body, [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)),
+                                    *extra]

@@ -60,9 +60,9 @@ class Metrics:
         # queue's bound here to turn modelworks_queue_depth into a saturation ratio.
         self.ready = Gauge("modelworks_ready", "1 while /readyz answers 200 (every model has a loaded, warmed-up "
                            "version with traffic); 0 while starting or draining", registry=r)
-        self._request_series: dict[tuple[str, str, int], tuple] = {}
         self.queue_capacity = Gauge("modelworks_queue_capacity", "Requests one version's queue holds before it "
                                     "answers 503 overloaded (max_queue)", registry=r)
+        self._request_series: dict[tuple[str, str, int], tuple] = {}  # request_series' cache
 
     def request_series(self, model: str, version: str, status: int):
         """(requests counter, latency histogram) of one model, version and status: looked up once, then kept (a

@@ -283,12 +283,13 @@ class LanguageModelTask(Task):
     predictor_class = TextGenerator
 
     def predictor(self) -> TextGenerator:
+        n_layer = self.cfg.model.shape()[0]
         graphs = {"prefill": {"inputs": [{"name": "tokens", "dtype": "int64"}, {"name": "positions", "dtype": "int64"},
                                          {"name": "mask", "dtype": "bool"}], "outputs": ["logits", "kv"]},
                   "decode": {"inputs": [{"name": "tokens", "dtype": "int64"}, {"name": "positions", "dtype": "int64"},
                                         *[{"name": name, "dtype": "float32"}
-                                          for name in cache_names(self.cfg.model.shape()[0], "past")]],
-                             "outputs": ["logits", *cache_names(self.cfg.model.shape()[0], "present")]}}
+                                          for name in cache_names(n_layer, "past")]],
+                             "outputs": ["logits", *cache_names(n_layer, "present")]}}
         return TextGenerator(TextGenerator.build_spec(self.tokenizer, self.cfg.model.context, graphs), self.tokenizer)
 
     @classmethod

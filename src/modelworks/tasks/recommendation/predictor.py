@@ -174,12 +174,16 @@ class RecommendationPredictor(Predictor):
         ranked = {}
         if warm:  # a batch of cold users needs no graph call
             (outputs,) = run(self.collate([items[i] for i in warm]))[:1]
-            ranked = dict(zip(warm, self._top_k([items[i] for i in warm], outputs)))
+            ranked = dict(zip(warm, self._rank([items[i] for i in warm], outputs)))
         return [self._answer(item, *(ranked[i] if i in ranked else self._popular(item)))
                 for i, item in enumerate(items)]
 
     def postprocess(self, outputs: Sequence[np.ndarray], items: list) -> list[RecommendationResponse]:
-        return [self._answer(item, *ranked) for item, ranked in zip(items, self._top_k(items, outputs[0]))]
+        return [self._answer(item, *ranked) for item, ranked in zip(items, self._rank(items, outputs[0]))]
+
+    def _rank(self, items: list[dict], outputs) -> list[tuple[np.ndarray, np.ndarray, None]]:
+        """Each warm item's (item columns, scores, None) from the graph's output rows: here scores over every item."""
+        return self._top_k(items, outputs)
 
     def _top_k(self, items: list[dict], scores) -> list[tuple[np.ndarray, np.ndarray, None]]:
         """(item columns, scores, None) of each row's top k, hidden items masked: one masking and one partial sort for

@@ -49,19 +49,8 @@ class TwoTowerPredictor(RecommendationPredictor):
         np.save(buffer, self.item_vectors, allow_pickle=False)
         return {**super().files(), VECTORS_FILE: buffer.getvalue()}
 
-    def predict(self, items: list[dict], run) -> list:
-        warm = [i for i, item in enumerate(items) if item["used"]]
-        ranked = {}
-        if warm:
-            (outputs,) = run(self.collate([items[i] for i in warm]))[:1]
-            ranked = dict(zip(warm, self._rank([items[i] for i in warm], outputs)))
-        return [self._answer(item, *(ranked[i] if i in ranked else self._popular(item)))
-                for i, item in enumerate(items)]
-
-    def postprocess(self, outputs, items: list) -> list:
-        return [self._answer(item, *ranked) for item, ranked in zip(items, self._rank(items, outputs[0]))]
-
     def _rank(self, items: list[dict], user_vectors) -> list:
+        """The graph gives user vectors: each row's candidates from the index, scored exactly, then the top k."""
         users = np.asarray(user_vectors, dtype=np.float32)
         return self._top_k(items, np.stack([self.candidate_scores(u, item) for item, u in zip(items, users)]))
 
