@@ -23,6 +23,7 @@ calls that arrive together are served together (`Gatherer`), each kind by one th
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 import threading
 import time
@@ -263,9 +264,7 @@ class EventStore:
         if n <= 0 or not users:
             return {user: [] for user in users}
         if self.dialect is SQLITE:
-            # In-process: one indexed LIMIT scan per user costs no round trip, and beat one UNION ALL statement
-            # for all of them (16 vs 29 us a user: no sort in Python, no compound statement to step through).
-            return {user: self.latest(user, n) for user in users}
+            return self._latest_many_sqlite(users, n)
         # PostgreSQL: one round trip for every user, the same index-ordered LIMIT scan for each, joined laterally.
         found: dict[str, list[tuple[float, int, str]]] = {user: [] for user in users}
         cur = self.connection().cursor()
@@ -279,6 +278,23 @@ class EventStore:
             cur.close()
         # The join promises no order; each user's rows (at most n) are sorted here.
         return {user: [item for _, _, item in sorted(rows)] for user, rows in found.items()}
+
+    def _latest_many_sqlite(self, users: list[str], n: int) -> dict[str, list[str]]:
+        """One statement answering in ONE row: the same indexed LIMIT scan per user, each user's items gathered into
+        a JSON array (newest first: the aggregate keeps the order of a subquery it cannot be merged with, one that
+        has a LIMIT), all users' arrays into one. Why one row: Python's sqlite3 releases the GIL around every step
+        of a statement, and in a busy server each step then waits for the GIL again (up to the interpreter's switch
+        interval). A statement per user, or a row per item, paid that wait 32 or 1,600 times per batch; this pays
+        it once (measured beside a busy thread: 150 against 840 to 3,600 us a user)."""
+        cur = self.connection().cursor()
+        try:
+            cur.execute("SELECT json_group_array(json_array(u.value, json((SELECT json_group_array(item) FROM "
+                        "(SELECT item FROM events WHERE user_id = u.value ORDER BY ts DESC, seq DESC LIMIT ?))))) "
+                        "FROM json_each(?) AS u", (int(n), json.dumps(users)))
+            (text,) = cur.fetchone()
+        finally:
+            cur.close()
+        return {user: items[::-1] for user, items in json.loads(text)}
 
     def count(self) -> int:
         cur = self.connection().cursor()

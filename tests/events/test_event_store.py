@@ -146,6 +146,11 @@ def test_latest_many_reads_every_users_history_in_one_query_as_latest_does(store
     crowd = [f"c{i}" for i in range(450)]
     store.add([Event(event_id=f"c-{i}", user=user, item=str(i), ts=float(i)) for i, user in enumerate(crowd)])
     assert store.latest_many(crowd, 3) == {user: [str(i)] for i, user in enumerate(crowd)}
+    # Ids that a text format could mangle (SQLite reads every user's items as one JSON text) come back as stored;
+    # the newest first by time whatever the arrival order.
+    odd = ['a "quoted", item', "naïve\u2028line", "back\\slash", "[1]", "\x1f", "null"]
+    store.add([Event(event_id=f"o-{i}", user='odd "user"', item=item, ts=10.0 - i) for i, item in enumerate(odd)])
+    assert store.latest_many(['odd "user"', "u"], 10) == {'odd "user"': odd[::-1], "u": store.latest("u", 10)}
     store.close()
 
 

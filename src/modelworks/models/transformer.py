@@ -98,10 +98,11 @@ class Attention(nn.Module):
         B, T, C = x.shape
         return x.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # [B, H, T, D]
 
-    def forward(self, x, rope, past_k=None, past_v=None, mask=None, fused_onnx=False):
-        """x: [B, T, C]. Returns the output and this call's own keys/values [B, H, T, D] (for the cache)."""
+    def forward(self, x, rope, past_k=None, past_v=None, mask=None, fused_onnx=False, last_only=False):
+        """x: [B, T, C]. Returns the output and this call's own keys/values [B, H, T, D] (for the cache).
+        last_only: the output of the last position alone, [B, 1, C] (keys and values still of every position)."""
         if fused_onnx and past_k is not None and not self.qk_norm and torch.onnx.is_in_onnx_export():
-            return self.forward_fused(x, rope, past_k, past_v, mask)
+            return self.forward_fused(x, rope, past_k, past_v, mask, last_only)
         q, k, v = (self.split_heads(t) for t in self.qkv(x).chunk(3, dim=-1))
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
@@ -111,14 +112,20 @@ class Attention(nn.Module):
         if past_k is not None:
             k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         dropout = self.dropout if self.training else 0.0
-        if mask is None:  # training and un-padded prefill: the fused causal kernel
+        if last_only:  # the last query sees every key: causality needs no mask, padding keeps its own
+            q = q[:, :, -1:]
+            if mask is not None:
+                mask = mask[:, :, -1:]
+        if mask is None and last_only:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        elif mask is None:  # training and un-padded prefill: the fused causal kernel
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout)
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
         B, H, T, D = y.shape
         return self.proj(y.transpose(1, 2).reshape(B, T, H * D)), new_k, new_v
 
-    def forward_fused(self, x, rope, past_k, past_v, mask):
+    def forward_fused(self, x, rope, past_k, past_v, mask, last_only=False):
         """`forward` with a cache, as ONNX opset 23 operators: the rotation and attention read [B, T, H * D]
         directly (no reshape and transpose of q, k, v and of the output), and the attention appends the new keys/
         values to the past itself (`present`), of which the new ones are the last T."""
@@ -126,6 +133,8 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, T, C] each
         if rope is not None:
             q, k = rope(q, self.n_head), rope(k, self.n_head)
+        if last_only:
+            q, mask = q[:, -1:], mask[:, :, -1:]
         y, present_k, present_v, _ = torch.onnx.ops.attention(q, k, v, mask, past_k, past_v, q_num_heads=self.n_head,
                                                               kv_num_heads=self.n_head)
         return self.proj(y), present_k[:, :, -T:], present_v[:, :, -T:]
@@ -210,9 +219,10 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x, rope, past_k=None, past_v=None, mask=None, memory=None, memory_kv=None, fused_onnx=False):
-        a, k, v = self.attn(self.norm1(x), rope, past_k, past_v, mask, fused_onnx)
-        x = x + self.drop(a)
+    def forward(self, x, rope, past_k=None, past_v=None, mask=None, memory=None, memory_kv=None, fused_onnx=False,
+                last_only=False):
+        a, k, v = self.attn(self.norm1(x), rope, past_k, past_v, mask, fused_onnx, last_only)
+        x = (x[:, -1:] if last_only else x) + self.drop(a)
         if self.cross is not None and (memory is not None or memory_kv is not None):
             x = x + self.drop(self.cross.attend_memory(self.norm_cross(x), memory, memory_kv))
         x = x + self.drop(self.mlp(self.norm2(x)))
@@ -306,14 +316,17 @@ class Decoder(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 past: torch.Tensor | None = None, memory: torch.Tensor | None = None, return_cache: bool = False,
-                memory_kv: torch.Tensor | None = None, fused_onnx: bool = False):
+                memory_kv: torch.Tensor | None = None, fused_onnx: bool = False, last_only: bool = False):
         """tokens [B, T] -> logits [B, T, V]; with `return_cache`, also the new keys/values [L, 2, B, H, T, D].
 
         positions [B, T]: each token's position (default 0..T-1). past [L, 2, B, H, S, D]: cached keys/values.
         mask [B, S + T] bool: True for real keys, False for padding (None: no padding, plain causal).
         memory [B, M, C]: what cross-attention attends to; or memory_kv [L, 2, B, H, M, D], its keys/values from
         `memory_cache` (computed once per image rather than at every decoding step). fused_onnx: while exporting to
-        ONNX, use opset 23's fused operators (export the graph with Graph.onnx_opset=23); no effect otherwise."""
+        ONNX, use opset 23's fused operators (export the graph with Graph.onnx_opset=23); no effect otherwise.
+        last_only: logits of the last position alone, [B, 1, V], for inference that reads only those (a prefill, a
+        next-item score): the last block then computes one query, one attention row and one MLP row per sequence
+        rather than T (its keys and values, and every earlier block, still cover every position)."""
         B, T = tokens.shape
         if positions is None:
             positions = torch.arange(T, device=tokens.device).expand(B, T)
@@ -330,7 +343,8 @@ class Decoder(nn.Module):
             past_k = flat_past[2 * i] if past is not None else None
             past_v = flat_past[2 * i + 1] if past is not None else None
             cross_kv = (memory_kv[i, 0], memory_kv[i, 1]) if memory_kv is not None else None
-            x, k, v = block(x, rope, past_k, past_v, attn_mask, memory, cross_kv, fused_onnx)
+            x, k, v = block(x, rope, past_k, past_v, attn_mask, memory, cross_kv, fused_onnx,
+                            last_only and i == len(self.blocks) - 1)
             keys.append(k)
             values.append(v)
         logits = self.output(x)

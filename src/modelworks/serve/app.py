@@ -60,7 +60,7 @@ from .batching import Batcher, Draining, InferenceFailed, Overloaded
 from .completions import complete, openai_error_body
 from .error_formats import ErrorFormats, error_body
 from .http import httptools_protocol
-from .logs import configure_logging, log
+from .logs import configure_logging, log, log_request
 from .metrics import Metrics
 from .online import OnlineMetrics
 from .routing import ModelRoute, Version
@@ -669,9 +669,9 @@ def record_request(server: ModelServer, scope, state: dict, status: int, seconds
         if status >= 400:
             metrics.errors.labels(model, version, state.get("error", str(status))).inc()
     level = logging.DEBUG if scope["path"] in QUIET_PATHS and status < 400 else logging.INFO
-    log("request", level, request_id=state.get("request_id"), method=scope.get("method"), path=scope["path"],
-        status=status, latency_ms=round(seconds * 1000, 3), model=state.get("model"),
-        version=state.get("version"), error=state.get("error"))
+    log_request(level, request_id=state.get("request_id"), method=scope.get("method"), path=scope["path"],
+                status=status, latency_ms=round(seconds * 1000, 3), model=state.get("model"),
+                version=state.get("version"), error=state.get("error"))
 
 
 # ---------------------------------------------------------------------------------------------- the app

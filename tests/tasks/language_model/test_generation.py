@@ -210,6 +210,31 @@ def test_cross_attention_reads_the_memory():
     assert a.shape == (2, 5, 10) and not torch.allclose(a, b)
 
 
+@pytest.mark.parametrize("options", [{}, {"positions": "learned", "norm": "layernorm", "mlp": "gelu",
+                                          "qk_norm": False}])
+def test_last_only_gives_the_last_positions_logits_and_every_positions_cache(options):
+    """Decoder.forward(last_only=True), what a prefill and SASRec's next-item score read: plain causal, with left
+    padding (one row all padding but its last token), and after a cache, as the full forward's last position."""
+    model = random_decoder(**options)
+    tokens = torch.randint(0, len(VOCAB), (3, 10))
+    mask = torch.ones(3, 10, dtype=torch.bool)
+    mask[1, :4] = False
+    mask[2, :9] = False
+    with torch.no_grad():
+        for kwargs in ({}, {"mask": mask}):
+            full, full_cache = model(tokens, return_cache=True, **kwargs)
+            last, last_cache = model(tokens, return_cache=True, last_only=True, **kwargs)
+            assert last.shape == (3, 1, len(VOCAB))
+            torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(last_cache, full_cache)
+        more = torch.randint(0, len(VOCAB), (3, 4))
+        after = dict(positions=torch.arange(10, 14).expand(3, 4), past=full_cache,
+                     mask=torch.cat([mask, torch.ones(3, 4, dtype=torch.bool)], 1))
+        torch.testing.assert_close(model(more, last_only=True, **after), model(more, **after)[:, -1:],
+                                   atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(last, full[:, :1])  # the positions differ: the comparison above can fail
+
+
 def test_streamed_deltas_of_byte_level_tokens_join_into_valid_text():
     """A BPE token may end inside a UTF-8 character: deltas never hand out half a character, and their
     concatenation is the response's text."""

@@ -81,11 +81,12 @@ class SASRec(nn.Module):
         with torch.no_grad():
             self.decoder.embed.weight[0].zero_()  # index 0 pads (masked as a key; never scored)
 
-    def hidden(self, history: torch.Tensor) -> torch.Tensor:
-        """[B, L] -> [B, L, C]: the state after each position (left padding: the last is the most recent)."""
+    def hidden(self, history: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """[B, L] -> [B, L, C]: the state after each position (left padding: the last is the most recent); with
+        last_only, [B, 1, C], the last position's alone (what scoring the next item reads)."""
         real = history != 0
         positions = (real.long().cumsum(1) - 1).clamp(min=0)  # 0 at the first real item of each row
-        return self.decoder(history, positions=positions, mask=real)
+        return self.decoder(history, positions=positions, mask=real, last_only=last_only)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Scores of every item (the tied input embeddings), [..., n]."""
@@ -95,7 +96,7 @@ class SASRec(nn.Module):
         """Scores [B, n] of the next item; with training `targets` [B, L], the loss instead."""
         if targets is not None:
             return self.loss(history, targets)
-        return self.logits(self.hidden(history)[:, -1])
+        return self.logits(self.hidden(history, last_only=True)[:, -1])
 
     def loss(self, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the next item at every real position (Klenitskiy & Vasilev 2023): over every item, or
