@@ -8,7 +8,7 @@ import torch
 
 from modelworks.data.text import CharTokenizer
 from modelworks.errors import InputError
-from modelworks.models.transformer import Decoder, DecoderConfig
+from modelworks.models.transformer import Decoder, DecoderConfig, causal_attention_in_blocks
 from modelworks.tasks.language_model.predictor import CompletionRequest, TextGenerator
 from modelworks.models.sampling import SamplingOptions, choose_token, filter_logits
 from modelworks.tasks.language_model.task import eager_runner, generate_uncached
@@ -233,6 +233,52 @@ def test_last_only_gives_the_last_positions_logits_and_every_positions_cache(opt
         torch.testing.assert_close(model(more, last_only=True, **after), model(more, **after)[:, -1:],
                                    atol=1e-5, rtol=1e-5)
     assert not torch.allclose(last, full[:, :1])  # the positions differ: the comparison above can fail
+
+
+@pytest.mark.parametrize("length,block", [(12, 5), (16, 8), (7, 128)])
+def test_causal_attention_in_blocks_equals_the_fused_kernel_with_gradients(length, block):
+    """The compiled CPU training path's attention (blocks of queries, each against the keys up to its end), ragged
+    last block included: outputs and gradients as scaled_dot_product_attention(is_causal=True) gives them."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, length, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    ours = causal_attention_in_blocks(q, k, v, block=block)
+    grads = torch.autograd.grad(ours.square().sum(), (q, k, v))
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    expected = torch.autograd.grad(fused.square().sum(), (q, k, v))
+    torch.testing.assert_close(ours, fused)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+    assert not torch.allclose(ours[:, :, 0], ours[:, :, -1])  # positions differ: the check can fail
+
+
+def test_compiled_training_on_a_cpu_attends_in_blocks_and_matches_eager(monkeypatch):
+    """Under torch.compile on a CPU the decoder's causal attention takes causal_attention_in_blocks (the call is
+    counted while compiling); the loss and the gradients are eager PyTorch's."""
+    import modelworks.models.transformer as transformer
+
+    calls = []
+    blocks = transformer.causal_attention_in_blocks
+    monkeypatch.setattr(transformer, "causal_attention_in_blocks", lambda *a, **k: calls.append(1) or blocks(*a, **k))
+    torch.manual_seed(0)
+    model = Decoder(DecoderConfig(vocab_size=11, context=20, n_layer=1, n_head=2, n_embd=16, zero_init_proj=False))
+    tokens = torch.randint(0, 11, (2, 20))
+
+    def loss_and_grads(forward):
+        model.zero_grad()
+        loss = forward(tokens).square().mean()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager_loss, eager_grads = loss_and_grads(model)
+    assert not calls
+    torch._dynamo.reset()
+    # aot_eager: traced as under the engine's torch.compile (the dispatch is decided while tracing), without the
+    # C++ code generation, which takes most of a minute here.
+    compiled_loss, compiled_grads = loss_and_grads(torch.compile(model, backend="aot_eager"))
+    assert calls
+    torch.testing.assert_close(compiled_loss, eager_loss, atol=1e-5, rtol=1e-4)
+    for got, want in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
 
 def test_streamed_deltas_of_byte_level_tokens_join_into_valid_text():
