@@ -314,3 +314,15 @@ def test_errors_before_routing_have_openai_shape_on_completions_and_the_house_sh
         with pytest.raises(openai.APIStatusError, match="larger than the limit of 1000 bytes") as caught:
             client(running).completions.create(model="verse", prompt="x" * 2000, max_tokens=1)
         assert caught.value.status_code == 413 and caught.value.body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("text,reason", [("ROMEO:", None), ('a "quote", \\ and\nnewline', None),
+                                         ("naïve ☃ \u2028", "stop"), ("", "length")])
+def test_a_text_chunk_is_byte_for_byte_the_envelope_encoded(text, reason):
+    """The pre-rendered event a stream writes per token equals the dict envelope serialised in full."""
+    from modelworks.serve.completions import Generation, encode_event
+
+    generation = Generation.__new__(Generation)  # the rendering needs only the envelope's fields
+    generation.id, generation.timestamp, generation.name, generation.chunk_head = 'cmpl-"x"', 1700000000, "m/é", None
+    choice = {"text": text, "index": 3, "logprobs": None, "finish_reason": reason}
+    assert generation.text_chunk(text, 3, reason) == encode_event(generation.envelope([choice]))

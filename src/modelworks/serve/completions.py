@@ -201,6 +201,7 @@ class Generation:
         self.id = f"cmpl-{uuid.uuid4().hex}"
         self.timestamp = int(time.time())
         self.open = {stream.index for stream in created}
+        self.chunk_head: bytes | None = None  # text_chunk's constant start
         self.watcher = asyncio.get_running_loop().create_task(self.watch_disconnect())
 
     async def watch_disconnect(self) -> None:
@@ -261,6 +262,14 @@ class Generation:
         return {"id": self.id, "object": "text_completion", "created": self.timestamp, "model": self.name,
                 "choices": choices, **more}
 
+    def text_chunk(self, text: str, index: int, finish_reason: str | None) -> bytes:
+        """One text event, byte for byte as encode_event(self.envelope([choice])) renders it, from a head rendered
+        once per request: under load the event loop writes one per token and stream."""
+        if self.chunk_head is None:
+            self.chunk_head = encode_event(self.envelope([{"text": ""}]))[:-len(b'""}]}\n\n')]
+        return b'%s%s,"index":%d,"logprobs":null,"finish_reason":%s}]}\n\n' % (
+            self.chunk_head, json.dumps(text).encode(), index, json.dumps(finish_reason).encode())
+
     async def whole_response(self) -> Response:
         try:
             started = set()
@@ -307,9 +316,7 @@ class Generation:
                     yield encode_event(exc.body())
                     return
                 if text or finished:
-                    choice = {"text": text, "index": index, "logprobs": None,
-                              "finish_reason": reason if finished else None}
-                    yield encode_event(self.envelope([choice]))
+                    yield self.text_chunk(text, index, reason if finished else None)
                 if held is not None:
                     event = held
                     started.add(event[0])
