@@ -294,3 +294,13 @@ def test_runs_and_their_packages_are_named_after_recipe_and_data(recipe, data, e
     name = rundir.new_run_dir(cfg).name
     assert rundir.model_name(name) == expected and name.startswith(expected + "-20")
     assert rundir.model_name("raccoon-v2") == "raccoon-v2"  # a chosen name is kept whole
+
+
+@pytest.mark.parametrize("cores,threads", [({0}, 1), ({0, 1}, 1), ({0, 1, 2, 3}, 3)])
+def test_a_server_gives_its_runtime_every_core_but_one(monkeypatch, cores, threads):
+    import os
+
+    from modelworks.cli import serving_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: cores, raising=False)
+    assert serving_threads() == threads

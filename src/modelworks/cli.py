@@ -432,7 +432,7 @@ def serving_threads() -> int:
     the answers) keeps a core busy under load, and a runtime thread sharing it slows both. Measured on 2 cores at 32
     clients, in one run of alternating rounds: the SASRec recommender served 1,845 against 1,644 requests/s with 1
     thread rather than 2 (bench/recommendation_serve.py); the image classifier without batching, 749 against 624
-    (bench/serve.py, docs/benchmarks.md)."""
+    (bench/serve.py on a 2-core Xeon, docs/benchmarks.md)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, cores - 1)
 

@@ -142,13 +142,15 @@ def test_real_server_answers_exports_metrics_and_logs_json(tiny_package, image):
 
 
 def test_sigterm_refuses_new_connections_and_answers_every_request_in_flight(tiny_package, image):
-    """Six requests on a model taking 1 s a batch (two at a time): SIGTERM arrives with one batch running and
-    the others queued. New connections are refused at once; every accepted request is still answered."""
-    server = ServerProcess(tiny_package, "--max-batch-size", "2", "--max-wait-ms", "0", slow_s=1.0)
+    """Six requests on a model taking 2 s a batch (two at a time): SIGTERM arrives with one batch running and
+    the other four queued. New connections are refused at once; every accepted request is still answered.
+    (SIGTERM is sent once all six are queued or running: a request whose head had not yet arrived would meet
+    the drain as an idle connection, closed without an answer, as uvicorn closes idle keep-alive connections.)"""
+    server = ServerProcess(tiny_package, "--max-batch-size", "2", "--max-wait-ms", "0", slow_s=2.0)
     body = {"image": base64.b64encode(image[0]).decode()}
     try:
         threads, results = post_in_threads(server.url, body, 6)
-        wait_until(lambda: queue_depth(server.url) >= 3, 20, "requests queued behind the running batch")
+        wait_until(lambda: queue_depth(server.url) >= 4, 20, "requests queued behind the running batch")
     finally:
         sigterm_at = time.time()
         server.process.send_signal(signal.SIGTERM)

@@ -32,10 +32,10 @@ class BatchedStderrHandler(logging.Handler):
     """Lines to stderr, the access lines (`log_request`) written in batches: at most FLUSH_S after they were logged,
     or at once when LIMIT characters wait or when any other line is logged (which writes the waiting ones first,
     in order). Why: a write per request is a system call per request on the event loop's thread, which lets go of
-    the GIL there and then waits to get it back from the inference thread; with the access lines batched, the
-    server answered more requests/s at 32 clients (bench/recommendation_serve.py). The cost: a process killed
-    outright (SIGKILL, a crash in native code) loses at most the last FLUSH_S of access lines; a normal stop,
-    SIGTERM included, loses none (uvicorn's own last line writes them)."""
+    the GIL there and then waits to get it back from the inference thread. On its own the gain was within this
+    machine's noise (bench/recommendation_serve.py, docs/benchmarks.md); kept as cheaper by construction. The
+    cost: a process killed outright (SIGKILL, a crash in native code) loses at most the last FLUSH_S of access
+    lines; a normal stop, SIGTERM included, loses none (uvicorn's own last line writes them)."""
 
     FLUSH_S = 0.2
     LIMIT = 64 * 1024
