@@ -131,8 +131,8 @@ def bench_dataset(name: str, folder: Path, models: list[str], args, out: Path) -
         best = max(tried, key=lambda l2: tried[l2]["val_ndcg@10"])
         rows["ease"] = {**summarise([tried[best]]), "l2": best,
                         "val_ndcg@10 by l2": {str(l2): r["val_ndcg@10"] for l2, r in tried.items()}}
-    small_sasrec = args.sasrec + (args.small_sasrec if name != "ml-100k" else [])
-    for model, extra in (("sasrec", small_sasrec), ("two-tower", args.two_tower)):
+    sasrec_sets = args.sasrec + (args.small_sasrec if name != "ml-100k" else [])
+    for model, extra in (("sasrec", sasrec_sets), ("two-tower", args.two_tower)):
         if model in models:
             seeds = args.small_sasrec_seeds if model == "sasrec" and name != "ml-100k" else args.seeds
             rows[model] = summarise([run_ours(model, data, seed, out, extra) for seed in seeds])
@@ -286,8 +286,8 @@ def main() -> None:
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "recommendation.json"))
     args = parser.parse_args()
     result = {"cpu": cpu_name(), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "seeds": args.seeds,
-              "sasrec_overrides": args.sasrec, "small_sasrec_overrides": args.small_sasrec, "two_tower_overrides": args.two_tower, "issue_ndcg@10": ISSUE_TABLE,
-              "datasets": {}}
+              "sasrec_overrides": args.sasrec, "small_sasrec_overrides": args.small_sasrec,
+              "two_tower_overrides": args.two_tower, "issue_ndcg@10": ISSUE_TABLE, "datasets": {}}
     if not args.faiss_only:
         with tempfile.TemporaryDirectory() as tmp:
             for name in args.datasets:

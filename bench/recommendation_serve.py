@@ -13,9 +13,9 @@ FastAPI + uvicorn server returning ALS scores from memory (bench/recommendation_
    latest 50 events from SQLite, runs the graph in dynamic batches and masks what was seen.
 4. The same load against the plain server (implicit's ALS, trained in the bench venv
    ~/.cache/modelworks-bench-venv; its factors are served by FastAPI in this Python).
-Steps 3 and 4 (and ours with --no-hot-routes, under --full-stack) alternate: one warm-up round each, then --rounds
-rounds, the order reversed every other round; the table shows each server's median round, and the ratio is that of
-the medians. Prints a table and writes bench/results/recommendation_serve.json.
+Steps 3 and 4 (and ours with --no-hot-routes under --full-stack, and with each --variant's flags) alternate: one
+warm-up round each, then --rounds rounds, the order reversed every other round; the table shows each server's median
+round, and the ratio is that of the medians. Prints a table and writes bench/results/recommendation_serve.json.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import json
 import os
 import platform
 import random
-import statistics
 import resource
+import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -150,6 +151,10 @@ def start_plain_server(data: Path, work: Path) -> tuple[subprocess.Popen, int]:
             time.sleep(0.2)
 
 
+MEDIANS = ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "generator_cpu_us_per_request",
+           "server_cpu_us_per_request")
+
+
 def alternate(servers: dict[str, tuple[int, int, list[bytes]]], args) -> dict[str, dict]:
     """Each server (label: (port, pid, requests)) under the same load in alternating rounds, the order reversed every
     other round, after one warm-up round each; per server its rounds and their medians. Why rounds: this machine's
@@ -175,10 +180,6 @@ def alternate(servers: dict[str, tuple[int, int, list[bytes]]], args) -> dict[st
     return summary
 
 
-MEDIANS = ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "generator_cpu_us_per_request",
-           "server_cpu_us_per_request")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
@@ -188,6 +189,9 @@ def main() -> int:
     parser.add_argument("--skip-plain", action="store_true", help="measure ours only (profiling; no ratio)")
     parser.add_argument("--full-stack", action="store_true", help="also measure ours with --no-hot-routes (the "
                         "query route through the framework's whole middleware stack), same store, same run")
+    parser.add_argument("--variant", action="append", default=[], metavar="FLAGS",
+                        help='also measure ours started with these extra `modelworks serve` flags, in the same '
+                        'alternating rounds (repeatable), e.g. --variant "--threads 2"')
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per server (medians reported)")
     parser.add_argument("--duration-s", type=float, default=6.0, help="measured seconds per round")
@@ -209,6 +213,7 @@ def main() -> int:
     store_url = f"sqlite:{work / 'events.db'}"
     ours = Server(package, "onnx", 32, 2.0, 256, None, extra=["--events", store_url])
     full = plain = None
+    variants: list[Server] = []
     try:
         # Ingestion: batches, then single events; every event is stored once.
         bodies = [json.dumps([{"event_id": f"r{n}", "user": u, "item": i, "type": "rating", "ts": t}
@@ -239,6 +244,10 @@ def main() -> int:
         if args.full_stack:
             full = Server(package, "onnx", 32, 2.0, 256, None, extra=["--events", store_url, "--no-hot-routes"])
             servers["ours_full_stack"] = (full.port, full.process.pid, requests)
+        for flags in args.variant:
+            variants.append(Server(package, "onnx", 32, 2.0, 256, None,
+                                   extra=["--events", store_url, *shlex.split(flags)]))
+            servers[f"ours {flags}"] = (variants[-1].port, variants[-1].process.pid, requests)
         if not args.skip_plain:
             plain, plain_port = start_plain_server(data, work)
             servers["plain_als"] = (plain_port, plain.pid,
@@ -248,8 +257,8 @@ def main() -> int:
         results.update(alternate(servers, args))
     finally:
         ours.stop()
-        if full is not None:
-            full.stop()
+        for server in ([full] if full is not None else []) + variants:
+            server.stop()
         if plain is not None:
             plain.terminate()
             plain.wait(timeout=30)
@@ -261,6 +270,7 @@ def main() -> int:
           f"{'server us/req':>13}")
     for label, row in (("ours: SASRec, live history from SQLite", ours_row),
                        ("ours, through the whole middleware stack", results.get("ours_full_stack")),
+                       *((f"ours {flags}", results.get(f"ours {flags}")) for flags in args.variant),
                        ("plain FastAPI + uvicorn, ALS from memory", plain_row)):
         if row is not None:
             print(f"{label:<44} {row['throughput_rps']:>8.1f} {row['p50_ms']:>8.2f} {row['p99_ms']:>8.2f} "
