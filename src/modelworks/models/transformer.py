@@ -174,11 +174,13 @@ class Attention(nn.Module):
         Exported to ONNX (head size a multiple of 8), the attention is ONNX Runtime's GroupQueryAttention
         (com.microsoft): given `present` bound to the past's own buffer, it writes the one new entry in place and
         reads each row only up to its own length, so a decode step copies nothing of the cache (opset 23's
-        Attention appends into a new `present`, and the past must first be gathered and split: three copies)."""
+        Attention appends into a new `present`, and the past must first be gathered and split: three copies).
+        Without QK-norm it takes q, k and v packed and applies the rotary embedding itself."""
         B, H, D = x.shape[0], self.n_head, self.head_dim
-        lengths, total = positions[:, 0].to(torch.int32), (positions.max() + 1).to(torch.int32)
-        if (torch.onnx.is_in_onnx_export() and D % 8 == 0 and not self.qk_norm and rope is not None
-                and rope.positions is not None):
+        gqa = torch.onnx.is_in_onnx_export() and D % 8 == 0  # GroupQueryAttention's CPU kernel needs D % 8 == 0
+        if gqa:
+            lengths, total = positions[:, 0].to(torch.int32), (positions.max() + 1).to(torch.int32)
+        if gqa and not self.qk_norm and rope is not None and rope.positions is not None:
             # Packed: the kernel splits q/k/v and rotates q and k itself (do_rotary, half-split like `rotate`, at
             # each row's length), 3 nodes a layer fewer; a decode step at batch 1 is bound by per-node overhead.
             y, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
@@ -194,7 +196,7 @@ class Attention(nn.Module):
             q, k = rope(q, H), rope(k, H)
         elif rope is not None:
             q, k = (rope(self.split_heads(t)).transpose(1, 2).reshape(B, 1, H * D) for t in (q, k))
-        if torch.onnx.is_in_onnx_export() and D % 8 == 0:  # GroupQueryAttention's CPU kernel needs D % 8 == 0
+        if gqa:
             y, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
                 "com.microsoft::GroupQueryAttention",
                 [q, k, v, past_k, past_v, lengths, total],
