@@ -178,30 +178,28 @@ class Attention(nn.Module):
         Without QK-norm it takes q, k and v packed and applies the rotary embedding itself."""
         B, H, D = x.shape[0], self.n_head, self.head_dim
         gqa = torch.onnx.is_in_onnx_export() and D % 8 == 0  # GroupQueryAttention's CPU kernel needs D % 8 == 0
+        # Packed: the kernel splits q/k/v and rotates q and k itself (do_rotary, half-split like `rotate`, at each
+        # row's length), 3 nodes a layer fewer; a decode step at batch 1 is bound by per-node overhead.
+        packed = gqa and not self.qk_norm and rope is not None and rope.positions is not None
+        if packed:
+            qkv, rotary = [self.qkv(x), None, None], [rope.cos, rope.sin]
+            attrs = {"do_rotary": 1, "rotary_interleaved": 0}
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, 1, H * D] each
+            if self.qk_norm:
+                q, k = (norm(t.view(B, 1, H, D)).view(B, 1, H * D)
+                        for norm, t in ((self.q_norm, q), (self.k_norm, k)))
+            if rope is not None and rope.positions is not None:  # exporting: the fused rotation reads [B, 1, H * D]
+                q, k = rope(q, H), rope(k, H)
+            elif rope is not None:
+                q, k = (rope(self.split_heads(t)).transpose(1, 2).reshape(B, 1, H * D) for t in (q, k))
+            qkv, rotary, attrs = [q, k, v], [], {}
         if gqa:
             lengths, total = positions[:, 0].to(torch.int32), (positions.max() + 1).to(torch.int32)
-        if gqa and not self.qk_norm and rope is not None and rope.positions is not None:
-            # Packed: the kernel splits q/k/v and rotates q and k itself (do_rotary, half-split like `rotate`, at
-            # each row's length), 3 nodes a layer fewer; a decode step at batch 1 is bound by per-node overhead.
             y, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
-                "com.microsoft::GroupQueryAttention",
-                [self.qkv(x), None, None, past_k, past_v, lengths, total, rope.cos, rope.sin],
-                {"num_heads": H, "kv_num_heads": H, "do_rotary": 1, "rotary_interleaved": 0},
-                dtypes=[x.dtype] * 3, shapes=[(B, 1, H * D), past_k.shape, past_v.shape], version=1)
-            return self.proj(y), present_k, present_v
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # [B, 1, H * D] each
-        if self.qk_norm:
-            q, k = (norm(t.view(B, 1, H, D)).view(B, 1, H * D) for norm, t in ((self.q_norm, q), (self.k_norm, k)))
-        if rope is not None and rope.positions is not None:  # exporting: the fused rotation reads [B, 1, H * D]
-            q, k = rope(q, H), rope(k, H)
-        elif rope is not None:
-            q, k = (rope(self.split_heads(t)).transpose(1, 2).reshape(B, 1, H * D) for t in (q, k))
-        if gqa:
-            y, present_k, present_v = torch.onnx.ops.symbolic_multi_out(
-                "com.microsoft::GroupQueryAttention",
-                [q, k, v, past_k, past_v, lengths, total],
-                {"num_heads": H, "kv_num_heads": H}, dtypes=[x.dtype] * 3, shapes=[q.shape, past_k.shape,
-                                                                                    past_v.shape], version=1)
+                "com.microsoft::GroupQueryAttention", [*qkv, past_k, past_v, lengths, total, *rotary],
+                {"num_heads": H, "kv_num_heads": H, **attrs}, dtypes=[x.dtype] * 3,
+                shapes=[(B, 1, H * D), past_k.shape, past_v.shape], version=1)
             return self.proj(y), present_k, present_v
         index = torch.arange(past_k.shape[2], device=x.device)
         here = (index == positions).view(B, 1, -1, 1)  # [B, 1, capacity, 1]
