@@ -7,6 +7,7 @@ code path whatever the runtime.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,26 +47,55 @@ class OnnxRunner:
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
+        self.local = threading.local()
 
     def __call__(self, inputs: dict[str, np.ndarray],
                  out: Sequence[np.ndarray | None] | None = None) -> Sequence[np.ndarray]:
         """The graph's outputs. `out`: arrays to write outputs into, by position (None: a new array), bound by
         address through an IOBinding, so nothing is copied; an operator that updates a buffer in place when its
-        output shares the input's memory (GroupQueryAttention's cache) then writes only what changed."""
+        output shares the input's memory (GroupQueryAttention's cache) then writes only what changed.
+
+        The binding is kept between calls (one per thread) and an array is bound again only when its address, shape
+        or type changed: a decode step's cache stays where it is, and binding it anew costs more than the step's
+        arithmetic on a small model."""
         if out is None:
             return self.session.run(None, inputs)
         out = [*out, *[None] * (len(self.output_names) - len(out))]
-        binding = self.session.io_binding()
+        binding, bound = self.binding()
         for name, array in inputs.items():
-            binding.bind_input(name, "cpu", 0, array.dtype.type, list(array.shape), contiguous(array, name))
+            self.bind(binding.bind_input, bound, name, array)
         for name, target in zip(self.output_names, out):
             if target is None:
+                # ORT allocates it; bound by name at every call, or the last call's output (still held by the
+                # binding) would be taken as a preallocated buffer of the last call's shape
                 binding.bind_output(name)
+                bound.pop(name, None)
             else:
-                binding.bind_output(name, "cpu", 0, target.dtype.type, list(target.shape), contiguous(target, name))
+                self.bind(binding.bind_output, bound, name, target)
         self.session.run_with_iobinding(binding)
+        if all(target is not None for target in out):
+            return out
         values = binding.get_outputs()  # in binding order: the graph's
         return [value.numpy() if target is None else target for value, target in zip(values, out)]
+
+    @staticmethod
+    def bind(bind, bound: dict, name: str, array: np.ndarray) -> None:
+        """Bind `array` to `name` by address unless the same array, or one at the same address with the same shape
+        and type, is bound already. `bound` holds each bound array, so its memory cannot be reused meanwhile."""
+        entry = bound.get(name)
+        if entry is not None and entry[0] is array and entry[1][1] == array.shape:
+            return
+        key = (contiguous(array, name), array.shape, array.dtype)
+        if entry is None or entry[1] != key:
+            bind(name, "cpu", 0, array.dtype.type, list(array.shape), key[0])
+        bound[name] = (array, key)
+
+    def binding(self):
+        """This thread's IOBinding and what is bound to it ({name: (array, (address, shape, dtype))})."""
+        local = self.local
+        if not hasattr(local, "binding"):
+            local.binding, local.bound = self.session.io_binding(), {}
+        return local.binding, local.bound
 
 
 def contiguous(array: np.ndarray, name: str) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -397,3 +399,48 @@ def test_the_fused_onnx_graphs_generate_what_eager_pytorch_generates(tmp_path):
             assert np.allclose(cache[row, :, at], eager_cache[row, :, at], atol=1e-5)
             assert np.array_equal(np.delete(cache[row], at, axis=1), np.delete(old[row], at, axis=1))
     assert len(set(expected)) == 3 and all(len(text) == 60 for text in expected)
+
+
+def test_the_onnx_runner_keeps_its_binding_and_still_sees_every_change(tmp_path):
+    """OnnxRunner keeps one IOBinding per thread and binds an array again only when its address, shape or type
+    changed. Each call must still read the arrays' current contents: the same arrays written in place, new
+    arrays, another batch size (with the logits left to ONNX Runtime, then bound), and another thread."""
+    pytest.importorskip("onnxruntime")
+    from modelworks.export.formats import write_onnx
+    from modelworks.export.runtime import OnnxRunner
+    from modelworks.tasks.language_model.task import decoder_graphs
+
+    model = random_decoder(qk_norm=False)
+    graph = decoder_graphs(model)["decode"]
+    path = tmp_path / "decode.onnx"
+    write_onnx(graph.module, graph.example_inputs, path, graph.input_names, graph.output_names, graph.dynamic_axes,
+               graph.onnx_opset)
+    runner, eager = OnnxRunner(path, threads=1), eager_runner(model).runners["decode"]
+    rng = np.random.default_rng(0)
+
+    def inputs_for(rows):
+        caches = [rng.normal(size=(rows, 2, 48, 16)).astype(np.float32) for _ in range(4)]
+        return {"tokens": rng.integers(0, len(VOCAB), (rows, 1)), "positions": rng.integers(0, 48, (rows, 1)),
+                **dict(zip(graph.input_names[2:], caches))}, caches
+
+    def check(inputs, caches, logits_out=None):
+        want_logits, *_ = eager({k: v.copy() for k, v in inputs.items()})
+        logits, *presents = runner(inputs, out=[logits_out, *caches])
+        assert all(p is c for p, c in zip(presents, caches))
+        assert logits.shape == want_logits.shape and np.allclose(logits, want_logits, atol=1e-4)
+        return logits
+
+    inputs, caches = inputs_for(3)
+    first = check(inputs, caches).copy()
+    inputs["tokens"][:] = (inputs["tokens"] + 7) % len(VOCAB)  # the same arrays, new contents
+    assert not np.allclose(check(inputs, caches), first)
+    check(*inputs_for(3))  # new arrays at other addresses
+    check(*inputs_for(5))  # another batch size: ORT's logits of 3 rows must not be taken for a buffer
+    inputs, caches = inputs_for(2)
+    buffer = np.zeros((2, len(VOCAB)), np.float32)
+    assert check(inputs, caches, buffer) is buffer  # every output given: the caller's arrays come back
+    inputs["positions"][:] = 0
+    check(inputs, caches, buffer)
+    with ThreadPoolExecutor(1) as pool:  # another thread: its own binding (errors surface through result())
+        pool.submit(lambda: check(*inputs_for(4))).result()
+    check(*inputs_for(4))  # and this thread's binding is still right

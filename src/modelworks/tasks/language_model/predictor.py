@@ -93,6 +93,21 @@ class KVSlots:
         # `release` may run on another thread (a dropped sequence's finalizer), or on this one, inside `allocate` or
         # `compact`, when a garbage collection they trigger frees a dropped sequence: re-entrant.
         self.lock = threading.RLock()
+        self.buffers: dict[int, DecodeBuffers] = {}
+
+    def decode_buffers(self, rows: int, vocab_size: int) -> "DecodeBuffers":
+        """The arrays a decode step over slots 0..rows-1 reads and writes, made once per `rows` (and again when the
+        cache grows): the same arrays step after step, so the runner binds them to the graph only once."""
+        buffers = self.buffers.get(rows)
+        if buffers is None or buffers.cache is not self.cache:
+            if buffers is not None:
+                self.buffers.clear()  # views of a cache that has grown since
+            layers = self.cache.shape[0]
+            buffers = self.buffers[rows] = DecodeBuffers(
+                self.cache, np.zeros((rows, 1), np.int64), np.zeros((rows, 1), np.int64),
+                np.zeros((rows, vocab_size), np.float32),
+                [self.cache[layer, kind, :rows] for layer in range(layers) for kind in (0, 1)])
+        return buffers
 
     def allocate(self, kv: np.ndarray) -> int:
         """The lowest free slot, for keys/values shaped like the prefill output `kv` [L, 2, B, H, T, D]."""
@@ -127,6 +142,15 @@ class KVSlots:
                 sequence.release.detach()
                 sequence.slot = slot
                 sequence.release = weakref.finalize(sequence, self.release, slot)
+
+
+@dataclass
+class DecodeBuffers:
+    cache: np.ndarray  # the KVSlots cache the views below belong to
+    tokens: np.ndarray  # [rows, 1] int64
+    positions: np.ndarray  # [rows, 1] int64
+    logits: np.ndarray  # [rows, V] float32
+    caches: list[np.ndarray]  # per layer, keys then values: cache[layer, kind, :rows]
 
 
 @dataclass
@@ -289,20 +313,19 @@ class TextGenerator(Predictor):
             return self.decode_gathered(sequences, run)
         slots = sequences[0].slots
         slots.compact(sequences)
-        cache = slots.cache
         rows = max(s.slot for s in sequences) + 1
         index = np.array([s.slot for s in sequences])
-        tokens = np.zeros((rows, 1), np.int64)
-        positions = np.full((rows, 1), self.context - 1, np.int64)
-        tokens[index, 0] = [s.tokens[-1] for s in sequences]
-        positions[index, 0] = [s.length for s in sequences]
-        caches = [cache[layer, kind, :rows] for layer in range(cache.shape[0]) for kind in (0, 1)]
-        inputs = {"tokens": tokens, "positions": positions,
-                  **dict(zip(cache_names(cache.shape[0], "past"), caches))}
-        logits = run(inputs, graph="decode", out=[None, *caches])[0]
+        buffers = slots.decode_buffers(rows, self.vocab_size)
+        buffers.tokens.fill(0)
+        buffers.positions.fill(self.context - 1)
+        buffers.tokens[index, 0] = [s.tokens[-1] for s in sequences]
+        buffers.positions[index, 0] = [s.length for s in sequences]
+        inputs = {"tokens": buffers.tokens, "positions": buffers.positions,
+                  **dict(zip(cache_names(len(buffers.caches) // 2, "past"), buffers.caches))}
+        logits = run(inputs, graph="decode", out=[buffers.logits, *buffers.caches])[0]
         for sequence in sequences:
             sequence.length += 1
-        return np.asarray(logits)[index]
+        return logits[index]  # a copy: the buffer is written again at the next step
 
     def decode_gathered(self, sequences: list[Sequence], run) -> np.ndarray:
         """`decode` for packages whose decode graph takes the past gathered: the slots' first S entries (S: the longest
