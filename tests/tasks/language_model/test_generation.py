@@ -444,3 +444,29 @@ def test_the_onnx_runner_keeps_its_binding_and_still_sees_every_change(tmp_path)
     with ThreadPoolExecutor(1) as pool:  # another thread: its own binding (errors surface through result())
         pool.submit(lambda: check(*inputs_for(4))).result()
     check(*inputs_for(4))  # and this thread's binding is still right
+
+
+def test_a_sequence_stepping_alone_after_the_cache_grew_keeps_its_keys():
+    """The decode step keeps its arrays and cache views per batch size; when a new sequence makes the cache grow,
+    views of the old array must not be used again. A runs alone, B joins (the cache grows from 1 slot to 2) and
+    leaves, A runs alone again (1 row: the size it had before the growth), then C joins: A's text must be what A
+    generates on its own, greedy, token for token."""
+    model = random_decoder()
+    run = eager_runner(model)
+    request = lambda prompt, n: CompletionRequest(prompt=prompt, max_tokens=n, temperature=0.0)  # noqa: E731
+    with torch.no_grad():
+        (alone,) = generator().predict([generator().parse(request("the king", 30))], run)
+        gen = generator()
+        a = gen.start(gen.parse(request("the king", 30)))
+        for _ in range(5):
+            gen.step([a], run)
+        b = gen.start(gen.parse(request("a", 2)))
+        while not b.finished:
+            gen.step([a, b], run)
+        assert a.slots.cache.shape[2] == 2  # it grew
+        for _ in range(5):
+            gen.step([a], run)
+        c = gen.start(gen.parse(request("night", 30)))
+        while not a.finished:
+            gen.step([a, c], run)
+    assert gen.respond(a).text == alone.text and len(alone.text) == 30

@@ -99,13 +99,10 @@ class KVSlots:
         """The arrays a decode step over slots 0..rows-1 reads and writes, made once per `rows` (and again when the
         cache grows): the same arrays step after step, so the runner binds them to the graph only once."""
         buffers = self.buffers.get(rows)
-        if buffers is None or buffers.cache is not self.cache:
-            if buffers is not None:
-                self.buffers.clear()  # views of a cache that has grown since
+        if buffers is None:
             layers = self.cache.shape[0]
             buffers = self.buffers[rows] = DecodeBuffers(
-                self.cache, np.zeros((rows, 1), np.int64), np.zeros((rows, 1), np.int64),
-                np.zeros((rows, vocab_size), np.float32),
+                np.zeros((rows, 1), np.int64), np.zeros((rows, 1), np.int64), np.zeros((rows, vocab_size), np.float32),
                 [self.cache[layer, kind, :rows] for layer in range(layers) for kind in (0, 1)])
         return buffers
 
@@ -121,6 +118,7 @@ class KVSlots:
                 grown = np.zeros((*self.cache.shape[:2], 2 * n, *self.cache.shape[3:]), self.cache.dtype)
                 grown[:, :, :n] = self.cache
                 self.cache = grown
+                self.buffers.clear()  # their cache views are of the old array
                 for slot in range(n, 2 * n):  # merged: a slot freed meanwhile (re-entrant release) stays free
                     heapq.heappush(self.free, slot)
             return heapq.heappop(self.free)
@@ -146,7 +144,6 @@ class KVSlots:
 
 @dataclass
 class DecodeBuffers:
-    cache: np.ndarray  # the KVSlots cache the views below belong to
     tokens: np.ndarray  # [rows, 1] int64
     positions: np.ndarray  # [rows, 1] int64
     logits: np.ndarray  # [rows, V] float32
