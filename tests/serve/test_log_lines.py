@@ -6,9 +6,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import threading
 import time
 
-from modelworks.serve.logs import BatchedStderrHandler, JsonFormatter
+from modelworks.serve.logs import BatchedStderrHandler, JsonFormatter, configure_logging
 
 
 def make_logger(stream: io.StringIO, handler_class=BatchedStderrHandler) -> tuple[logging.Logger, BatchedStderrHandler]:
@@ -67,3 +68,23 @@ def test_access_lines_are_written_once_the_size_limit_waits():
     assert written == [("request", n) for n in range(len(written))] and 0 < len(written) < lines
     handler.flush()
     assert messages(stream) == [("request", n) for n in range(lines)]
+
+
+def test_configuring_the_logs_again_reuses_the_handler_and_its_thread():
+    """A server started several times in one process (tests, a notebook) configures the logs each time: one
+    handler and one flushing thread serve them all, at the level of the last call."""
+    loggers = [logging.getLogger(name) for name in ("modelworks.serve", "uvicorn", "uvicorn.error")]
+    before = [(logger.handlers, logger.level, logger.propagate) for logger in loggers]
+    try:
+        configure_logging("info")
+        handler = loggers[0].handlers[0]
+        flushers = sum(t.name == "log-flush" for t in threading.enumerate())
+        for level in ("debug", "warning"):
+            configure_logging(level)
+        assert all(logger.handlers == [handler] for logger in loggers)
+        assert sum(t.name == "log-flush" for t in threading.enumerate()) == flushers
+        assert all(logger.level == logging.WARNING for logger in loggers)
+    finally:  # the other tests in this process see the logs as they were
+        for logger, (handlers, level, propagate) in zip(loggers, before):
+            logger.handlers, logger.propagate = handlers, propagate
+            logger.setLevel(level)

@@ -82,13 +82,20 @@ class BatchedStderrHandler(logging.Handler):
                 self.flush()
 
 
+_handler: BatchedStderrHandler | None = None
+
+
 def configure_logging(level: str = "info") -> None:
-    """Our logger and uvicorn's, all as JSON lines on stderr."""
-    handler = BatchedStderrHandler()
-    handler.setFormatter(JsonFormatter())
+    """Our logger and uvicorn's, all as JSON lines on stderr. One handler per process, made at the first call:
+    each handler runs its own flushing thread, and a server started again in the same process (tests, notebooks)
+    would otherwise leave one more thread behind every time."""
+    global _handler
+    if _handler is None:
+        _handler = BatchedStderrHandler()
+        _handler.setFormatter(JsonFormatter())
     for name in (LOGGER, "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)
-        logger.handlers = [handler]
+        logger.handlers = [_handler]
         logger.setLevel(level.upper())
         logger.propagate = False
 
