@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import statistics
 import subprocess
 import sys
 import time

@@ -101,9 +101,13 @@ class KVSlots:
         buffers = self.buffers.get(rows)
         if buffers is None:
             layers = self.cache.shape[0]
+            tokens, positions = np.zeros((rows, 1), np.int64), np.zeros((rows, 1), np.int64)
+            caches = [self.cache[layer, kind, :rows] for layer in range(layers) for kind in (0, 1)]
+            logits = np.zeros((rows, vocab_size), np.float32)
             buffers = self.buffers[rows] = DecodeBuffers(
-                np.zeros((rows, 1), np.int64), np.zeros((rows, 1), np.int64), np.zeros((rows, vocab_size), np.float32),
-                [self.cache[layer, kind, :rows] for layer in range(layers) for kind in (0, 1)])
+                tokens, positions,
+                {"tokens": tokens, "positions": positions, **dict(zip(cache_names(layers, "past"), caches))},
+                [logits, *caches])
         return buffers
 
     def allocate(self, kv: np.ndarray) -> int:
@@ -146,8 +150,8 @@ class KVSlots:
 class DecodeBuffers:
     tokens: np.ndarray  # [rows, 1] int64
     positions: np.ndarray  # [rows, 1] int64
-    logits: np.ndarray  # [rows, V] float32
-    caches: list[np.ndarray]  # per layer, keys then values: cache[layer, kind, :rows]
+    inputs: dict[str, np.ndarray]  # the decode graph's: tokens, positions, each layer's cache[layer, k/v, :rows]
+    out: list[np.ndarray]  # its outputs: logits [rows, V] float32, then the same cache views (written in place)
 
 
 @dataclass
@@ -317,9 +321,7 @@ class TextGenerator(Predictor):
         buffers.positions.fill(self.context - 1)
         buffers.tokens[index, 0] = [s.tokens[-1] for s in sequences]
         buffers.positions[index, 0] = [s.length for s in sequences]
-        inputs = {"tokens": buffers.tokens, "positions": buffers.positions,
-                  **dict(zip(cache_names(len(buffers.caches) // 2, "past"), buffers.caches))}
-        logits = run(inputs, graph="decode", out=[buffers.logits, *buffers.caches])[0]
+        logits = run(buffers.inputs, graph="decode", out=buffers.out)[0]
         for sequence in sequences:
             sequence.length += 1
         return logits[index]  # a copy: the buffer is written again at the next step
