@@ -145,8 +145,11 @@ def test_sigterm_refuses_new_connections_and_answers_every_request_in_flight(tin
     """Six requests on a model taking 2 s a batch (two at a time): SIGTERM arrives with one batch running and
     the other four queued. New connections are refused at once; every accepted request is still answered.
     (SIGTERM is sent once all six are queued or running: a request whose head had not yet arrived would meet
-    the drain as an idle connection, closed without an answer, as uvicorn closes idle keep-alive connections.)"""
-    server = ServerProcess(tiny_package, "--max-batch-size", "2", "--max-wait-ms", "0", slow_s=2.0)
+    the drain as an idle connection, closed without an answer, as uvicorn closes idle keep-alive connections.
+    The batcher waits up to 200 ms to fill its first batch of two, so "four queued" means all six arrived: with
+    --max-wait-ms 0 a first batch of one left a queue of four with the sixth request still on its way, under CI
+    load.)"""
+    server = ServerProcess(tiny_package, "--max-batch-size", "2", "--max-wait-ms", "200", slow_s=2.0)
     body = {"image": base64.b64encode(image[0]).decode()}
     try:
         threads, results = post_in_threads(server.url, body, 6)
